@@ -1,0 +1,143 @@
+"""Datasets, transforms and loaders (spec §6).
+
+* ``imagenet`` / ``imagefolder``: torchvision ImageFolder trees ``<DATA_PATH>/train`` and ``/val``.
+* ``fashion_mnist``: the Debian IDX files (train 60k / test 10k as val).
+
+Train: timm's RandomResizedCrop + flip + RandAugment + ToTensor + Normalize + RandomErasing,
+sharded by a DistributedSampler (shuffle, drop_last). Val: the official square resize
+``(256/224·IMG)²`` + centre crop (``TEST.CROP``), sharded without padding so every image is
+counted once.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from torchvision import datasets, transforms
+from torchvision.transforms import InterpolationMode
+
+from .fashion_mnist import DatasetNotFoundError, FashionMNIST
+from .samplers import ShardedEvalSampler
+
+__all__ = ['DataBundle', 'build_dataset', 'build_transform', 'build_loaders', 'build_mixup', 'DatasetNotFoundError']
+
+logger = logging.getLogger('flatten.data')
+
+_INTERPOLATIONS = {'bicubic': InterpolationMode.BICUBIC, 'bilinear': InterpolationMode.BILINEAR,
+                   'nearest': InterpolationMode.NEAREST}
+
+
+def build_transform(is_train: bool, cfg) -> transforms.Compose:
+    """The train (timm) or eval (official square resize + centre crop) transform for `cfg`."""
+    img_size = cfg.DATA.IMG_SIZE
+    if cfg.DATA.INTERPOLATION not in _INTERPOLATIONS and cfg.DATA.INTERPOLATION != 'random':
+        raise ValueError(f'DATA.INTERPOLATION={cfg.DATA.INTERPOLATION!r}: use one of '
+                         f'{sorted(_INTERPOLATIONS) + ["random"]}')
+    if is_train:
+        auto_augment = cfg.AUG.AUTO_AUGMENT
+        return create_transform(
+            input_size=img_size,
+            is_training=True,
+            scale=tuple(cfg.AUG.SCALE),
+            ratio=tuple(cfg.AUG.RATIO),
+            hflip=cfg.AUG.HFLIP,
+            color_jitter=cfg.AUG.COLOR_JITTER if cfg.AUG.COLOR_JITTER > 0 else None,
+            auto_augment=auto_augment if (auto_augment and auto_augment != 'none') else None,
+            re_prob=cfg.AUG.REPROB,
+            re_mode=cfg.AUG.REMODE,
+            re_count=cfg.AUG.RECOUNT,
+            interpolation=cfg.DATA.INTERPOLATION,
+        )
+    # 'random' only makes sense for training; evaluate with bicubic as the official code
+    interpolation = _INTERPOLATIONS.get(cfg.DATA.INTERPOLATION, InterpolationMode.BICUBIC)
+    if cfg.TEST.CROP:
+        # a square, aspect-distorting resize (official FLatten; Swin resizes the short side instead)
+        size = int((256 / 224) * img_size)
+        resize = [transforms.Resize((size, size), interpolation=interpolation), transforms.CenterCrop(img_size)]
+    else:
+        resize = [transforms.Resize((img_size, img_size), interpolation=interpolation)]
+    return transforms.Compose(resize + [
+        transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
+
+
+def _image_folder(root: str, split: str, transform) -> datasets.ImageFolder:
+    path = os.path.join(root, split)
+    if not os.path.isdir(path):
+        raise DatasetNotFoundError(
+            f'--data-path {root!r} has no {split}/ folder: expected an ImageFolder tree '
+            f'{root}/train/<class>/<image> and {root}/val/<class>/<image>')
+    try:
+        return datasets.ImageFolder(path, transform=transform)
+    except FileNotFoundError as err:  # raised for empty trees / class folders without images
+        raise DatasetNotFoundError(f'{path}: {err}') from None
+
+
+def build_dataset(is_train: bool, cfg) -> Tuple[torch.utils.data.Dataset, int]:
+    """(dataset, number of classes) for the train or val split of ``DATA.DATASET``."""
+    transform = build_transform(is_train, cfg)
+    name = cfg.DATA.DATASET
+    if name in ('imagenet', 'imagefolder'):
+        if cfg.DATA.ZIP_MODE:
+            raise ValueError('DATA.ZIP_MODE (--zip) is not supported: extract the archive and point --data-path '
+                             'at the ImageFolder tree')
+        if not cfg.DATA.DATA_PATH:
+            raise DatasetNotFoundError(f'DATA.DATASET={name!r} needs --data-path (a folder with train/ and val/)')
+        dataset = _image_folder(cfg.DATA.DATA_PATH, 'train' if is_train else 'val', transform)
+        return dataset, len(dataset.classes)
+    if name == 'fashion_mnist':
+        dataset = FashionMNIST(cfg.DATA.DATA_PATH, train=is_train, transform=transform)
+        return dataset, len(dataset.classes)
+    raise ValueError(f"DATA.DATASET={name!r} is not supported; use 'imagenet', 'imagefolder' or 'fashion_mnist'")
+
+
+def build_mixup(cfg, num_classes: int) -> Optional[Mixup]:
+    """timm Mixup/CutMix with label smoothing, or None when both are off."""
+    aug = cfg.AUG
+    if not (aug.MIXUP > 0 or aug.CUTMIX > 0 or aug.CUTMIX_MINMAX is not None):
+        return None
+    return Mixup(
+        mixup_alpha=aug.MIXUP, cutmix_alpha=aug.CUTMIX, cutmix_minmax=aug.CUTMIX_MINMAX,
+        prob=aug.MIXUP_PROB, switch_prob=aug.MIXUP_SWITCH_PROB, mode=aug.MIXUP_MODE,
+        label_smoothing=cfg.MODEL.LABEL_SMOOTHING, num_classes=num_classes)
+
+
+@dataclass
+class DataBundle:
+    dataset_train: Optional[torch.utils.data.Dataset]
+    dataset_val: torch.utils.data.Dataset
+    loader_train: Optional[torch.utils.data.DataLoader]
+    loader_val: torch.utils.data.DataLoader
+    num_classes: int
+
+
+def build_loaders(cfg, rank: int = 0, world_size: int = 1, train: bool = True, pin_memory: bool = False) -> DataBundle:
+    """Datasets and loaders; with ``train=False`` (``--eval``) only the validation side is built.
+
+    The train loader carries its own ``torch.Generator``: the training loop re-seeds it every
+    epoch so worker seeds (and with them every augmentation) depend only on (SEED, rank, epoch).
+    """
+    dataset_val, num_classes = build_dataset(False, cfg)
+    loader_val = torch.utils.data.DataLoader(
+        dataset_val, sampler=ShardedEvalSampler(len(dataset_val), rank, world_size),
+        batch_size=cfg.DATA.BATCH_SIZE, num_workers=cfg.DATA.NUM_WORKERS, pin_memory=pin_memory, drop_last=False)
+    dataset_train = loader_train = None
+    if train:
+        dataset_train, train_classes = build_dataset(True, cfg)
+        if train_classes != num_classes:
+            raise ValueError(f'train has {train_classes} classes but val has {num_classes}: both splits must '
+                             f'hold the same class folders')
+        sampler = torch.utils.data.DistributedSampler(
+            dataset_train, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.SEED)
+        if len(sampler) < cfg.DATA.BATCH_SIZE:
+            raise ValueError(
+                f'DATA.BATCH_SIZE={cfg.DATA.BATCH_SIZE} is larger than the {len(sampler)} training images of each '
+                f'of the {world_size} process(es) ({len(dataset_train)} in all): no full batch can be formed')
+        loader_train = torch.utils.data.DataLoader(
+            dataset_train, sampler=sampler, batch_size=cfg.DATA.BATCH_SIZE, num_workers=cfg.DATA.NUM_WORKERS,
+            pin_memory=pin_memory, drop_last=True, generator=torch.Generator(),
+            persistent_workers=False)
+    return DataBundle(dataset_train, dataset_val, loader_train, loader_val, num_classes)

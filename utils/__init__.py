@@ -1,0 +1,1 @@
+"""Training utilities: distributed helpers, optimizer, schedule, checkpoints, the epoch loop."""

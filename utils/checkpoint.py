@@ -1,0 +1,330 @@
+"""Checkpoints: atomic saves in the official layout, resume, and pretrained-weight adaptation.
+
+File layout (top-level keys; the official ones first, spec §4.1):
+
+* ``model``, ``optimizer``, ``lr_scheduler``, ``max_accuracy``, ``epoch`` (completed epochs),
+  ``config`` (the full config as a YAML string; official files hold a pickled CfgNode);
+* EMA runs: ``state_dict_ema`` and ``max_accuracy_e`` (the official EMA key names);
+* added here: ``scaler`` (fp16 GradScaler), ``rng`` (torch/cuda/numpy/python states).
+
+Every load uses ``torch.load(weights_only=True)``; the only extra class allowed is yacs'
+``CfgNode``, which official checkpoints pickle under ``config``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import re
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from yacs.config import CfgNode
+
+__all__ = [
+    'CheckpointError', 'torch_load', 'atomic_save', 'rng_state', 'set_rng_state', 'save_checkpoint',
+    'find_latest_checkpoint', 'load_checkpoint', 'model_state_dict', 'load_model_weights', 'load_pretrained',
+    'PretrainedReport',
+]
+
+logger = logging.getLogger('flatten.checkpoint')
+
+# Buffers that are derived from the geometry and rebuilt by the model (spec §4.3 step 2).
+DERIVED_BUFFERS = ('relative_position_index', 'relative_coords_table', 'attn_mask')
+_EPOCH_CKPT = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model; the message names the file."""
+
+
+def torch_load(path: str) -> Any:
+    """``torch.load(path, map_location='cpu', weights_only=True)`` with yacs CfgNode allowed."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint {path!r} does not exist')
+    try:
+        with torch.serialization.safe_globals([CfgNode]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # torch raises several types for truncated / foreign files
+        raise CheckpointError(
+            f'cannot read checkpoint {path!r}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ""}. '
+            f'Is it a complete PyTorch checkpoint?') from None
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """Write `obj` to a temp file beside `path`, fsync it, then rename over `path`.
+
+    A reader sees either the old file or the complete new one, never a partial write.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp_path = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=directory)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def rng_state() -> Dict[str, Any]:
+    """All global RNG states as weights_only-loadable values (tensors, ints, tuples)."""
+    np_state = np.random.get_state()
+    state = {
+        'torch': torch.get_rng_state(),
+        'numpy': (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])),
+        'python': random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state['torch'])
+    name, keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    if ('cuda' in state) and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, 'module') and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, '_orig_mod'):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def save_checkpoint(
+        path: str,
+        *,
+        model: nn.Module,
+        epoch: int,
+        max_accuracy: float,
+        config_yaml: str,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        lr_scheduler=None,
+        scaler=None,
+        ema=None,
+        max_accuracy_ema: Optional[float] = None,
+) -> None:
+    """Atomically write a training checkpoint; `epoch` is the number of completed epochs."""
+    state = {
+        'model': unwrap(model).state_dict(),
+        'optimizer': optimizer.state_dict() if optimizer is not None else None,
+        'lr_scheduler': lr_scheduler.state_dict() if lr_scheduler is not None else None,
+        'max_accuracy': float(max_accuracy),
+        'epoch': int(epoch),
+        'config': config_yaml,
+        'scaler': scaler.state_dict() if scaler is not None else None,
+        'rng': rng_state(),
+    }
+    if ema is not None:
+        state['state_dict_ema'] = unwrap(ema.module).state_dict()
+        state['max_accuracy_e'] = float(max_accuracy_ema if max_accuracy_ema is not None else 0.0)
+    atomic_save(state, path)
+
+
+def find_latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The ``ckpt_epoch_{E}.pth`` with the largest E in `output_dir` (by recorded epoch, not mtime)."""
+    if not os.path.isdir(output_dir):
+        return None
+    found = []
+    for name in os.listdir(output_dir):
+        match = _EPOCH_CKPT.match(name)
+        if match:
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return max(found)[1] if found else None
+
+
+def model_state_dict(ckpt: Any, path: str) -> Dict[str, torch.Tensor]:
+    """The weights inside a loaded file: ``ckpt['model']``, ``ckpt['state_dict']`` or a bare state dict."""
+    if isinstance(ckpt, dict):
+        for key in ('model', 'state_dict'):
+            if key in ckpt and isinstance(ckpt[key], dict):
+                return ckpt[key]
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            return ckpt
+    raise CheckpointError(f'{path!r} holds no model weights: expected a dict with a "model" entry or a bare '
+                          f'state dict, got {type(ckpt).__name__} with keys {list(ckpt)[:8] if isinstance(ckpt, dict) else []}')
+
+
+def _strip_prefix(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Remove DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ('module.', '_orig_mod.'):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def _describe_mismatch(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str, limit: int = 8) -> Optional[str]:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [k for k in own if (k in state_dict) and (tuple(own[k].shape) != tuple(state_dict[k].shape))]
+    if not (missing or unexpected or mismatched):
+        return None
+    lines = [f'checkpoint {path!r} does not fit {type(model).__name__} '
+             f'({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} mismatched keys):']
+    lines += [f'  missing    {k} {list(own[k].shape)}' for k in missing[:limit]]
+    lines += [f'  unexpected {k} {list(state_dict[k].shape)}' for k in unexpected[:limit]]
+    lines += [f'  mismatched {k}: checkpoint {list(state_dict[k].shape)} vs model {list(own[k].shape)}'
+              for k in mismatched[:limit]]
+    return '\n'.join(lines)
+
+
+def load_model_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str) -> None:
+    """Strictly load `state_dict` into `model`, or raise CheckpointError listing the first
+    missing / unexpected / mismatched keys with their shapes."""
+    model = unwrap(model)
+    state_dict = _strip_prefix(state_dict)
+    problem = _describe_mismatch(model, state_dict, path)
+    if problem:
+        raise CheckpointError(problem)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def load_checkpoint(
+        path: str,
+        model: nn.Module,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        lr_scheduler=None,
+        scaler=None,
+        ema=None,
+        restore_rng: bool = True,
+) -> Dict[str, Any]:
+    """Restore a checkpoint written by :func:`save_checkpoint` (or by the official scripts).
+
+    The model loads strictly. Training state (optimizer, scheduler, scaler, EMA, RNG) is restored
+    only for the objects passed in and only when the file has it; a piece that does not match is
+    skipped with a warning saying why. Returns ``{'epoch', 'max_accuracy', 'max_accuracy_ema'}``.
+    """
+    ckpt = torch_load(path)
+    load_model_weights(model, model_state_dict(ckpt, path), path)
+    info = {'epoch': 0, 'max_accuracy': 0.0, 'max_accuracy_ema': 0.0}
+    if not isinstance(ckpt, dict) or 'model' not in ckpt:
+        return info
+    info['max_accuracy'] = float(ckpt.get('max_accuracy', 0.0) or 0.0)
+    info['max_accuracy_ema'] = float(ckpt.get('max_accuracy_e', 0.0) or 0.0)
+    if optimizer is None:
+        return info
+    for name, target in (('optimizer', optimizer), ('lr_scheduler', lr_scheduler), ('scaler', scaler)):
+        if target is None:
+            continue
+        if ckpt.get(name) is None:
+            logger.warning(f'{path}: no {name} state in the checkpoint; starting it fresh')
+            continue
+        try:
+            target.load_state_dict(ckpt[name])
+        except (ValueError, KeyError, RuntimeError) as err:
+            logger.warning(f'{path}: {name} state does not match this run and was skipped ({err})')
+    if ema is not None:
+        if 'state_dict_ema' in ckpt:
+            load_model_weights(ema.module, ckpt['state_dict_ema'], path + ' [state_dict_ema]')
+        else:
+            logger.warning(f'{path}: no state_dict_ema in the checkpoint; the EMA starts from the loaded weights')
+            ema.set(unwrap(model))
+    if restore_rng and isinstance(ckpt.get('rng'), dict):
+        set_rng_state(ckpt['rng'])
+    info['epoch'] = int(ckpt.get('epoch', 0))
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretrained weights for another resolution or class count (spec §4.3)
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class PretrainedReport:
+    """What :func:`load_pretrained` changed on the way in."""
+    resized: List[str] = field(default_factory=list)
+    dropped: List[str] = field(default_factory=list)
+    reinitialized: List[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return (f'resized {len(self.resized)} tensors, dropped {len(self.dropped)} keys, '
+                f're-initialised {self.reinitialized or "nothing"}')
+
+
+def _resize_square_grid(tensor: torch.Tensor, new_side: int, channels_last: bool) -> torch.Tensor:
+    """Bicubic resize (align_corners=False) of tokens laid row-major on a square grid.
+
+    channels_last: (1, L, C) token tensors (positional encodings); otherwise (L, C) tables whose
+    rows form the grid (relative position bias tables), handled the same way.
+    """
+    tokens = tensor[0] if channels_last else tensor
+    side = math.isqrt(tokens.shape[0])
+    if side * side != tokens.shape[0]:
+        raise CheckpointError(f'cannot resize a grid of {tokens.shape[0]} tokens: not a square')
+    grid = tokens.T.reshape(1, -1, side, side).float()
+    grid = F.interpolate(grid, size=(new_side, new_side), mode='bicubic', align_corners=False)
+    out = grid.reshape(-1, new_side * new_side).T.to(tensor.dtype)
+    return out.unsqueeze(0) if channels_last else out
+
+
+def load_pretrained(model: nn.Module, path: str) -> PretrainedReport:
+    """Load weights from `path` into `model`, adapting what depends on resolution or classes.
+
+    * derived buffers (``relative_position_index``, ``attn_mask``) are rebuilt by the model;
+    * ``positional_encoding`` (1, L, C) and ``relative_position_bias_table`` (L, heads) of another
+      length are bicubic-resized over their square 2-D grid;
+    * a head for another class count is dropped and re-initialised.
+
+    Everything else must match exactly (CheckpointError otherwise). Returns what was changed.
+    """
+    target = unwrap(model)
+    state_dict = _strip_prefix(dict(model_state_dict(torch_load(path), path)))
+    own = target.state_dict()
+    report = PretrainedReport()
+    for key in list(state_dict):
+        if any(name in key for name in DERIVED_BUFFERS):
+            if key in own:
+                state_dict[key] = own[key]  # rebuilt by the model for its own geometry
+            else:
+                del state_dict[key]
+                report.dropped.append(key)
+    for key, value in list(state_dict.items()):
+        if (key not in own) or (own[key].shape == value.shape):
+            continue
+        if key.endswith('positional_encoding') and value.shape[-1] == own[key].shape[-1]:
+            state_dict[key] = _resize_square_grid(value, math.isqrt(own[key].shape[1]), channels_last=True)
+            report.resized.append(key)
+        elif key.endswith('relative_position_bias_table') and value.shape[-1] == own[key].shape[-1]:
+            state_dict[key] = _resize_square_grid(value, math.isqrt(own[key].shape[0]), channels_last=False)
+            report.resized.append(key)
+    head = getattr(target, 'head', None)
+    ckpt_head = state_dict.get('head.weight')
+    if isinstance(head, nn.Linear) and (ckpt_head is not None) and (ckpt_head.shape != head.weight.shape):
+        # another class count: keep the model's freshly initialised head
+        target.reset_classifier(target.num_classes)
+        for key in ('head.weight', 'head.bias'):
+            state_dict[key] = getattr(target.head, key.split('.')[1]).detach().clone()
+            report.dropped.append(key)
+        report.reinitialized.append('head')
+    load_model_weights(target, state_dict, path)
+    logger.info(f'loaded pretrained weights from {path}: {report}')
+    return report
