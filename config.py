@@ -258,18 +258,41 @@ def _all_keys(node: CN, prefix: str = '') -> list[str]:
     return keys
 
 
-def _explain_yacs_error(err: Exception, where: str, defaults: CN) -> ConfigError:
-    """Turn yacs' KeyError/ValueError into a message that names the key and suggests fixes."""
+def _close_keys(key: str, limit: int = 3) -> list[str]:
+    """Known keys that the unknown `key` was probably meant to be: extensions first, then look-alikes."""
+    keys = _all_keys(_C)
+    extended = [k for k in keys if k.startswith(key)]
+    similar = difflib.get_close_matches(key, keys, n=limit, cutoff=0.6)
+    return list(dict.fromkeys(extended + similar))[:limit]
+
+
+def _explain_yacs_error(err: Exception, where: str) -> ConfigError:
+    """Turn yacs' KeyError/ValueError/AssertionError into a message that names the key."""
     text = str(err.args[0]) if err.args else str(err)
-    if isinstance(err, KeyError) and 'Non-existent config key' in text:
+    if 'Non-existent' in text:
         key = text.split(':', 1)[1].strip()
-        close = difflib.get_close_matches(key, _all_keys(defaults), n=3, cutoff=0.6)
+        close = _close_keys(key)
         hint = f' Did you mean: {", ".join(close)}?' if close else ''
         return ConfigError(f'{where}: unknown config key {key!r}.{hint}')
     if 'Type mismatch' in text:
         key = text.rsplit('config key:', 1)[-1].strip()
         return ConfigError(f'{where}: wrong value type for {key!r}: {text}')
     return ConfigError(f'{where}: {text}')
+
+
+def _quote_string_values(opts: list[str]) -> list[str]:
+    """Keep ``--opts TAG 1`` a string: yacs literal-evaluates every value, which would make it an int."""
+    out = list(opts)
+    for i in range(0, len(out) - 1, 2):
+        node, value = _C, None
+        for part in out[i].split('.'):
+            if not isinstance(node, CN) or part not in node:
+                break
+            node = value = node[part]
+        else:
+            if isinstance(value, str) and out[i + 1][:1] not in ('"', "'"):
+                out[i + 1] = repr(out[i + 1])
+    return out
 
 
 def _merge_file(cfg: CN, path: str, seen: tuple[str, ...] = ()) -> None:
@@ -294,7 +317,7 @@ def _merge_file(cfg: CN, path: str, seen: tuple[str, ...] = ()) -> None:
     try:
         cfg.merge_from_other_cfg(CN(data))
     except (KeyError, ValueError, AssertionError) as err:
-        raise _explain_yacs_error(err, f'config {path}', _C) from None
+        raise _explain_yacs_error(err, f'config {path}') from None
 
 
 def load_config(path: Optional[str] = None, opts: Optional[Sequence[str]] = None) -> CN:
@@ -311,9 +334,9 @@ def load_config(path: Optional[str] = None, opts: Optional[Sequence[str]] = None
         if len(opts) % 2:
             raise ConfigError(f'--opts needs KEY VALUE pairs, got an odd number of items: {opts}')
         try:
-            cfg.merge_from_list(opts)
+            cfg.merge_from_list(_quote_string_values(opts))
         except (KeyError, ValueError, AssertionError) as err:
-            raise _explain_yacs_error(err, '--opts', _C) from None
+            raise _explain_yacs_error(err, '--opts') from None
     _validate(cfg)
     cfg.freeze()
     return cfg
@@ -360,7 +383,7 @@ def config_from_yaml_text(text: str) -> CN:
     try:
         cfg.merge_from_other_cfg(CN.load_cfg(text))
     except (KeyError, ValueError, AssertionError) as err:
-        raise _explain_yacs_error(err, 'stored config', _C) from None
+        raise _explain_yacs_error(err, 'stored config') from None
     cfg.freeze()
     return cfg
 

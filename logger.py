@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Optional
 
 from termcolor import colored
 
@@ -13,12 +14,12 @@ _FMT = '[%(asctime)s %(name)s] (%(filename)s %(lineno)d): %(levelname)s %(messag
 _DATEFMT = '%Y-%m-%d %H:%M:%S'
 
 
-def create_logger(output_dir: str | None, dist_rank: int = 0, name: str = 'flatten') -> logging.Logger:
+def create_logger(output_dir: Optional[str], dist_rank: int = 0, name: str = 'flatten') -> logging.Logger:
     """Configure and return the project logger (idempotent: old handlers are replaced).
 
-    Rank 0 logs INFO to stdout in colour, other ranks only errors (to stderr); every rank writes ``log_rank{rank}.txt`` in
-    `output_dir` when one is given. Library modules log through ``logging.getLogger('flatten.*')``
-    and inherit these handlers.
+    Rank 0 logs INFO to stdout in colour, other ranks only errors (to stderr); every rank writes
+    ``log_rank{rank}.txt`` in `output_dir` when one is given. Library modules log through
+    ``logging.getLogger('flatten.*')`` and inherit these handlers.
     """
     logger = logging.getLogger(name)
     logger.setLevel(logging.INFO)

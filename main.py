@@ -29,8 +29,7 @@ from config import ConfigError, config_to_yaml, load_config, scale_lr
 from data import DatasetNotFoundError, build_loaders, build_mixup
 from logger import create_logger
 from models import UnknownModelError, build_model
-from utils.checkpoint import (CheckpointError, find_latest_checkpoint, load_checkpoint, load_pretrained,
-                              save_checkpoint)
+from utils.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint, load_pretrained, save_checkpoint
 from utils.distributed import DeviceError, cleanup, init_distributed
 from utils.engine import NonFiniteLossError, evaluate, format_eta, throughput, train_one_epoch
 from utils.lr_scheduler import build_scheduler

@@ -27,7 +27,7 @@ from timm.layers import trunc_normal_
 
 __all__ = [
     'AttentionOptions', 'register_attention', 'create_attention', 'list_attention_kinds',
-    'parse_attn_type', 'block_kinds', 'focused_kernel', 'linear_attention', 'rank_restore_dwc',
+    'parse_attn_type', 'block_kinds', 'focused_kernel', 'linear_attention', 'rank_restore_dwc', 'dwc_matrix',
     'FocusedLinearAttention', 'WindowAttention', 'relative_position_index',
 ]
 
@@ -111,7 +111,7 @@ def block_kinds(attn_type: str, depths: Sequence[int], letter_kinds: Dict[str, s
     """
     letters, mixed_l_blocks = parse_attn_type(attn_type, len(depths))
     kinds = []
-    for stage, (letter, depth) in enumerate(zip(letters, depths)):
+    for stage, (letter, depth) in enumerate(zip(letters, depths, strict=True)):
         if letter == 'M':
             stage_letters = ['L' if j < mixed_l_blocks else 'S' for j in range(depth)]
         else:
@@ -180,6 +180,29 @@ def rank_restore_dwc(dwc: nn.Conv2d, v: torch.Tensor, num_heads: int, grid_size:
     return out.reshape(B, num_heads, head_dim, N).permute(0, 3, 1, 2).reshape(B, N, C)
 
 
+def dwc_matrix(weight: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:
+    """The DWC as per-channel N×N matrices (paper Eq. 11's M_DWC): (d, 1, k, k) -> (d, N, N).
+
+    ``DWC(v)[i, c] = Σ_j M[c, i, j] · v[j, c] + bias[c]`` for tokens row-major on ``grid_size``
+    with zero padding, so ``phi(Q) phi(K)ᵀ / Z + M[c]`` is the equivalent full attention map of
+    channel c.
+    """
+    d, _, kh, kw = weight.shape
+    H, W = grid_size
+    rows, cols = torch.meshgrid(torch.arange(H), torch.arange(W), indexing='ij')
+    rows, cols = rows.flatten(), cols.flatten()
+    dy = rows[None, :] - rows[:, None] + kh // 2  # (N_i, N_j) kernel row that links token i to j
+    dx = cols[None, :] - cols[:, None] + kw // 2
+    inside = (dy >= 0) & (dy < kh) & (dx >= 0) & (dx < kw)
+    taps = weight[:, 0, dy.clamp(0, kh - 1), dx.clamp(0, kw - 1)]  # (d, N, N)
+    return taps * inside.to(weight.dtype)
+
+
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 -> float32; float32 and float64 pass unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def make_dwc(head_dim: int, kernel_size: int) -> nn.Conv2d:
     """The rank-restoration conv: ``head_dim`` depthwise k×k kernels with zero padding k//2."""
     return nn.Conv2d(head_dim, head_dim, kernel_size, padding=kernel_size // 2, groups=head_dim)
@@ -224,15 +247,21 @@ class FocusedLinearAttention(nn.Module):
         self.positional_encoding = nn.Parameter(torch.zeros(1, num_tokens, dim))
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B, N, C) with N = H·W tokens row-major on ``grid_size``; returns (B, N, C)."""
+        """x: (B, N, C) with N = H·W tokens row-major on ``grid_size``; returns (B, N, C).
+
+        The kernel and the linear-order products run in float32 even under autocast: the cube of
+        the focused function and the unnormalised sums overflow float16 for inputs of magnitude
+        1e2, while the projections and the DWC keep the autocast dtype.
+        """
         B, N, C = x.shape
         q, k, v = self.qkv(x).unflatten(-1, (3, C)).unbind(dim=2)
-        k = k + self.positional_encoding
-        q = focused_kernel(q, self.scale, self.focusing_factor)
-        k = focused_kernel(k, self.scale, self.focusing_factor)
-        x = linear_attention(q, k, v, self.num_heads)
-        x = x + rank_restore_dwc(self.dwc, v, self.num_heads, self.grid_size)
-        return self.proj_drop(self.proj(x))
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            k = _upcast(k) + self.positional_encoding
+            q = focused_kernel(_upcast(q), self.scale, self.focusing_factor)
+            k = focused_kernel(k, self.scale, self.focusing_factor)
+            out = linear_attention(q, k, _upcast(v), self.num_heads)
+        out = out + rank_restore_dwc(self.dwc, v, self.num_heads, self.grid_size)
+        return self.proj_drop(self.proj(out))
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, num_heads={self.num_heads}, grid_size={self.grid_size}, p={self.focusing_factor}'
@@ -255,7 +284,7 @@ def relative_position_index(grid_size: Tuple[int, int]) -> torch.Tensor:
 class WindowAttention(nn.Module):
     """Swin's softmax attention over one window with a learned relative position bias.
 
-    ``softmax((q·d^-½) kᵀ + B[index] + mask) v`` then ``proj``. State-dict names as Swin v1:
+    ``softmax(q kᵀ·d^-½ + B[index] + mask) v`` then ``proj``. State-dict names as Swin v1:
     ``relative_position_bias_table`` ((2H−1)(2W−1), heads), the persistent int64 buffer
     ``relative_position_index`` (N, N), ``qkv``, ``proj``.
     """
@@ -285,19 +314,28 @@ class WindowAttention(nn.Module):
         trunc_normal_(self.relative_position_bias_table, std=.02)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B·nW, N, C); mask: (nW, N, N) of 0 / −100 for shifted windows, or None."""
+        """x: (B·nW, N, C); mask: (nW, N, N) of 0 / −100 for shifted windows, or None.
+
+        Uses ``scaled_dot_product_attention``, whose kernels accumulate the logits in float32:
+        under fp16 autocast, explicit ``q @ kᵀ`` overflows (> 65504) for inputs of magnitude 1e2.
+        """
         B_, N, C = x.shape
-        qkv = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        h = self.num_heads
+        qkv = self.qkv(x).reshape(B_, N, 3, h, C // h).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B_, h, N, d)
-        attn = (q * self.head_scale) @ k.transpose(-2, -1)
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        attn = attn + bias.view(N, N, -1).permute(2, 0, 1).unsqueeze(0)
-        if mask is not None:
+        bias = bias.view(N, N, h).permute(2, 0, 1)  # (h, N, N)
+        dropout = self.attn_drop.p if self.training else 0.
+        if mask is None:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype), dropout_p=dropout, scale=self.head_scale)
+        else:
             num_windows = mask.shape[0]
-            attn = attn.view(B_ // num_windows, num_windows, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)
-            attn = attn.view(-1, self.num_heads, N, N)
-        attn = self.attn_drop(attn.softmax(dim=-1))
-        x = (attn @ v).transpose(1, 2).reshape(B_, N, C)
+            q, k, v = (t.view(B_ // num_windows, num_windows, h, N, -1) for t in (q, k, v))
+            attn_mask = (bias.unsqueeze(0) + mask.unsqueeze(1)).to(q.dtype)  # (nW, h, N, N)
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=self.head_scale)
+        x = x.reshape(B_, h, N, C // h).transpose(1, 2).reshape(B_, N, C)
         return self.proj_drop(self.proj(x))
 
     def extra_repr(self) -> str:

@@ -16,8 +16,12 @@ from timm.models import register_model as timm_register_model
 
 __all__ = [
     'UnknownModelError', 'register_model', 'list_models', 'create_model',
-    'register_model_type', 'list_model_types', 'get_model_type',
+    'register_model_type', 'list_model_types', 'get_model_type', 'variant_kwargs',
 ]
+
+# Arguments timm.create_model passes to every entry point; they describe hub weights, which this
+# code base does not download.
+_TIMM_FACTORY_KWARGS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')
 
 
 class UnknownModelError(KeyError):
@@ -44,6 +48,14 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         raise ValueError(f'model {name!r} is registered twice')
     _VARIANTS[name] = fn
     return timm_register_model(fn)
+
+
+def variant_kwargs(pretrained: bool, kwargs: dict) -> dict:
+    """Constructor overrides of a variant entry point, minus timm's factory arguments."""
+    if pretrained:
+        raise ValueError('no weights are downloaded by this code base: build with pretrained=False and use '
+                         'utils.checkpoint.load_pretrained(model, path) with a released checkpoint')
+    return {k: v for k, v in kwargs.items() if k not in _TIMM_FACTORY_KWARGS}
 
 
 def list_models() -> List[str]:

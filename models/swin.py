@@ -23,7 +23,7 @@ import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 
 from .attention import AttentionOptions, block_kinds, create_attention
-from .registry import register_model, register_model_type
+from .registry import register_model, register_model_type, variant_kwargs
 
 __all__ = ['FLattenSwinTransformer', 'window_partition', 'window_reverse', 'shifted_window_mask']
 
@@ -234,7 +234,8 @@ class FLattenSwinTransformer(nn.Module):
             raise ValueError(f'Swin: DEPTHS {list(depths)} and NUM_HEADS {list(num_heads)} must have the same length')
         img_size = to_2tuple(img_size)
         if (img_size[0] % patch_size) or (img_size[1] % patch_size):
-            raise ValueError(f'Swin: image size {img_size[0]}x{img_size[1]} is not divisible by patch size {patch_size}')
+            raise ValueError(
+                f'Swin: image size {img_size[0]}x{img_size[1]} is not divisible by patch size {patch_size}')
         self.num_classes = num_classes
         self.num_layers = len(depths)
         self.embed_dim = embed_dim
@@ -332,10 +333,7 @@ class FLattenSwinTransformer(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 def _create(pretrained: bool, arch: dict, **kwargs) -> FLattenSwinTransformer:
-    if pretrained:
-        raise ValueError('no weights are downloaded by this code base: build with pretrained=False and use '
-                         'utils.checkpoint.load_pretrained(model, path) with a released checkpoint')
-    return FLattenSwinTransformer(**{**arch, **kwargs})
+    return FLattenSwinTransformer(**{**arch, **variant_kwargs(pretrained, kwargs)})
 
 
 _FLATTEN = dict(attn_type='LLSS', window_size=56)

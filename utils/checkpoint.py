@@ -166,8 +166,9 @@ def model_state_dict(ckpt: Any, path: str) -> Dict[str, torch.Tensor]:
                 return ckpt[key]
         if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
             return ckpt
+    keys = list(ckpt)[:8] if isinstance(ckpt, dict) else []
     raise CheckpointError(f'{path!r} holds no model weights: expected a dict with a "model" entry or a bare '
-                          f'state dict, got {type(ckpt).__name__} with keys {list(ckpt)[:8] if isinstance(ckpt, dict) else []}')
+                          f'state dict, got {type(ckpt).__name__} with keys {keys}')
 
 
 def _strip_prefix(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -181,7 +182,8 @@ def _strip_prefix(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor
     return out
 
 
-def _describe_mismatch(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str, limit: int = 8) -> Optional[str]:
+def _describe_mismatch(
+        model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str, limit: int = 8) -> Optional[str]:
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]

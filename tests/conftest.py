@@ -1,0 +1,66 @@
+"""Shared fixtures: golden files, inventories and tiny on-disk datasets."""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import List, Tuple
+
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# Copies of the spec's golden tensors (official code's outputs, spec §9.2) and state-dict
+# inventories (§9.1), so that every clone can check numerical identity.
+ASSETS = REPO / 'tests' / 'assets'
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+
+
+def spec_path(*parts: str) -> Path:
+    return ASSETS.joinpath(*parts)
+
+
+def load_golden(name: str) -> dict:
+    return torch.load(spec_path('golden', f'{name}.pt'), weights_only=True)
+
+
+def read_inventory(name: str) -> List[Tuple[str, Tuple[int, ...]]]:
+    """(key, shape) pairs of an official state-dict inventory, in file order."""
+    entries = []
+    for line in spec_path('official_state_dicts', f'{name}.txt').read_text().splitlines():
+        if line.startswith('#') or not line.strip():
+            continue
+        match = re.match(r'(\S+) \[([\d, ]*)\]', line)
+        entries.append((match.group(1), tuple(int(x) for x in match.group(2).split(',') if x.strip())))
+    return entries
+
+
+def make_image_folder(root: Path, classes: int = 3, train_per_class: int = 8, val_per_class: int = 3,
+                      size: int = 32, seed: int = 0) -> Path:
+    """A tiny ImageFolder tree root/{train,val}/class_i/*.png of class-dependent colour blobs,
+    so that a model can actually learn something from it."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for split, per_class in (('train', train_per_class), ('val', val_per_class)):
+        for c in range(classes):
+            folder = root / split / f'class_{c}'
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                base = np.zeros((size, size, 3), dtype=np.float32)
+                base[..., c % 3] = 180.0
+                base += rng.normal(0, 40, size=base.shape)
+                Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(folder / f'{i}.png')
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_image_folder(tmp_path / 'data')
+
+
+@pytest.fixture
+def fashion_mnist_dir() -> str:
+    if not os.path.isdir(FASHION_MNIST_DIR):
+        pytest.skip('Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)')
+    return FASHION_MNIST_DIR
