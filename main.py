@@ -228,11 +228,17 @@ def run(args: argparse.Namespace) -> int:
         info = load_checkpoint(resume, model_without_ddp, optimizer, lr_scheduler, scaler, ema)
         start_epoch, max_accuracy, max_accuracy_ema = info['epoch'], info['max_accuracy'], info['max_accuracy_ema']
 
+    total_epochs = cfg.TRAIN.EPOCHS + cfg.TRAIN.COOLDOWN_EPOCHS
+    if start_epoch >= total_epochs:
+        logger.info(f'{resume} already completed all {total_epochs} epochs; evaluating it (raise TRAIN.EPOCHS to '
+                    f'train longer, or pick another --tag / --output for a new run)')
+        evaluate(model_without_ddp, data.loader_val, **eval_kwargs)
+        return 0
+
     tb_writer = None
     if ctx.is_main:
         from torch.utils.tensorboard import SummaryWriter  # slow import, rank 0 only
         tb_writer = SummaryWriter(log_dir=os.path.join(output_dir, 'tensorboard'))
-    total_epochs = cfg.TRAIN.EPOCHS + cfg.TRAIN.COOLDOWN_EPOCHS
     logger.info(f'start training: epochs {start_epoch}..{total_epochs - 1}, {updates_per_epoch} updates per epoch')
     start_time = time.time()
     for epoch in range(start_epoch, total_epochs):

@@ -64,3 +64,51 @@ def fashion_mnist_dir() -> str:
     if not os.path.isdir(FASHION_MNIST_DIR):
         pytest.skip('Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)')
     return FASHION_MNIST_DIR
+
+
+MICRO_YAML = """\
+DATA:
+  IMG_SIZE: 32
+  BATCH_SIZE: 4
+  NUM_WORKERS: 0
+MODEL:
+  TYPE: flatten_swin
+  NAME: micro
+  DROP_PATH_RATE: 0.0
+  SWIN:
+    PATCH_SIZE: 2
+    EMBED_DIM: 16
+    DEPTHS: [ 2, 2 ]
+    NUM_HEADS: [ 1, 2 ]
+    WINDOW_SIZE: 16
+    SOFTMAX_WINDOW_SIZE: 4
+  LA:
+    ATTN_TYPE: LS
+TRAIN:
+  EPOCHS: 2
+  WARMUP_EPOCHS: 0
+  BASE_LR: 4e-3
+AUG:
+  AUTO_AUGMENT: none
+  REPROB: 0.0
+  MIXUP: 0.0
+  CUTMIX: 0.0
+PRINT_FREQ: 2
+"""
+
+
+@pytest.fixture
+def micro_cfg(tmp_path: Path) -> str:
+    """A micro FLatten-Swin config (32² input, global L stage + softmax stage) for CLI tests."""
+    path = tmp_path / 'micro.yaml'
+    path.write_text(MICRO_YAML)
+    return str(path)
+
+
+def run_main(args: List[str], launcher: List[str] | None = None, timeout: float = 600):
+    """Run main.py in a subprocess (as a user would) and return the CompletedProcess."""
+    import subprocess
+    import sys
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+    command = (launcher or [sys.executable]) + [str(REPO / 'main.py')] + [str(a) for a in args]
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

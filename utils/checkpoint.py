@@ -7,11 +7,13 @@ File layout (top-level keys; the official ones first, spec §4.1):
 * EMA runs: ``state_dict_ema`` and ``max_accuracy_e`` (the official EMA key names);
 * added here: ``scaler`` (fp16 GradScaler), ``rng`` (torch/cuda/numpy/python states).
 
-Every load uses ``torch.load(weights_only=True)``; the only extra class allowed is yacs'
-``CfgNode``, which official checkpoints pickle under ``config``.
+Every load uses ``torch.load(weights_only=True)``. The only extra global allowed is the name
+``yacs.config.CfgNode``, which official checkpoints pickle under ``config``; it is read as a plain
+``OrderedDict`` (a CfgNode is a dict subclass), so no yacs code runs while unpickling.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -25,7 +27,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from yacs.config import CfgNode
 
 __all__ = [
     'CheckpointError', 'torch_load', 'atomic_save', 'rng_state', 'set_rng_state', 'save_checkpoint',
@@ -44,12 +45,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; the message names the file."""
 
 
+# The official files' pickled config: read yacs.config.CfgNode as the dict it is.
+_ALLOWED_GLOBALS = [(collections.OrderedDict, 'yacs.config.CfgNode')]
+
+
 def torch_load(path: str) -> Any:
-    """``torch.load(path, map_location='cpu', weights_only=True)`` with yacs CfgNode allowed."""
+    """``torch.load(path, map_location='cpu', weights_only=True)``, official pickled configs allowed."""
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path!r} does not exist')
     try:
-        with torch.serialization.safe_globals([CfgNode]):
+        with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
             return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:  # torch raises several types for truncated / foreign files
         raise CheckpointError(

@@ -1,0 +1,99 @@
+"""Optimizer parameter groups (spec §5.2) and the per-iteration LR schedule (spec §5.3)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import models
+from config import load_config
+from utils.lr_scheduler import build_scheduler
+from utils.optimizer import build_optimizer, param_groups
+
+
+def test_no_decay_groups_follow_the_official_rules():
+    model = models.create_model('flatten_swin_tiny_patch4_224')
+    names = {id(p): n for n, p in model.named_parameters()}
+    decay, no_decay = param_groups(model, 0.05)
+    decayed = {names[id(p)] for p in decay['params']}
+    skipped = {names[id(p)] for p in no_decay['params']}
+    assert no_decay['weight_decay'] == 0.
+    # multi-dimensional FLA parameters are decayed, as in the official runs
+    assert 'layers.0.blocks.0.attn.scale' in decayed
+    assert 'layers.0.blocks.0.attn.positional_encoding' in decayed
+    assert 'layers.0.blocks.0.attn.dwc.weight' in decayed
+    assert 'layers.2.blocks.0.attn.relative_position_bias_table' in skipped
+    assert {'norm.weight', 'head.bias', 'layers.0.blocks.0.attn.dwc.bias'} <= skipped
+    # every trainable parameter lands in exactly one group, in named_parameters() order
+    order = [n for n, _ in model.named_parameters()]
+    assert [n for n in order if n in decayed] == [names[id(p)] for p in decay['params']]
+    assert decayed.isdisjoint(skipped) and (decayed | skipped) == set(order)
+
+
+def test_frozen_parameters_are_skipped():
+    model = models.create_model('flatten_swin_tiny_patch4_224')
+    model.patch_embed.requires_grad_(False)
+    groups = param_groups(model, 0.05)
+    total = sum(len(g['params']) for g in groups)
+    assert total == sum(1 for p in model.parameters() if p.requires_grad)
+
+
+def test_adamw_settings():
+    cfg = load_config(None, ['TRAIN.BASE_LR', '1e-3', 'TRAIN.WEIGHT_DECAY', '0.1'])
+    opt = build_optimizer(cfg, torch.nn.Linear(3, 3))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults['lr'] == 1e-3 and opt.defaults['eps'] == 1e-8 and opt.defaults['betas'] == (0.9, 0.999)
+    assert [g['weight_decay'] for g in opt.param_groups] == [0.1, 0.]
+
+
+def _schedule(opts, updates_per_epoch=5):
+    cfg = load_config(None, opts)
+    opt = build_optimizer(cfg, torch.nn.Linear(2, 2))
+    sched = build_scheduler(cfg, opt, updates_per_epoch)
+    return cfg, opt, sched
+
+
+def test_cosine_with_unshifted_warmup_and_cooldown():
+    base, warm, low, per_epoch = 1e-3, 1e-6, 1e-5, 5
+    cfg, opt, sched = _schedule(['TRAIN.EPOCHS', '10', 'TRAIN.WARMUP_EPOCHS', '2', 'TRAIN.COOLDOWN_EPOCHS', '1',
+                                 'TRAIN.BASE_LR', str(base), 'TRAIN.WARMUP_LR', str(warm), 'TRAIN.MIN_LR', str(low)])
+    assert opt.param_groups[0]['lr'] == pytest.approx(warm)  # set at construction when warm-up > 0
+    T, T_w = 10 * per_epoch, 2 * per_epoch
+    for t in range(0, (10 + 1) * per_epoch):
+        sched.step_update(t)
+        if t < T_w:
+            expected = warm + t * (base - warm) / T_w
+        elif t < T:
+            expected = low + 0.5 * (base - low) * (1 + math.cos(math.pi * t / T))  # t not shifted by warm-up
+        else:
+            expected = low  # cooldown
+        for group in opt.param_groups:
+            assert group['lr'] == pytest.approx(expected), t
+
+
+def test_no_warmup_starts_at_base_lr():
+    _, opt, _ = _schedule(['TRAIN.WARMUP_EPOCHS', '0', 'TRAIN.EPOCHS', '3'])
+    assert opt.param_groups[0]['lr'] == pytest.approx(5e-4)
+
+
+def test_linear_and_step_schedules():
+    _, opt, sched = _schedule(['TRAIN.LR_SCHEDULER.NAME', 'linear', 'TRAIN.WARMUP_EPOCHS', '0', 'TRAIN.EPOCHS', '4',
+                               'TRAIN.BASE_LR', '1.0'])
+    sched.step_update(20)
+    assert opt.param_groups[0]['lr'] == pytest.approx(0.01)
+    sched.step_update(10)
+    assert opt.param_groups[0]['lr'] == pytest.approx(1.0 - 0.99 * 0.5)
+    _, opt, sched = _schedule(['TRAIN.LR_SCHEDULER.NAME', 'step', 'TRAIN.WARMUP_EPOCHS', '0', 'TRAIN.EPOCHS', '4',
+                               'TRAIN.BASE_LR', '1.0', 'TRAIN.LR_SCHEDULER.DECAY_EPOCHS', '2'])
+    sched.step_update(9)
+    assert opt.param_groups[0]['lr'] == pytest.approx(1.0)
+    sched.step_update(10)
+    assert opt.param_groups[0]['lr'] == pytest.approx(0.1)
+
+
+def test_unknown_names_are_errors():
+    with pytest.raises(ValueError, match="TRAIN.LR_SCHEDULER.NAME='poly'"):
+        _schedule(['TRAIN.LR_SCHEDULER.NAME', 'poly'])
+    with pytest.raises(ValueError, match="TRAIN.OPTIMIZER.NAME='lamb'"):
+        build_optimizer(load_config(None, ['TRAIN.OPTIMIZER.NAME', 'lamb']), torch.nn.Linear(2, 2))
