@@ -125,6 +125,19 @@ _C.MODEL.LA.ATTN_TYPE = 'LLLL'
 _C.MODEL.LA.PVT_LA_SR_RATIOS = 1111
 # CSwin: stripe width of the L blocks per stage, dash-separated
 _C.MODEL.LA.CSWIN_LA_SPLIT_SIZE = '56-28-14-7'
+# *new* PVTv2: L blocks take keys/values from a 7x7 average pool of the map (the official code's
+# unused "linear" mode; the MLP then gets a ReLU after fc1)
+_C.MODEL.LA.PVT_LINEAR = False
+
+# *new* DeiT parameters (MODEL.TYPE 'deit' / 'flatten_deit')
+_C.MODEL.DEIT = CN()
+_C.MODEL.DEIT.PATCH_SIZE = 16
+_C.MODEL.DEIT.IN_CHANS = 3
+_C.MODEL.DEIT.EMBED_DIM = 192
+_C.MODEL.DEIT.DEPTH = 12
+_C.MODEL.DEIT.NUM_HEADS = 3
+_C.MODEL.DEIT.MLP_RATIO = 4.0
+_C.MODEL.DEIT.QKV_BIAS = True
 
 # -----------------------------------------------------------------------------
 # Training settings

@@ -1,0 +1,34 @@
+"""Attention kinds, plugged into backbone blocks by name.
+
+* :mod:`.registry`: ``create_attention(kind, ...)``, ``AttentionOptions``, the ATTN_TYPE grammar;
+* :mod:`.core`: the focused-linear-attention maths shared by every focused kind;
+* :mod:`.generic`: kinds with a fused ``qkv`` (Swin windows, DeiT grids).
+
+Importing this package registers every kind.
+"""
+from . import generic  # noqa: F401  (registers its kinds)
+from .core import (
+                   KERNEL_EPS,
+                   NORMALIZER_EPS,
+                   dwc_matrix,
+                   focused_kernel,
+                   linear_attention,
+                   make_dwc,
+                   rank_restore_dwc,
+                   upcast,
+)
+from .generic import FocusedLinearAttention, WindowAttention, relative_position_index
+from .registry import (
+                   AttentionOptions,
+                   block_kinds,
+                   create_attention,
+                   list_attention_kinds,
+                   parse_attn_type,
+                   register_attention,
+)
+
+__all__ = [
+    'AttentionOptions', 'register_attention', 'create_attention', 'list_attention_kinds', 'parse_attn_type',
+    'block_kinds', 'KERNEL_EPS', 'NORMALIZER_EPS', 'focused_kernel', 'linear_attention', 'rank_restore_dwc',
+    'dwc_matrix', 'make_dwc', 'upcast', 'FocusedLinearAttention', 'WindowAttention', 'relative_position_index',
+]

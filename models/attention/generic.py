@@ -1,0 +1,148 @@
+"""Attention kinds over one token grid with a fused ``qkv`` projection (Swin windows, DeiT grids)."""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+
+from .core import focused_kernel, linear_attention, make_dwc, rank_restore_dwc, upcast
+from .registry import AttentionOptions, register_attention
+
+__all__ = ['FocusedLinearAttention', 'WindowAttention', 'relative_position_index']
+
+
+@register_attention('focused_linear')
+class FocusedLinearAttention(nn.Module):
+    """Focused linear attention with a fused qkv projection (FLatten-Swin's module, spec §1.2).
+
+    ``Y = proj(phi_p(Q) phi_p(K+P)ᵀ V / Z + DWC(V))`` over the N = H·W tokens of one grid, in
+    O(N·d²) per head. State-dict names as the official module: ``scale`` (1, 1, C) and
+    ``positional_encoding`` (1, N, C), then ``qkv``, ``proj``, ``dwc``.
+
+    The ``mask`` argument of shifted Swin windows is accepted and ignored, as in the official
+    code (spec §7.2): a linear-order attention cannot mask pairs without forming the N×N matrix.
+    ``attn_drop`` is accepted for the common signature; the official module never applies it.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            grid_size: Tuple[int, int],
+            qkv_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            options: AttentionOptions = AttentionOptions(),
+    ):
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.grid_size = tuple(grid_size)
+        self.focusing_factor = options.focusing_factor
+        head_dim = dim // num_heads
+        num_tokens = self.grid_size[0] * self.grid_size[1]
+
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self.dwc = make_dwc(head_dim, options.kernel_size)
+        self.scale = nn.Parameter(torch.zeros(1, 1, dim))
+        self.positional_encoding = nn.Parameter(torch.zeros(1, num_tokens, dim))
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B, N, C) with N = H·W tokens row-major on ``grid_size``; returns (B, N, C).
+
+        The kernel and the linear-order products run in float32 even under autocast: the cube of
+        the focused function and the unnormalised sums overflow float16 for inputs of magnitude
+        1e2, while the projections and the DWC keep the autocast dtype.
+        """
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).unflatten(-1, (3, C)).unbind(dim=2)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            k = upcast(k) + self.positional_encoding
+            q = focused_kernel(upcast(q), self.scale, self.focusing_factor)
+            k = focused_kernel(k, self.scale, self.focusing_factor)
+            out = linear_attention(q, k, upcast(v), self.num_heads)
+        out = out + rank_restore_dwc(self.dwc, v, self.num_heads, self.grid_size)
+        return self.proj_drop(self.proj(out))
+
+    def extra_repr(self) -> str:
+        return f'dim={self.dim}, num_heads={self.num_heads}, grid_size={self.grid_size}, p={self.focusing_factor}'
+
+
+# ---------------------------------------------------------------------------------------------
+# Softmax attention with relative position bias (Swin's window attention)
+# ---------------------------------------------------------------------------------------------
+
+def relative_position_index(grid_size: Tuple[int, int]) -> torch.Tensor:
+    """(N, N) int64 index into a ((2H−1)(2W−1), heads) bias table; entry (i, j) encodes
+    ``(Δrow + H−1)·(2W−1) + (Δcol + W−1)`` with ``Δ = coord_i − coord_j`` (Swin v1)."""
+    H, W = grid_size
+    coords = torch.stack(torch.meshgrid(torch.arange(H), torch.arange(W), indexing='ij')).flatten(1)  # (2, N)
+    delta = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 2)
+    return (delta[..., 0] + H - 1) * (2 * W - 1) + (delta[..., 1] + W - 1)
+
+
+@register_attention('window_softmax')
+class WindowAttention(nn.Module):
+    """Swin's softmax attention over one window with a learned relative position bias.
+
+    ``softmax(q kᵀ·d^-½ + B[index] + mask) v`` then ``proj``. State-dict names as Swin v1:
+    ``relative_position_bias_table`` ((2H−1)(2W−1), heads), the persistent int64 buffer
+    ``relative_position_index`` (N, N), ``qkv``, ``proj``.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int,
+            grid_size: Tuple[int, int],
+            qkv_bias: bool = True,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+            options: AttentionOptions = AttentionOptions(),
+    ):
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.grid_size = tuple(grid_size)
+        self.head_scale = options.qk_scale or (dim // num_heads) ** -0.5
+        H, W = self.grid_size
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * H - 1) * (2 * W - 1), num_heads))
+        self.register_buffer('relative_position_index', relative_position_index(self.grid_size))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        trunc_normal_(self.relative_position_bias_table, std=.02)
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x: (B·nW, N, C); mask: (nW, N, N) of 0 / −100 for shifted windows, or None.
+
+        Uses ``scaled_dot_product_attention``, whose kernels accumulate the logits in float32:
+        under fp16 autocast, explicit ``q @ kᵀ`` overflows (> 65504) for inputs of magnitude 1e2.
+        """
+        B_, N, C = x.shape
+        h = self.num_heads
+        qkv = self.qkv(x).reshape(B_, N, 3, h, C // h).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B_, h, N, d)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        bias = bias.view(N, N, h).permute(2, 0, 1)  # (h, N, N)
+        dropout = self.attn_drop.p if self.training else 0.
+        if mask is None:
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype), dropout_p=dropout, scale=self.head_scale)
+        else:
+            num_windows = mask.shape[0]
+            q, k, v = (t.view(B_ // num_windows, num_windows, h, N, -1) for t in (q, k, v))
+            attn_mask = (bias.unsqueeze(0) + mask.unsqueeze(1)).to(q.dtype)  # (nW, h, N, N)
+            x = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, dropout_p=dropout, scale=self.head_scale)
+        x = x.reshape(B_, h, N, C // h).transpose(1, 2).reshape(B_, N, C)
+        return self.proj_drop(self.proj(x))
+
+    def extra_repr(self) -> str:
+        return f'dim={self.dim}, num_heads={self.num_heads}, grid_size={self.grid_size}'

@@ -1,0 +1,39 @@
+"""FLOP counting with ``torch.utils.flop_counter``, reported in GMACs (multiply-adds) like the paper.
+
+The counter sees every matmul (linear layers, attention products, the linear-order KᵀV and Q(KᵀV)),
+convolution (patch embeddings, the DWC, LePE) and fused attention kernel. Element-wise work
+(norms, activations, the focusing power) is not counted, as in fvcore and the papers' tables.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
+
+__all__ = ['count_macs']
+
+# PyTorch registers the CUDA fused-attention kernels but not the CPU one that SDPA dispatches to here.
+_CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if _CPU_SDPA not in flop_registry and _CPU_SDPA.default not in flop_registry:
+    @register_flop_formula(_CPU_SDPA)
+    def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+@torch.no_grad()
+def count_macs(
+        model: nn.Module, input_size: Tuple[int, int, int], batch_size: int = 1) -> Tuple[float, Dict[str, float]]:
+    """Multiply-adds of one inference forward pass per image: (total, {aten op: MACs}).
+
+    `input_size` is (C, H, W). The model is put in eval mode; nothing is printed.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(batch_size, *input_size, device=device))
+    model.train(was_training)
+    per_op = {str(op): flops / 2 / batch_size for op, flops in counter.get_flop_counts()['Global'].items()}
+    return counter.get_total_flops() / 2 / batch_size, per_op
