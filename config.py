@@ -125,8 +125,8 @@ _C.MODEL.LA.ATTN_TYPE = 'LLLL'
 _C.MODEL.LA.PVT_LA_SR_RATIOS = 1111
 # CSwin: stripe width of the L blocks per stage, dash-separated
 _C.MODEL.LA.CSWIN_LA_SPLIT_SIZE = '56-28-14-7'
-# *new* PVTv2: L blocks take keys/values from a 7x7 average pool of the map (the official code's
-# unused "linear" mode; the MLP then gets a ReLU after fc1)
+# *new* PVTv2 "linear" mode of the official code (no official config uses it): every attention block
+# takes keys/values from a 7x7 average pool of the map, and the MLPs get a ReLU after fc1
 _C.MODEL.LA.PVT_LINEAR = False
 
 # *new* DeiT parameters (MODEL.TYPE 'deit' / 'flatten_deit')
@@ -138,6 +138,13 @@ _C.MODEL.DEIT.DEPTH = 12
 _C.MODEL.DEIT.NUM_HEADS = 3
 _C.MODEL.DEIT.MLP_RATIO = 4.0
 _C.MODEL.DEIT.QKV_BIAS = True
+# Classifier input: 'token' (class token, DeiT) or 'avg' (mean of the patch tokens). '' picks 'avg'
+# when any block is focused linear attention (their DWC needs the tokens to be exactly the grid),
+# else 'token'.
+_C.MODEL.DEIT.GLOBAL_POOL = ''
+# Learned absolute position embedding after the patch embedding (True/False). None adds it only to
+# all-softmax models: focused linear blocks carry their own positional encoding and DWC.
+_C.MODEL.DEIT.ABS_POS_EMBED = None
 
 # -----------------------------------------------------------------------------
 # Training settings
@@ -250,6 +257,8 @@ _C.PRINT_FREQ = 100
 _C.SEED = 0
 # Perform evaluation only, overwritten by command line argument
 _C.EVAL_MODE = False
+# *new* Evaluate the checkpoint's EMA weights (state_dict_ema) instead of its model weights (--eval-ema)
+_C.EVAL_EMA = False
 # Test throughput only, overwritten by command line argument
 _C.THROUGHPUT_MODE = False
 # local rank for DistributedDataParallel, given by command line argument (torchrun sets LOCAL_RANK)

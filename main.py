@@ -61,6 +61,7 @@ FLAG_TO_KEY = {
     'output': ('OUTPUT', str),
     'tag': ('TAG', str),
     'eval': ('EVAL_MODE', bool),
+    'eval_ema': ('EVAL_EMA', bool),
     'throughput': ('THROUGHPUT_MODE', bool),
 }
 
@@ -85,6 +86,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='root of output folder, the full path is <output>/<model_name>/<tag> (default: output)')
     parser.add_argument('--tag', type=str, help='tag of experiment')
     parser.add_argument('--eval', action='store_true', default=None, help='perform evaluation only')
+    parser.add_argument('--eval-ema', action='store_true', default=None,
+                        help="evaluate the checkpoint's EMA weights (state_dict_ema); implies --eval")
     parser.add_argument('--throughput', action='store_true', default=None, help='test throughput only')
     parser.add_argument('--find-unused-params', action='store_true', default=None,
                         help='DDP find_unused_parameters (needed by PVT v1, whose final norm is unused)')
@@ -107,6 +110,8 @@ def flags_to_opts(args: argparse.Namespace) -> List[str]:
         opts += [key, repr(cast(value))]
     if args.amp_dtype is not None:
         opts += ['AMP', 'True']
+    if args.eval_ema:
+        opts += ['EVAL_MODE', 'True']
     return opts
 
 
@@ -134,6 +139,13 @@ def prune_checkpoints(output_dir: str, keep: int) -> None:
             epochs.append(int(name[11:-4]))
     for epoch in sorted(epochs)[:-keep]:
         os.remove(os.path.join(output_dir, f'ckpt_epoch_{epoch}.pth'))
+
+
+def write_config(output_dir: str, name: str, config_yaml: str, is_main: bool) -> None:
+    """Save the full resolved config beside the run, once everything it names has loaded."""
+    if is_main:
+        with open(os.path.join(output_dir, name), 'w') as f:
+            f.write(config_yaml)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -168,9 +180,6 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f'DATA.BATCH_SIZE={cfg.DATA.BATCH_SIZE} is odd, but Mixup/CutMix pair up the samples of a '
                           f'batch: use an even batch size or set AUG.MIXUP 0.0 AUG.CUTMIX 0.0')
     config_yaml = config_to_yaml(cfg)
-    if ctx.is_main:
-        with open(os.path.join(output_dir, 'config.yaml' if train_mode else 'config_eval.yaml'), 'w') as f:
-            f.write(config_yaml)
 
     try:
         model = build_model(cfg)
@@ -193,10 +202,13 @@ def run(args: argparse.Namespace) -> int:
     if not train_mode:
         resume = cfg.MODEL.RESUME or (find_latest_checkpoint(output_dir) if cfg.TRAIN.AUTO_RESUME else None)
         if resume:
-            logger.info(f'loading weights from {resume}')
-            load_checkpoint(resume, model_without_ddp, ema=ema)
+            logger.info(f'loading {"EMA " if cfg.EVAL_EMA else ""}weights from {resume}')
+            load_checkpoint(resume, model_without_ddp, ema=ema, weights='ema' if cfg.EVAL_EMA else 'model')
+        elif cfg.EVAL_EMA:
+            raise ConfigError('--eval-ema needs a checkpoint: pass --resume FILE')
         elif not cfg.MODEL.PRETRAINED:
             logger.warning('no --resume or --pretrained checkpoint: evaluating randomly initialised weights')
+        write_config(output_dir, 'config_eval.yaml', config_yaml, ctx.is_main)
         if cfg.THROUGHPUT_MODE:
             throughput(model_without_ddp, data.loader_val, device=ctx.device, autocast=autocast)
         else:
@@ -228,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
         info = load_checkpoint(resume, model_without_ddp, optimizer, lr_scheduler, scaler, ema)
         start_epoch, max_accuracy, max_accuracy_ema = info['epoch'], info['max_accuracy'], info['max_accuracy_ema']
 
+    write_config(output_dir, 'config.yaml', config_yaml, ctx.is_main)
     total_epochs = cfg.TRAIN.EPOCHS + cfg.TRAIN.COOLDOWN_EPOCHS
     if start_epoch >= total_epochs:
         logger.info(f'{resume} already completed all {total_epochs} epochs; evaluating it (raise TRAIN.EPOCHS to '

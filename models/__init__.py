@@ -1,5 +1,6 @@
 """FLatten Transformer models. Importing this package registers every variant here and in timm."""
-from . import swin  # noqa: F401  (registers the Swin variants and model types)
+# each backbone module registers its variants (here and in timm) and its MODEL.TYPE builders on import
+from . import cswin, deit, pvt, pvt_v2, swin  # noqa: F401
 from .attention import AttentionOptions, create_attention, list_attention_kinds
 from .build import build_model
 from .registry import UnknownModelError, create_model, list_model_types, list_models

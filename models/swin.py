@@ -19,10 +19,10 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 
 from .attention import AttentionOptions, block_kinds, create_attention
+from .layers import Backbone, run_blocks
 from .registry import register_model, register_model_type, variant_kwargs
 
 __all__ = ['FLattenSwinTransformer', 'window_partition', 'window_reverse', 'shifted_window_mask']
@@ -179,17 +179,13 @@ class BasicLayer(nn.Module):
         self.downsample = PatchMerging(input_resolution, dim, norm_layer) if downsample else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
         if self.downsample is not None:
             x = self.downsample(x)
         return x
 
 
-class FLattenSwinTransformer(nn.Module):
+class FLattenSwinTransformer(Backbone):
     """Swin Transformer v1 whose stages use focused linear (L) or window softmax (S) attention.
 
     Args:
@@ -236,6 +232,7 @@ class FLattenSwinTransformer(nn.Module):
         if (img_size[0] % patch_size) or (img_size[1] % patch_size):
             raise ValueError(
                 f'Swin: image size {img_size[0]}x{img_size[1]} is not divisible by patch size {patch_size}')
+        self.img_size = img_size
         self.num_classes = num_classes
         self.num_layers = len(depths)
         self.embed_dim = embed_dim
@@ -276,16 +273,6 @@ class FLattenSwinTransformer(nn.Module):
         self.apply(self._init_weights)
         self.set_grad_checkpointing(use_checkpoint)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=.02)
-            if m.bias is not None:
-                nn.init.constant_(m.bias, 0)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.constant_(m.bias, 0)
-            nn.init.constant_(m.weight, 1.0)
-
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         return {'absolute_pos_embed'}
@@ -299,19 +286,9 @@ class FLattenSwinTransformer(nn.Module):
         for layer in self.layers:
             layer.grad_checkpointing = enable
 
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int) -> None:
-        """Replace the head with a freshly initialised one for `num_classes` (0: no head)."""
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        if num_classes > 0:
-            self._init_weights(self.head)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_chans, H, W) -> final-normed tokens (B, H/32·W/32, num_features) for 4 stages."""
+        self.check_input_size(x)
         x = self.patch_embed(x)
         if self.ape:
             x = x + self.absolute_pos_embed
@@ -323,9 +300,6 @@ class FLattenSwinTransformer(nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.mean(dim=1)
         return x if pre_logits else self.head(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,6 +357,13 @@ def softmax_swin_small_patch4_window7_224(pretrained: bool = False, **kwargs) ->
 def softmax_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
     """Swin-B baseline (87.8M)."""
     return _create(pretrained, dict(**_BASE, **_SOFTMAX, softmax_window_size=7), **kwargs)
+
+
+@register_model
+def softmax_swin_base_patch4_window12_384(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
+    """Swin-B baseline at 384² (87.9M): window-12 softmax attention everywhere."""
+    return _create(pretrained, dict(**_BASE, attn_type='SSSS', window_size=12, softmax_window_size=12, img_size=384),
+                   **kwargs)
 
 
 def _swin_kwargs(cfg) -> dict:

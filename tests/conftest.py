@@ -105,10 +105,15 @@ def micro_cfg(tmp_path: Path) -> str:
     return str(path)
 
 
-def run_main(args: List[str], launcher: List[str] | None = None, timeout: float = 600):
-    """Run main.py in a subprocess (as a user would) and return the CompletedProcess."""
+def run_main(args: List[str], launcher: List[str] | None = None, timeout: float = 600, threads: int | None = 1):
+    """Run main.py in a subprocess (as a user would) and return the CompletedProcess.
+
+    `threads` caps the intra-op threads (OMP_NUM_THREADS) of the micro runs, which only lose to
+    threading overhead; None keeps PyTorch's default (all cores), as a user's run would."""
     import subprocess
     import sys
-    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+    env = dict(os.environ, PYTHONUNBUFFERED='1')
+    if threads is not None:
+        env['OMP_NUM_THREADS'] = str(threads)
     command = (launcher or [sys.executable]) + [str(REPO / 'main.py')] + [str(a) for a in args]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)

@@ -130,7 +130,9 @@ def test_outputs_finite_under_autocast(kind, dtype, magnitude):
 @pytest.mark.parametrize('kind', list_attention_kinds())
 def test_gradients_reach_every_parameter(kind):
     module = _randomize(create_attention(kind, 16, 2, grid_size=(4, 5)))
-    module(torch.randn(2, 20, 16)).square().mean().backward()
+    # token kinds take (B, N, C); qkv kinds (CSwin) take the block's stacked projections (3, B, N, C)
+    shape = (3, 2, 20, 16) if getattr(module, 'input_is_qkv', False) else (2, 20, 16)
+    module(torch.randn(shape)).square().mean().backward()
     for name, param in module.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
 

@@ -10,7 +10,8 @@ from conftest import run_main
 
 @pytest.mark.slow
 def test_demo_reaches_85_percent(tmp_path, fashion_mnist_dir):
-    result = run_main(['--cfg', 'configs/demo/flatten_swin_fmnist.yaml', '--output', tmp_path], timeout=1200)
+    result = run_main(['--cfg', 'configs/demo/flatten_swin_fmnist.yaml', '--output', tmp_path], timeout=1200,
+                      threads=None)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     run = tmp_path / 'flatten_swin_micro_fmnist' / 'default'
     records = [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]

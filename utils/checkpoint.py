@@ -204,15 +204,65 @@ def _describe_mismatch(
     return '\n'.join(lines)
 
 
+def _is_derived(key: str) -> bool:
+    return any(key.endswith(name) for name in DERIVED_BUFFERS)
+
+
 def load_model_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], path: str) -> None:
     """Strictly load `state_dict` into `model`, or raise CheckpointError listing the first
-    missing / unexpected / mismatched keys with their shapes."""
+    missing / unexpected / mismatched keys with their shapes.
+
+    Derived buffers (``relative_position_index``, ``attn_mask``) are neither required nor taken
+    from the file: the model's own, rebuilt from its geometry, are kept. Official files carry them
+    (and an official EMA averages the integer index, spec §4.4), files of other tools may not.
+    """
     model = unwrap(model)
-    state_dict = _strip_prefix(state_dict)
+    own = model.state_dict()
+    state_dict = {k: v for k, v in _strip_prefix(state_dict).items() if not _is_derived(k)}
+    state_dict.update({k: v for k, v in own.items() if _is_derived(k)})
     problem = _describe_mismatch(model, state_dict, path)
     if problem:
         raise CheckpointError(problem)
     model.load_state_dict(state_dict, strict=True)
+
+
+def _optimizer_mismatch(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> Optional[str]:
+    """Why `state` cannot be restored into `optimizer`, or None. PyTorch only checks group sizes;
+    a state saved for parameters in another order would load and fail (or silently mix moments)."""
+    groups = state.get('param_groups', [])
+    if [len(g['params']) for g in groups] != [len(g['params']) for g in optimizer.param_groups]:
+        return (f'parameter groups of sizes {[len(g["params"]) for g in groups]} vs this model\'s '
+                f'{[len(g["params"]) for g in optimizer.param_groups]}')
+    params = [p for g in optimizer.param_groups for p in g['params']]
+    ids = [i for g in groups for i in g['params']]
+    for index, param in zip(ids, params, strict=True):
+        for name, value in state.get('state', {}).get(index, {}).items():
+            if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape != param.shape:
+                return (f'state {name!r} of parameter {index} has shape {list(value.shape)}, '
+                        f'the parameter {list(param.shape)}')
+    return None
+
+
+# Scheduler fields that define the schedule; a checkpoint from another schedule must not override them.
+_SCHEDULE_FIELDS = ('t_initial', 'warmup_t', 'lr_min', 'warmup_lr_init', 'decay_t', 'decay_rate', 'lr_min_rate',
+                    'base_values')
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+def _scheduler_mismatch(scheduler, state: Dict[str, Any]) -> Optional[str]:
+    """Why the stored schedule differs from the one built from this run's config, or None."""
+    own = scheduler.state_dict()
+    for name in _SCHEDULE_FIELDS:
+        if (name in own) and (name in state) and not _same_value(own[name], state[name]):
+            return f'{name} is {state[name]} in the checkpoint but {own[name]} for this config'
+    return None
 
 
 def load_checkpoint(
@@ -223,38 +273,52 @@ def load_checkpoint(
         scaler=None,
         ema=None,
         restore_rng: bool = True,
+        weights: str = 'model',
 ) -> Dict[str, Any]:
-    """Restore a checkpoint written by :func:`save_checkpoint` (or by the official scripts).
+    """Restore a checkpoint written by :func:`save_checkpoint` or by the official scripts.
 
-    The model loads strictly. Training state (optimizer, scheduler, scaler, EMA, RNG) is restored
-    only for the objects passed in and only when the file has it; a piece that does not match is
-    skipped with a warning saying why. Returns ``{'epoch', 'max_accuracy', 'max_accuracy_ema'}``.
+    The model loads strictly from ``ckpt['model']`` (or ``ckpt['state_dict_ema']`` with
+    ``weights='ema'``; a bare state dict also works). With an `optimizer`, the training state is
+    restored too: optimizer, scheduler, scaler, EMA and RNG, each only when the file has it and it
+    fits this run; otherwise a warning says what was skipped and why. Returns
+    ``{'epoch', 'max_accuracy', 'max_accuracy_ema'}`` (epoch = completed epochs, 0 without an optimizer).
     """
     ckpt = torch_load(path)
-    load_model_weights(model, model_state_dict(ckpt, path), path)
+    if weights == 'ema':
+        if not (isinstance(ckpt, dict) and isinstance(ckpt.get('state_dict_ema'), dict)):
+            raise CheckpointError(f'{path!r} has no EMA weights (state_dict_ema); evaluate without --eval-ema')
+        load_model_weights(model, ckpt['state_dict_ema'], path + ' [state_dict_ema]')
+    else:
+        load_model_weights(model, model_state_dict(ckpt, path), path)
     info = {'epoch': 0, 'max_accuracy': 0.0, 'max_accuracy_ema': 0.0}
     if not isinstance(ckpt, dict) or 'model' not in ckpt:
         return info
     info['max_accuracy'] = float(ckpt.get('max_accuracy', 0.0) or 0.0)
     info['max_accuracy_ema'] = float(ckpt.get('max_accuracy_e', 0.0) or 0.0)
+    if ema is not None:
+        if isinstance(ckpt.get('state_dict_ema'), dict):
+            load_model_weights(ema.module, ckpt['state_dict_ema'], path + ' [state_dict_ema]')
+        else:
+            logger.warning(f'{path}: no state_dict_ema in the checkpoint; the EMA starts from the loaded weights')
+            ema.set(unwrap(model))
     if optimizer is None:
         return info
-    for name, target in (('optimizer', optimizer), ('lr_scheduler', lr_scheduler), ('scaler', scaler)):
+    checks = (('optimizer', optimizer, _optimizer_mismatch), ('lr_scheduler', lr_scheduler, _scheduler_mismatch),
+              ('scaler', scaler, None))
+    for name, target, mismatch in checks:
         if target is None:
             continue
         if ckpt.get(name) is None:
             logger.warning(f'{path}: no {name} state in the checkpoint; starting it fresh')
             continue
-        try:
-            target.load_state_dict(ckpt[name])
-        except (ValueError, KeyError, RuntimeError) as err:
-            logger.warning(f'{path}: {name} state does not match this run and was skipped ({err})')
-    if ema is not None:
-        if 'state_dict_ema' in ckpt:
-            load_model_weights(ema.module, ckpt['state_dict_ema'], path + ' [state_dict_ema]')
-        else:
-            logger.warning(f'{path}: no state_dict_ema in the checkpoint; the EMA starts from the loaded weights')
-            ema.set(unwrap(model))
+        reason = mismatch(target, ckpt[name]) if mismatch is not None else None
+        if reason is None:
+            try:
+                target.load_state_dict(ckpt[name])
+            except (ValueError, KeyError, RuntimeError, TypeError) as err:
+                reason = f'{type(err).__name__}: {err}'
+        if reason is not None:
+            logger.warning(f'{path}: {name} state skipped, it does not match this run: {reason}')
     if restore_rng and isinstance(ckpt.get('rng'), dict):
         set_rng_state(ckpt['rng'])
     info['epoch'] = int(ckpt.get('epoch', 0))

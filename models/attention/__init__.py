@@ -2,33 +2,36 @@
 
 * :mod:`.registry`: ``create_attention(kind, ...)``, ``AttentionOptions``, the ATTN_TYPE grammar;
 * :mod:`.core`: the focused-linear-attention maths shared by every focused kind;
-* :mod:`.generic`: kinds with a fused ``qkv`` (Swin windows, DeiT grids).
+* :mod:`.generic`: kinds with a fused ``qkv`` over one token grid (Swin windows, DeiT grids);
+* :mod:`.pvt`: PVT's kinds, with separate ``q`` / ``kv`` and optional key/value reduction;
+* :mod:`.cswin`: CSwin's kinds, which take the block's stacked projections and add LePE.
 
 Importing this package registers every kind.
 """
-from . import generic  # noqa: F401  (registers its kinds)
+from . import cswin, generic, pvt  # noqa: F401  (each module registers its kinds on import)
 from .core import (
-                   KERNEL_EPS,
-                   NORMALIZER_EPS,
-                   dwc_matrix,
-                   focused_kernel,
-                   linear_attention,
-                   make_dwc,
-                   rank_restore_dwc,
-                   upcast,
+    KERNEL_EPS,
+    NORMALIZER_EPS,
+    dwc_matrix,
+    focused_kernel,
+    linear_attention,
+    make_dwc,
+    rank_restore_dwc,
+    upcast,
 )
-from .generic import FocusedLinearAttention, WindowAttention, relative_position_index
+from .generic import FocusedLinearAttention, SoftmaxAttention, WindowAttention, relative_position_index
 from .registry import (
-                   AttentionOptions,
-                   block_kinds,
-                   create_attention,
-                   list_attention_kinds,
-                   parse_attn_type,
-                   register_attention,
+    AttentionOptions,
+    block_kinds,
+    create_attention,
+    list_attention_kinds,
+    parse_attn_type,
+    register_attention,
 )
 
 __all__ = [
     'AttentionOptions', 'register_attention', 'create_attention', 'list_attention_kinds', 'parse_attn_type',
     'block_kinds', 'KERNEL_EPS', 'NORMALIZER_EPS', 'focused_kernel', 'linear_attention', 'rank_restore_dwc',
-    'dwc_matrix', 'make_dwc', 'upcast', 'FocusedLinearAttention', 'WindowAttention', 'relative_position_index',
+    'dwc_matrix', 'make_dwc', 'upcast', 'FocusedLinearAttention', 'WindowAttention', 'SoftmaxAttention',
+    'relative_position_index',
 ]

@@ -1,0 +1,397 @@
+"""FLatten-CSwin: CSWin Transformer with focused linear attention in chosen stages (spec §2.4).
+
+One class builds both FLatten-CSwin (``attn_type='LLSS'``: global focused linear attention in
+stages 1–2, LePE stripe softmax in stages 3–4) and the original CSWin baseline (``'SSSS'``).
+State-dict names, shapes and order are those of the official ``CSWinTransformer``
+(``tests/assets/official_state_dicts/flatten_cswin_*.txt``): ``stage1_conv_embed.{0,2}``, blocks
+``stage{s}.{j}.{qkv, norm1, proj, attns.{b}, mlp, norm2}``, ``merge{1..3}.{conv, norm}``, ``norm``,
+``head``.
+
+Stripe rules (official, plus two extensions that the official code does not handle):
+
+* L blocks take their split from ``la_split_size`` (``MODEL.LA.CSWIN_LA_SPLIT_SIZE``), S blocks from
+  ``split_size``.
+* A block is one global branch (full width, all heads, window = the stage map) in the last stage or
+  when the split covers the map; otherwise it has two branches on the channel halves with half the
+  heads each: vertical ``H×split`` stripes (official ``idx 0``) and horizontal ``split×W`` stripes
+  (``idx 1``).
+* Extension 1: a split *larger* than the map is clamped to the map (global), as Swin clamps its
+  window; the official code crashes. ``la_split_size=None`` means "the whole map at every stage",
+  which is the official setting at any resolution.
+* Extension 2: L blocks with a split *smaller* than the map run focused linear attention per stripe
+  window (see :mod:`models.attention.cswin`); the official code crashes (spec §7.10).
+* A split that does not divide the map raises ValueError at construction, naming the sizes.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath, Mlp, to_2tuple
+
+from .attention import AttentionOptions, block_kinds, create_attention
+from .layers import Backbone, run_blocks
+from .registry import register_model, register_model_type, variant_kwargs
+
+__all__ = ['CSWinTransformer', 'stage_resolutions', 'branch_windows', 'parse_split_sizes']
+
+# Stage letters of MODEL.LA.ATTN_TYPE understood by CSwin, and the attention kind each one builds.
+CSWIN_LETTER_KINDS = {'L': 'cswin_focused_linear', 'S': 'cswin_lepe_softmax'}
+
+
+def stage_resolutions(img_size: Tuple[int, int], num_stages: int) -> List[Tuple[int, int]]:
+    """Token-map size of every stage: the stride-4 7×7 stem (padding 2), then stride-2 3×3 merges."""
+    H, W = img_size
+    sizes = [((H - 3) // 4 + 1, (W - 3) // 4 + 1)]
+    for _ in range(num_stages - 1):
+        H, W = sizes[-1]
+        sizes.append(((H - 1) // 2 + 1, (W - 1) // 2 + 1))
+    return sizes
+
+
+def branch_windows(resolution: Tuple[int, int], split: int, last_stage: bool) -> List[Optional[Tuple[int, int]]]:
+    """The stripe window of each attention branch of a block: ``[None]`` (one global branch) in the
+    last stage or when `split` covers the map, else vertical then horizontal stripes."""
+    H, W = resolution
+    if last_stage or ((split >= H) and (split >= W)):
+        return [None]
+    return [(H, min(split, W)), (min(split, H), W)]
+
+
+def parse_split_sizes(value: Union[str, Sequence[int]], num_stages: int, key: str) -> Tuple[int, ...]:
+    """``'56-28-14-7'`` (the config's dash-separated string) or a sequence -> one int per stage.
+
+    Raises ValueError naming `key` and the value when it is not `num_stages` positive integers.
+    """
+    parts = value.split('-') if isinstance(value, str) else list(value)
+    try:
+        sizes = tuple(int(part) for part in parts)
+    except ValueError:
+        sizes = ()
+    if (len(sizes) != num_stages) or any(size < 1 for size in sizes):
+        raise ValueError(f'{key}={value!r}: expected {num_stages} positive stripe sizes, one per stage '
+                         f'(e.g. {"-".join(["7"] * num_stages)!r})')
+    return sizes
+
+
+class ImageToTokens(nn.Module):
+    """(B, C, H, W) -> (B, H·W, C), tokens row-major (the official stem's rearrange)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).transpose(1, 2)
+
+
+class MergeBlock(nn.Module):
+    """Downsampling between stages: Conv2d 3×3 stride 2 (padding 1) then LN.
+
+    x: (B, H·W, C) -> (B, ⌈H/2⌉·⌈W/2⌉, C_out).
+    """
+
+    def __init__(self, dim: int, dim_out: int, resolution: Tuple[int, int], norm_layer: type = nn.LayerNorm):
+        super().__init__()
+        self.resolution = tuple(resolution)
+        self.conv = nn.Conv2d(dim, dim_out, 3, stride=2, padding=1)
+        self.norm = norm_layer(dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, C = x.shape
+        x = x.transpose(1, 2).reshape(B, C, *self.resolution)
+        return self.norm(self.conv(x).flatten(2).transpose(1, 2))
+
+
+class CSWinBlock(nn.Module):
+    """Pre-norm block: shared ``qkv``, one or two stripe branches of kind `attn_kind`, ``proj``, MLP.
+
+    x: (B, H·W, C) -> (B, H·W, C). The projections belong to the block (official layout); a
+    two-branch block gives each branch one channel half of Q, K and V and concatenates the outputs
+    before ``proj``. The official block constructs a ``proj_drop`` it never applies, so there is none
+    here: with ``drop > 0`` only the MLP dropouts act, as in the official code.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            resolution: Tuple[int, int],
+            num_heads: int,
+            split: int,
+            last_stage: bool,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            drop: float = 0.,
+            attn_drop: float = 0.,
+            drop_path: float = 0.,
+            norm_layer: type = nn.LayerNorm,
+            attn_kind: str = 'cswin_lepe_softmax',
+            attn_options: AttentionOptions = AttentionOptions(),
+    ):
+        super().__init__()
+        self.dim = dim
+        self.resolution = tuple(resolution)
+        windows = branch_windows(self.resolution, split, last_stage)
+        branches = len(windows)
+        if (num_heads % branches) or (dim % branches):
+            raise ValueError(
+                f'CSwin block on the {resolution[0]}x{resolution[1]} map: split {split} gives {branches} stripe '
+                f'branches, which need an even dim and num_heads (got dim={dim}, num_heads={num_heads})')
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.norm1 = norm_layer(dim)
+        self.proj = nn.Linear(dim, dim)
+        self.attns = nn.ModuleList([
+            create_attention(
+                attn_kind, dim // branches, num_heads // branches, grid_size=self.resolution, qkv_bias=qkv_bias,
+                attn_drop=attn_drop, proj_drop=drop, options=dataclasses.replace(attn_options, window=window))
+            for window in windows])
+        self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.norm2 = norm_layer(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, C = x.shape
+        # (3, B, L, C): Q, K, V are consecutive C-chunks of the qkv output
+        qkv = self.qkv(self.norm1(x)).reshape(B, L, 3, C).permute(2, 0, 1, 3)
+        parts = qkv.chunk(len(self.attns), dim=-1)
+        out = torch.cat([attn(part) for attn, part in zip(self.attns, parts, strict=True)], dim=-1)
+        x = x + self.drop_path(self.proj(out))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def extra_repr(self) -> str:
+        return f'dim={self.dim}, resolution={self.resolution}, branches={len(self.attns)}'
+
+
+class CSWinTransformer(Backbone):
+    """CSWin Transformer whose stages use focused linear (L) or LePE stripe softmax (S) attention.
+
+    Args:
+        img_size: input size (int or (H, W)); the input must have exactly this size.
+        depths, num_heads: blocks and heads per stage; widths are ``embed_dim·2^i``.
+        split_size: stripe width of the S blocks per stage (the last stage is always global).
+        la_split_size: stripe width of the L blocks per stage, as ints or the config's dash string
+            (``'56-28-14-7'``); None means the whole stage map (global, the official setting).
+        attn_type: one letter per stage (``L``/``S``/``M``) plus the ``M`` block count, e.g. 'LLMS2'.
+        focusing_factor, kernel_size: focused-attention power p and DWC kernel.
+
+    ``forward_features`` returns the final-normed tokens (B, L, C); ``forward_head`` averages them
+    and applies ``head``.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            embed_dim: int = 64,
+            depths: Sequence[int] = (2, 4, 18, 1),
+            num_heads: Sequence[int] = (2, 4, 8, 16),
+            split_size: Sequence[int] = (1, 2, 7, 7),
+            la_split_size: Union[None, str, Sequence[int]] = None,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            qk_scale: Optional[float] = None,
+            drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer: type = nn.LayerNorm,
+            attn_type: str = 'LLSS',
+            focusing_factor: int = 3,
+            kernel_size: int = 5,
+            use_checkpoint: bool = False,
+    ):
+        super().__init__()
+        num_stages = len(depths)
+        if len(num_heads) != num_stages:
+            raise ValueError(f'CSwin: depths {list(depths)} and num_heads {list(num_heads)} must have the same length')
+        self.img_size = to_2tuple(img_size)
+        self.num_classes = num_classes
+        self.num_stages = num_stages
+        self.num_features = embed_dim * 2 ** (num_stages - 1)
+        self.attn_type = attn_type
+        self.resolutions = stage_resolutions(self.img_size, num_stages)
+        splits = {'S': parse_split_sizes(split_size, num_stages, 'split_size'),
+                  'L': (tuple(max(r) for r in self.resolutions) if la_split_size is None else
+                        parse_split_sizes(la_split_size, num_stages, 'MODEL.LA.CSWIN_LA_SPLIT_SIZE'))}
+        kinds = block_kinds(attn_type, depths, CSWIN_LETTER_KINDS)
+        letter_of = {kind: letter for letter, kind in CSWIN_LETTER_KINDS.items()}
+        self._check_splits(kinds, splits, letter_of)
+
+        self.stage1_conv_embed = nn.Sequential(
+            nn.Conv2d(in_chans, embed_dim, 7, stride=4, padding=2), ImageToTokens(), norm_layer(embed_dim))
+        options = AttentionOptions(focusing_factor=focusing_factor, kernel_size=kernel_size, qk_scale=qk_scale)
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        for i in range(num_stages):
+            dim, last = embed_dim * 2 ** i, i == num_stages - 1
+            self.add_module(f'stage{i + 1}', nn.ModuleList([
+                CSWinBlock(
+                    dim=dim, resolution=self.resolutions[i], num_heads=num_heads[i],
+                    split=splits[letter_of[kind]][i], last_stage=last, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                    drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[sum(depths[:i]) + j],
+                    norm_layer=norm_layer, attn_kind=kind, attn_options=options)
+                for j, kind in enumerate(kinds[i])]))
+            if not last:
+                self.add_module(f'merge{i + 1}', MergeBlock(dim, 2 * dim, self.resolutions[i], norm_layer))
+        self.norm = norm_layer(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+        self.set_grad_checkpointing(use_checkpoint)
+
+    def _check_splits(self, kinds: List[List[str]], splits: dict, letter_of: dict) -> None:
+        """Every stripe must tile its stage map: raise ValueError naming the sizes, at construction."""
+        for i, stage_kinds in enumerate(kinds):
+            H, W = self.resolutions[i]
+            for letter in sorted({letter_of[kind] for kind in stage_kinds}):
+                split = splits[letter][i]
+                for window in branch_windows((H, W), split, last_stage=i == self.num_stages - 1):
+                    if (window is not None) and ((H % window[0]) or (W % window[1])):
+                        key = 'MODEL.LA.CSWIN_LA_SPLIT_SIZE' if letter == 'L' else 'split_size'
+                        raise ValueError(
+                            f'CSwin stage {i + 1} ({letter} blocks): {key} entry {split} does not tile the {H}x{W} '
+                            f'map of a {self.img_size[0]}x{self.img_size[1]} image; use a divisor of {H} and {W} '
+                            f'(or a split >= the map for global attention)')
+
+    def _stages(self) -> Iterator[Tuple[nn.ModuleList, Optional[MergeBlock]]]:
+        for i in range(self.num_stages):
+            yield getattr(self, f'stage{i + 1}'), getattr(self, f'merge{i + 1}', None)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_chans, H, W) with (H, W) = img_size -> final-normed tokens (B, L_last, num_features)."""
+        self.check_input_size(x)
+        x = self.stage1_conv_embed(x)
+        for blocks, merge in self._stages():
+            x = run_blocks(blocks, x, self.grad_checkpointing)
+            if merge is not None:
+                x = merge(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants (timm-style entry points) and the MODEL.TYPE builders
+# ---------------------------------------------------------------------------------------------
+
+def _create(pretrained: bool, arch: dict, **kwargs) -> CSWinTransformer:
+    return CSWinTransformer(**{**arch, **variant_kwargs(pretrained, kwargs)})
+
+
+# FLatten's CSwin-T and -B change the original depths (paper appendix: deeper stages 1-2, shallower 3)
+_FLATTEN_TINY = dict(embed_dim=64, depths=(2, 4, 18, 1), num_heads=(2, 4, 8, 16), attn_type='LLSS')
+_FLATTEN_SMALL = dict(embed_dim=64, depths=(2, 4, 32, 2), num_heads=(2, 4, 8, 16), attn_type='LLSS')
+_FLATTEN_BASE = dict(embed_dim=96, depths=(3, 6, 29, 2), num_heads=(4, 8, 16, 32), attn_type='LLSS')
+_CSWIN_TINY = dict(embed_dim=64, depths=(1, 2, 21, 1), num_heads=(2, 4, 8, 16), attn_type='SSSS')
+_CSWIN_SMALL = dict(embed_dim=64, depths=(2, 4, 32, 2), num_heads=(2, 4, 8, 16), attn_type='SSSS')
+_CSWIN_BASE = dict(embed_dim=96, depths=(2, 4, 32, 2), num_heads=(4, 8, 16, 32), attn_type='SSSS')
+_AT_224 = dict(img_size=224, split_size=(1, 2, 7, 7))
+_AT_384 = dict(img_size=384, split_size=(1, 2, 12, 12))
+
+
+@register_model
+def flatten_cswin_tiny_224(pretrained: bool = False, **kwargs) -> CSWinTransformer:
+    """FLatten-CSwin-T (21.2M): global focused linear attention in stages 1–2 (paper Table 8)."""
+    return _create(pretrained, dict(**_FLATTEN_TINY, **_AT_224), **kwargs)
+
+
+@register_model
+def flatten_cswin_small_224(pretrained: bool = False, **kwargs) -> CSWinTransformer:
+    """FLatten-CSwin-S (35.5M)."""
+    return _create(pretrained, dict(**_FLATTEN_SMALL, **_AT_224), **kwargs)
+
+
+@register_model
+def flatten_cswin_base_224(pretrained: bool = False, **kwargs) -> CSWinTransformer:
+    """FLatten-CSwin-B (74.9M)."""
+    return _create(pretrained, dict(**_FLATTEN_BASE, **_AT_224), **kwargs)
+
+
+@register_model
+def flatten_cswin_base_384(pretrained: bool = False, **kwargs) -> CSWinTransformer:
+    """FLatten-CSwin-B at 384² (78.4M): global L stages on 96² and 48² maps, S stripes of 12."""
+    return _create(pretrained, dict(**_FLATTEN_BASE, **_AT_384), **kwargs)
+
+
+@register_model
+def softmax_cswin_tiny_224(pretrained: bool = False, **kwargs) -> CSWinTransformer:
+    """CSWin-T baseline: LePE stripe softmax attention everywhere, original depths 1-2-21-1."""
+    return _create(pretrained, dict(**_CSWIN_TINY, **_AT_224), **kwargs)
+
+
+@register_model
+def softmax_cswin_small_224(pretrained: bool = False, **kwargs) -> CSWinTransformer:
+    """CSWin-S baseline (depths 2-4-32-2)."""
+    return _create(pretrained, dict(**_CSWIN_SMALL, **_AT_224), **kwargs)
+
+
+@register_model
+def softmax_cswin_base_224(pretrained: bool = False, **kwargs) -> CSWinTransformer:
+    """CSWin-B baseline (width 96, depths 2-4-32-2)."""
+    return _create(pretrained, dict(**_CSWIN_BASE, **_AT_224), **kwargs)
+
+
+@register_model
+def softmax_cswin_base_384(pretrained: bool = False, **kwargs) -> CSWinTransformer:
+    """CSWin-B baseline at 384² (stripes 12 in stage 3)."""
+    return _create(pretrained, dict(**_CSWIN_BASE, **_AT_384), **kwargs)
+
+
+def _config_kwargs(cfg) -> dict:
+    """What every CSwin MODEL.TYPE takes from the config (the architecture comes from the type name)."""
+    return dict(
+        img_size=cfg.DATA.IMG_SIZE, in_chans=cfg.MODEL.SWIN.IN_CHANS, num_classes=cfg.MODEL.NUM_CLASSES,
+        drop_rate=cfg.MODEL.DROP_RATE, drop_path_rate=cfg.MODEL.DROP_PATH_RATE,
+        use_checkpoint=cfg.TRAIN.USE_CHECKPOINT)
+
+
+def _build_flatten(cfg, arch: dict, split_size: Tuple[int, ...]) -> CSWinTransformer:
+    la = cfg.MODEL.LA
+    return CSWinTransformer(
+        **_config_kwargs(cfg), **{**arch, 'attn_type': la.ATTN_TYPE}, split_size=split_size,
+        la_split_size=la.CSWIN_LA_SPLIT_SIZE, focusing_factor=la.FOCUSING_FACTOR, kernel_size=la.KERNEL_SIZE)
+
+
+def _build_softmax(cfg, arch: dict, split_size: Tuple[int, ...]) -> CSWinTransformer:
+    return CSWinTransformer(**_config_kwargs(cfg), **arch, split_size=split_size)
+
+
+@register_model_type('FLatten_CSWin_64_24181_tiny_224')
+def build_flatten_cswin_tiny_224(cfg) -> CSWinTransformer:
+    """Stages from MODEL.LA.ATTN_TYPE, L splits from MODEL.LA.CSWIN_LA_SPLIT_SIZE, S splits 1-2-7-7."""
+    return _build_flatten(cfg, _FLATTEN_TINY, _AT_224['split_size'])
+
+
+@register_model_type('FLatten_CSWin_64_24322_small_224')
+def build_flatten_cswin_small_224(cfg) -> CSWinTransformer:
+    return _build_flatten(cfg, _FLATTEN_SMALL, _AT_224['split_size'])
+
+
+@register_model_type('FLatten_CSWin_96_36292_base_224')
+def build_flatten_cswin_base_224(cfg) -> CSWinTransformer:
+    return _build_flatten(cfg, _FLATTEN_BASE, _AT_224['split_size'])
+
+
+@register_model_type('FLatten_CSWin_96_36292_base_384')
+def build_flatten_cswin_base_384(cfg) -> CSWinTransformer:
+    """As base_224 with S splits 1-2-12-12; the config sets CSWIN_LA_SPLIT_SIZE 96-48-24-12."""
+    return _build_flatten(cfg, _FLATTEN_BASE, _AT_384['split_size'])
+
+
+@register_model_type('CSWin_64_12211_tiny_224')
+def build_cswin_tiny_224(cfg) -> CSWinTransformer:
+    """The CSWin baselines (official CSWin type names): LePE softmax in every block; MODEL.LA is ignored."""
+    return _build_softmax(cfg, _CSWIN_TINY, _AT_224['split_size'])
+
+
+@register_model_type('CSWin_64_24322_small_224')
+def build_cswin_small_224(cfg) -> CSWinTransformer:
+    return _build_softmax(cfg, _CSWIN_SMALL, _AT_224['split_size'])
+
+
+@register_model_type('CSWin_96_24322_base_224')
+def build_cswin_base_224(cfg) -> CSWinTransformer:
+    return _build_softmax(cfg, _CSWIN_BASE, _AT_224['split_size'])
+
+
+@register_model_type('CSWin_96_24322_base_384')
+def build_cswin_base_384(cfg) -> CSWinTransformer:
+    return _build_softmax(cfg, _CSWIN_BASE, _AT_384['split_size'])

@@ -1,0 +1,243 @@
+"""DeiT and FLatten-DeiT: one plain ViT whose blocks take their attention kind by name (paper Table 9).
+
+One class builds both FLatten-DeiT (``attn_type='L'``: focused linear attention in all 12 blocks)
+and the DeiT baseline (``attn_type='S'``: global softmax attention, the model of Touvron et al.).
+The model is a single "stage" of ``depth`` blocks at the patch-grid resolution, so
+``MODEL.LA.ATTN_TYPE`` is one letter: ``L``, ``S`` or ``M<k>`` (first k blocks L, the rest S).
+
+**Design of FLatten-DeiT** (no official code exists, spec §8 and §10). The paper's Table 9 runs
+focused linear attention over the 14×14 patch grid ("win 14×14"), and Fig. 5 shows its
+equivalent attention map as 196×196. The DWC (rank restoration) is a zero-padded 5×5 conv over
+that grid, so a class token, which has no grid position, cannot take part in it. Choices:
+
+* **No class token: classify from the mean of the final-normed patch tokens** (global average
+  pooling, ``global_pool='avg'``). Every block then attends over exactly the H·W grid tokens
+  with the unchanged FLatten module (``focused_linear``, the one FLatten-Swin uses), with no
+  softmax path and no special case in the attention. This is how every other FLatten backbone
+  classifies (Swin, PVT, CSwin), and CPVT (Chu et al., 2021) found average pooling at least as
+  good as the class token for DeiT once position comes from convolutions. The alternative, a
+  class token that attends through a separate softmax path, would put a softmax in every block
+  of a model meant to be linear and adds a second attention code path for one token.
+* **No absolute position embedding.** Each FLA block already owns a learned per-position key
+  encoding (``positional_encoding``, H·W × C) and its zero-padded DWC injects absolute position
+  (the CPVT argument), so DeiT's extra 196×192 table before block 0 would be redundant. Dropping
+  it also keeps the budget: with it FLatten-DeiT-T has 6.19M parameters; without it 6.153M
+  (paper 6.1M), and 1.14 GMACs (paper 1.1G). 6.153M is the floor for any design that keeps DeiT-T
+  and the FLatten module's own parameters (per block: 196×192 positional encoding, scale, 5×5
+  DWC), so at the paper's one-decimal precision it prints 6.2; only a smaller FLatten module
+  (e.g. a 3×3 DWC: 6.141M) would print 6.1.
+
+Both choices are constructor arguments (``global_pool``, ``use_abs_pos``; ``MODEL.DEIT.GLOBAL_POOL``
+/ ``ABS_POS_EMBED``) whose default follows the blocks: a model with any L block defaults to average
+pooling without a position table; an all-softmax model is DeiT, with class token and position
+embedding. A class token is refused when any block is L, because the L blocks need the token
+sequence to be exactly the grid.
+
+**DeiT baseline.** State-dict names, shapes and order equal those of the released DeiT models
+(timm ``VisionTransformer``: ``cls_token``, ``pos_embed``, ``patch_embed.proj``,
+``blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``norm``, ``head``), and the
+LayerNorm eps is DeiT's 1e-6, so DeiT checkpoints load strictly and reproduce DeiT's outputs.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
+
+from .attention import AttentionOptions, block_kinds
+from .layers import Backbone, Block, run_blocks
+from .registry import register_model, register_model_type, variant_kwargs
+
+__all__ = ['FLattenDeiT']
+
+# Letters of MODEL.LA.ATTN_TYPE understood by DeiT, and the attention kind each one builds.
+DEIT_LETTER_KINDS = {'L': 'focused_linear', 'S': 'softmax'}
+GLOBAL_POOLS = ('token', 'avg')
+
+
+class FLattenDeiT(Backbone):
+    """DeiT (a plain ViT) whose blocks use focused linear (L) or global softmax (S) attention.
+
+    Args:
+        img_size: input size (int or (H, W)); the input must have exactly this size, and it must
+            divide into ``patch_size`` patches. Position tensors are sized from it.
+        attn_type: ``'L'``, ``'S'`` or ``'M<k>'`` (first k blocks L, the rest S).
+        global_pool: ``'token'`` (class token, DeiT) or ``'avg'`` (mean of the patch tokens);
+            None picks ``'avg'`` when any block is L, else ``'token'``.
+        use_abs_pos: add DeiT's learned absolute position embedding after the patch embedding;
+            None picks it only for all-softmax models (see the module docstring).
+        focusing_factor, kernel_size: focused-attention power p and DWC kernel of the L blocks.
+
+    ``forward_features`` returns the final-normed tokens (B, T, C), class token first when there
+    is one; ``forward_head`` pools them and applies ``head``.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: int = 16,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            embed_dim: int = 192,
+            depth: int = 12,
+            num_heads: int = 3,
+            mlp_ratio: float = 4.,
+            qkv_bias: bool = True,
+            qk_scale: Optional[float] = None,
+            drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.1,
+            attn_type: str = 'L',
+            focusing_factor: int = 3,
+            kernel_size: int = 5,
+            global_pool: Optional[str] = None,
+            use_abs_pos: Optional[bool] = None,
+            use_checkpoint: bool = False,
+    ):
+        super().__init__()
+        img_size = to_2tuple(img_size)
+        if (img_size[0] % patch_size) or (img_size[1] % patch_size):
+            raise ValueError(
+                f'DeiT: image size {img_size[0]}x{img_size[1]} is not divisible by patch size {patch_size}: '
+                f'choose DATA.IMG_SIZE as a multiple of MODEL.DEIT.PATCH_SIZE')
+        kinds = block_kinds(attn_type, (depth,), DEIT_LETTER_KINDS)[0]
+        has_linear = DEIT_LETTER_KINDS['L'] in kinds
+        if global_pool is None:
+            global_pool = 'avg' if has_linear else 'token'
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f'DeiT: global_pool={global_pool!r} is not one of {GLOBAL_POOLS}')
+        if (global_pool == 'token') and has_linear:
+            raise ValueError(
+                f'DeiT: global_pool=\'token\' needs a class token, but ATTN_TYPE {attn_type!r} has focused linear (L) '
+                f'blocks, whose DWC needs the tokens to be exactly the patch grid; use global_pool=\'avg\'')
+        if use_abs_pos is None:
+            use_abs_pos = not has_linear
+        self.img_size = img_size
+        self.num_classes = num_classes
+        self.num_features = self.embed_dim = embed_dim
+        self.attn_type = attn_type
+        self.global_pool = global_pool
+        self.grad_checkpointing = False
+        norm_layer = partial(nn.LayerNorm, eps=1e-6)  # DeiT's eps, so its checkpoints reproduce
+
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        grid = self.patch_embed.grid_size
+        self.num_prefix_tokens = 1 if global_pool == 'token' else 0
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if self.num_prefix_tokens else None
+        num_tokens = grid[0] * grid[1] + self.num_prefix_tokens
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim)) if use_abs_pos else None
+        self.pos_drop = nn.Dropout(p=drop_rate)
+
+        options = AttentionOptions(focusing_factor=focusing_factor, kernel_size=kernel_size, qk_scale=qk_scale)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([
+            Block(
+                dim=embed_dim, num_heads=num_heads, grid_size=grid, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
+                drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[i], norm_layer=norm_layer,
+                attn_kind=kinds[i], attn_options=options)
+            for i in range(depth)])
+        self.norm = norm_layer(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        for token in (self.pos_embed, self.cls_token):
+            if token is not None:
+                trunc_normal_(token, std=.02)
+        self.apply(self._init_weights)
+        self.set_grad_checkpointing(use_checkpoint)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        return {'pos_embed', 'cls_token'}
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_chans, H, W) -> final-normed tokens (B, [1 +] H/p·W/p, C), grid tokens row-major."""
+        self.check_input_size(x)
+        x = self.patch_embed(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        x = self.pos_drop(x)
+        x = run_blocks(self.blocks, x, self.grad_checkpointing)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """x: (B, T, C) from :meth:`forward_features` -> logits (B, num_classes) or pooled (B, C)."""
+        x = x[:, 0] if self.global_pool == 'token' else x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants (timm-style entry points) and the MODEL.TYPE builders
+# ---------------------------------------------------------------------------------------------
+
+def _create(pretrained: bool, arch: dict, **kwargs) -> FLattenDeiT:
+    return FLattenDeiT(**{**arch, **variant_kwargs(pretrained, kwargs)})
+
+
+_TINY = dict(embed_dim=192, depth=12, num_heads=3)
+_SMALL = dict(embed_dim=384, depth=12, num_heads=6)
+_BASE = dict(embed_dim=768, depth=12, num_heads=12)
+
+
+@register_model
+def flatten_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> FLattenDeiT:
+    """FLatten-DeiT-T (6.15M, 1.14 GMACs): focused linear attention in all 12 blocks (paper Table 9)."""
+    return _create(pretrained, dict(**_TINY, attn_type='L'), **kwargs)
+
+
+@register_model
+def flatten_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> FLattenDeiT:
+    """FLatten-DeiT-S (22.9M): DeiT-S with focused linear attention in every block."""
+    return _create(pretrained, dict(**_SMALL, attn_type='L'), **kwargs)
+
+
+@register_model
+def flatten_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> FLattenDeiT:
+    """FLatten-DeiT-B (88.3M): DeiT-B with focused linear attention in every block."""
+    return _create(pretrained, dict(**_BASE, attn_type='L'), **kwargs)
+
+
+@register_model
+def softmax_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> FLattenDeiT:
+    """DeiT-T baseline (5.7M): class token, absolute position embedding, softmax attention."""
+    return _create(pretrained, dict(**_TINY, attn_type='S'), **kwargs)
+
+
+@register_model
+def softmax_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> FLattenDeiT:
+    """DeiT-S baseline (22.1M)."""
+    return _create(pretrained, dict(**_SMALL, attn_type='S'), **kwargs)
+
+
+@register_model
+def softmax_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> FLattenDeiT:
+    """DeiT-B baseline (86.6M)."""
+    return _create(pretrained, dict(**_BASE, attn_type='S'), **kwargs)
+
+
+def _deit_kwargs(cfg) -> dict:
+    deit = cfg.MODEL.DEIT
+    return dict(
+        img_size=cfg.DATA.IMG_SIZE, patch_size=deit.PATCH_SIZE, in_chans=deit.IN_CHANS,
+        num_classes=cfg.MODEL.NUM_CLASSES, embed_dim=deit.EMBED_DIM, depth=deit.DEPTH, num_heads=deit.NUM_HEADS,
+        mlp_ratio=deit.MLP_RATIO, qkv_bias=deit.QKV_BIAS, drop_rate=cfg.MODEL.DROP_RATE,
+        drop_path_rate=cfg.MODEL.DROP_PATH_RATE, global_pool=deit.GLOBAL_POOL or None,
+        use_abs_pos=deit.ABS_POS_EMBED, use_checkpoint=cfg.TRAIN.USE_CHECKPOINT)
+
+
+@register_model_type('flatten_deit')
+def build_flatten_deit(cfg) -> FLattenDeiT:
+    """MODEL.TYPE 'flatten_deit': block kinds from the one-letter MODEL.LA.ATTN_TYPE ('L', 'S', 'M6', ...)."""
+    return FLattenDeiT(
+        **_deit_kwargs(cfg), attn_type=cfg.MODEL.LA.ATTN_TYPE, focusing_factor=cfg.MODEL.LA.FOCUSING_FACTOR,
+        kernel_size=cfg.MODEL.LA.KERNEL_SIZE)
+
+
+@register_model_type('deit')
+def build_deit(cfg) -> FLattenDeiT:
+    """MODEL.TYPE 'deit': the softmax baseline; every block is softmax and MODEL.LA is ignored."""
+    return FLattenDeiT(**_deit_kwargs(cfg), attn_type='S')

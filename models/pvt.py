@@ -1,0 +1,313 @@
+"""FLatten-PVT: Pyramid Vision Transformer v1 with focused linear attention (spec §2.2).
+
+One class builds FLatten-PVT (``attn_type='LLLL'``: focused linear attention over the whole stage
+map in every block) and the PVT v1 baseline (``attn_type='SSSS'``, spatial-reduction softmax
+attention with ``sr_ratios`` 8-4-2-1, plus the original class token). State-dict names, shapes and
+order are those of the official ``PyramidVisionTransformer`` of ``flatten_pvt.py``
+(``tests/assets/official_state_dicts/flatten_pvt_*.txt``).
+
+Differences from the official builders (deliberate):
+
+* ``img_size`` and ``num_classes`` are honoured: ``pos_embed{i}`` and the FLA
+  ``positional_encoding`` are sized from the stage maps of ``img_size`` (official: always 224).
+  Only inputs of exactly ``img_size`` are accepted.
+* Geometry that does not fit (image size vs. patch strides, stage maps vs. the L blocks' sr
+  ratios) raises a ValueError naming the sizes at construction.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
+
+from .attention import AttentionOptions, block_kinds
+from .layers import Backbone, Block, run_blocks
+from .registry import register_model, register_model_type, variant_kwargs
+
+__all__ = ['PyramidVisionTransformer', 'PVT_LETTER_KINDS', 'parse_sr_ratios', 'check_stage_geometry']
+
+# Stage letters of MODEL.LA.ATTN_TYPE understood by PVT v1/v2, and the attention kind each one builds.
+PVT_LETTER_KINDS = {'L': 'pvt_focused_linear', 'S': 'pvt_softmax'}
+
+
+def parse_sr_ratios(value: Union[str, int, Sequence[int]], num_stages: int) -> Tuple[int, ...]:
+    """Spatial-reduction ratios of the L blocks, one per stage.
+
+    Accepts the official forms, the int ``1111`` of ``MODEL.LA.PVT_LA_SR_RATIOS`` or the string
+    ``'2111'`` (one digit per stage), and a sequence of ints. Raises ValueError naming the value.
+    """
+    if isinstance(value, (str, int)):
+        text = str(value)
+        if (len(text) != num_stages) or (not text.isdigit()) or ('0' in text):
+            raise ValueError(
+                f'MODEL.LA.PVT_LA_SR_RATIOS={value!r}: expected {num_stages} digits from 1 to 9, one per stage '
+                f'(e.g. {"1" * num_stages})')
+        return tuple(int(c) for c in text)
+    ratios = tuple(int(r) for r in value)
+    if (len(ratios) != num_stages) or (min(ratios) < 1):
+        raise ValueError(f'la_sr_ratios={list(value)}: expected {num_stages} ratios >= 1, one per stage')
+    return ratios
+
+
+def check_stage_geometry(
+        name: str, img_size: Tuple[int, int], stage: int, grid: Tuple[int, int], kinds: Sequence[str],
+        la_sr_ratio: int, linear: bool) -> None:
+    """Raise ValueError naming the image size, the stage map and the ratio when the L blocks of this
+    stage reduce keys/values with a stride that does not divide the stage map: their positional
+    encoding has one vector per reduced cell. (S blocks floor the reduced map like the original PVT.)"""
+    if (PVT_LETTER_KINDS['L'] in kinds) and (not linear) and ((grid[0] % la_sr_ratio) or (grid[1] % la_sr_ratio)):
+        raise ValueError(
+            f'{name}: at image size {img_size[0]}x{img_size[1]} stage {stage + 1} has a {grid[0]}x{grid[1]} map, '
+            f'which the spatial-reduction ratio {la_sr_ratio} of its focused-linear blocks '
+            f'(MODEL.LA.PVT_LA_SR_RATIOS) does not divide')
+
+
+class PyramidVisionTransformer(Backbone):
+    """PVT v1 whose blocks use focused linear (L) or spatial-reduction softmax (S) attention.
+
+    Args:
+        img_size: input size (int or (H, W)); the input must have exactly this size, which must be
+            divisible by ``patch_size · 2^(stages-1)``.
+        patch_size: stride of the stage-1 patch embedding (later stages downsample by 2).
+        embed_dims, num_heads, mlp_ratios, depths: per-stage width, heads, MLP ratio and depth.
+        sr_ratios: key/value reduction ratio of the S blocks per stage.
+        la_sr_ratios: key/value reduction ratio of the L blocks per stage, '1111' (official: no
+            reduction, global FLA) or an int / sequence; see :func:`parse_sr_ratios`.
+        attn_type: one letter per stage (``L``/``S``/``M``) plus the ``M`` block count, e.g. 'LLMS2'.
+        class_token: the original PVT v1 head: a class token joins the tokens of the last stage,
+            the final ``norm`` is applied and the head reads the class token. Off (the FLatten
+            layout): the head averages the last stage's tokens and ``norm`` is **created but never
+            applied** (official FLatten-PVT quirk, spec §7.5), kept so official checkpoints load
+            strictly; it receives no gradient, so DDP needs ``find_unused_parameters``.
+        norm_layer: norm of the blocks and of the final ``norm`` (official: LayerNorm eps 1e-6);
+            the patch-embedding norms are LayerNorm eps 1e-5 as officially.
+
+    ``forward_features`` returns the last stage's tokens (B, N₄ [+1], C₄), normed only with
+    ``class_token``; ``forward_head`` pools them and applies ``head``.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: int = 4,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            embed_dims: Sequence[int] = (64, 128, 320, 512),
+            num_heads: Sequence[int] = (1, 2, 5, 8),
+            mlp_ratios: Sequence[float] = (8, 8, 4, 4),
+            qkv_bias: bool = True,
+            qk_scale: Optional[float] = None,
+            drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+            depths: Sequence[int] = (2, 2, 2, 2),
+            sr_ratios: Sequence[int] = (8, 4, 2, 1),
+            la_sr_ratios: Union[str, int, Sequence[int]] = '1111',
+            attn_type: str = 'LLLL',
+            focusing_factor: int = 3,
+            kernel_size: int = 5,
+            class_token: bool = False,
+            use_checkpoint: bool = False,
+    ):
+        super().__init__()
+        num_stages = len(depths)
+        if not (len(embed_dims) == len(num_heads) == len(mlp_ratios) == len(sr_ratios) == num_stages):
+            raise ValueError(
+                f'PVT: embed_dims {list(embed_dims)}, num_heads {list(num_heads)}, mlp_ratios {list(mlp_ratios)}, '
+                f'sr_ratios {list(sr_ratios)} and depths {list(depths)} must have one entry per stage')
+        img_size = to_2tuple(img_size)
+        stride = patch_size * 2 ** (num_stages - 1)
+        if (img_size[0] % stride) or (img_size[1] % stride):
+            raise ValueError(
+                f'PVT: image size {img_size[0]}x{img_size[1]} is not divisible by {stride} (patch size {patch_size} '
+                f'then {num_stages - 1} stride-2 stages), so the stage maps would not tile')
+        self.img_size = img_size
+        self.num_classes = num_classes
+        self.num_features = embed_dims[-1]
+        self.attn_type = attn_type
+        self.class_token = class_token
+        la_sr = parse_sr_ratios(la_sr_ratios, num_stages)
+        kinds = block_kinds(attn_type, depths, PVT_LETTER_KINDS)
+        if class_token and ((kinds[-1] != [PVT_LETTER_KINDS['S']] * depths[-1]) or (sr_ratios[-1] != 1)):
+            raise ValueError(
+                f'PVT: class_token needs softmax attention without reduction in the last stage (the extra token '
+                f'has no place on the map), got attn_type={attn_type!r}, sr_ratios={list(sr_ratios)}')
+
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        grid = (img_size[0] // patch_size, img_size[1] // patch_size)
+        self.grids: List[Tuple[int, int]] = []
+        for i in range(num_stages):
+            if i > 0:
+                grid = (grid[0] // 2, grid[1] // 2)
+            self.grids.append(grid)
+            check_stage_geometry('PVT', img_size, i, grid, kinds[i], la_sr[i], linear=False)
+            extra = 1 if (class_token and i == num_stages - 1) else 0
+            # own parameters precede the children in the state dict, as the official pos_embed{i}
+            pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1] + extra, embed_dims[i]))
+            trunc_normal_(pos_embed, std=.02)
+            setattr(self, f'pos_embed{i + 1}', pos_embed)
+        if class_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dims[-1]))
+            trunc_normal_(self.cls_token, std=.02)
+        self.pos_drop = nn.Dropout(p=drop_rate)
+
+        for i in range(num_stages):
+            in_size = img_size if i == 0 else self.grids[i - 1]
+            setattr(self, f'patch_embed{i + 1}', PatchEmbed(
+                img_size=in_size, patch_size=patch_size if i == 0 else 2,
+                in_chans=in_chans if i == 0 else embed_dims[i - 1], embed_dim=embed_dims[i], norm_layer=nn.LayerNorm))
+            first = sum(depths[:i])
+            setattr(self, f'block{i + 1}', nn.ModuleList([
+                Block(dim=embed_dims[i], num_heads=num_heads[i], grid_size=self.grids[i], mlp_ratio=mlp_ratios[i],
+                      qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[first + j],
+                      norm_layer=norm_layer, attn_kind=kind, attn_options=AttentionOptions(
+                          focusing_factor=focusing_factor, kernel_size=kernel_size, qk_scale=qk_scale,
+                          sr_ratio=la_sr[i] if kind == PVT_LETTER_KINDS['L'] else sr_ratios[i]))
+                for j, kind in enumerate(kinds[i])]))
+        # without class_token this norm is never applied (official FLatten-PVT); it stays so that official
+        # checkpoints load strictly
+        self.norm = norm_layer(self.num_features)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+        self.set_grad_checkpointing(use_checkpoint)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.grids)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        # the official set; pos_embed{i} are decayed (spec §5.2)
+        return {'cls_token'} if self.class_token else set()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_chans, *img_size) -> last-stage tokens (B, N₄, C₄), or (B, 1+N₄, C₄) normed with
+        ``class_token`` (class token first)."""
+        self.check_input_size(x)
+        B = x.shape[0]
+        for i in range(self.num_stages):
+            x = getattr(self, f'patch_embed{i + 1}')(x)  # (B, N_i, C_i)
+            last = i == self.num_stages - 1
+            if last and self.class_token:
+                x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
+            x = self.pos_drop(x + getattr(self, f'pos_embed{i + 1}'))
+            x = run_blocks(getattr(self, f'block{i + 1}'), x, self.grad_checkpointing)
+            if not last:
+                x = x.transpose(1, 2).reshape(B, -1, *self.grids[i])
+        return self.norm(x) if self.class_token else x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x[:, 0] if self.class_token else x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants (timm-style entry points) and the MODEL.TYPE builders
+# ---------------------------------------------------------------------------------------------
+
+def _create(pretrained: bool, arch: dict, **kwargs) -> PyramidVisionTransformer:
+    return PyramidVisionTransformer(**{**arch, **variant_kwargs(pretrained, kwargs)})
+
+
+# Widths, heads and MLP ratios are shared by every size (spec §2.2); sizes differ in depth only.
+PVT_DEPTHS = {
+    'tiny': (2, 2, 2, 2),
+    'small': (3, 4, 6, 3),
+    'medium': (3, 4, 18, 3),
+    'large': (3, 8, 27, 3),
+}
+_FLATTEN = dict(attn_type='LLLL', la_sr_ratios='1111')
+# The PVT v1 paper's model: SRA with ratios 8-4-2-1 everywhere, class token, final norm applied.
+_SOFTMAX = dict(attn_type='SSSS', sr_ratios=(8, 4, 2, 1), class_token=True)
+
+
+@register_model
+def flatten_pvt_tiny(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
+    """FLatten-PVT-T (12.2M): global focused linear attention in every block (paper Table 8)."""
+    return _create(pretrained, dict(depths=PVT_DEPTHS['tiny'], **_FLATTEN), **kwargs)
+
+
+@register_model
+def flatten_pvt_small(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
+    """FLatten-PVT-S (21.7M)."""
+    return _create(pretrained, dict(depths=PVT_DEPTHS['small'], **_FLATTEN), **kwargs)
+
+
+@register_model
+def flatten_pvt_medium(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
+    """FLatten-PVT-M (37.2M)."""
+    return _create(pretrained, dict(depths=PVT_DEPTHS['medium'], **_FLATTEN), **kwargs)
+
+
+@register_model
+def flatten_pvt_large(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
+    """FLatten-PVT-L (50.6M); its official config file is ``flatten_pvt_b.yaml``."""
+    return _create(pretrained, dict(depths=PVT_DEPTHS['large'], **_FLATTEN), **kwargs)
+
+
+@register_model
+def softmax_pvt_tiny(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
+    """PVT-T baseline (13.2M): spatial-reduction softmax attention, class token (PVT v1 paper)."""
+    return _create(pretrained, dict(depths=PVT_DEPTHS['tiny'], **_SOFTMAX), **kwargs)
+
+
+@register_model
+def softmax_pvt_small(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
+    """PVT-S baseline (24.5M)."""
+    return _create(pretrained, dict(depths=PVT_DEPTHS['small'], **_SOFTMAX), **kwargs)
+
+
+@register_model
+def softmax_pvt_medium(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
+    """PVT-M baseline (44.2M)."""
+    return _create(pretrained, dict(depths=PVT_DEPTHS['medium'], **_SOFTMAX), **kwargs)
+
+
+@register_model
+def softmax_pvt_large(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
+    """PVT-L baseline (61.4M)."""
+    return _create(pretrained, dict(depths=PVT_DEPTHS['large'], **_SOFTMAX), **kwargs)
+
+
+def common_cfg_kwargs(cfg) -> dict:
+    """Constructor arguments every PVT v1/v2 MODEL.TYPE builder reads from the config."""
+    return dict(
+        img_size=cfg.DATA.IMG_SIZE, num_classes=cfg.MODEL.NUM_CLASSES, drop_rate=cfg.MODEL.DROP_RATE,
+        drop_path_rate=cfg.MODEL.DROP_PATH_RATE, use_checkpoint=cfg.TRAIN.USE_CHECKPOINT)
+
+
+def flatten_cfg_kwargs(cfg) -> dict:
+    """The MODEL.LA keys of the FLatten builders (the softmax baselines ignore MODEL.LA)."""
+    la = cfg.MODEL.LA
+    return dict(attn_type=la.ATTN_TYPE, focusing_factor=la.FOCUSING_FACTOR, kernel_size=la.KERNEL_SIZE,
+                la_sr_ratios=la.PVT_LA_SR_RATIOS)
+
+
+def _size_of(model_type: str) -> str:
+    return model_type.rsplit('_', 1)[-1]
+
+
+def _no_linear_mode(cfg) -> None:
+    if cfg.MODEL.LA.PVT_LINEAR:
+        raise ValueError(f'MODEL.LA.PVT_LINEAR is a PVTv2 mode; MODEL.TYPE {cfg.MODEL.TYPE!r} is PVT v1')
+
+
+@register_model_type(*(f'flatten_pvt_{size}' for size in PVT_DEPTHS))
+def build_flatten_pvt(cfg) -> PyramidVisionTransformer:
+    """MODEL.TYPE 'flatten_pvt_{tiny,small,medium,large}': stage letters from MODEL.LA.ATTN_TYPE, L-block
+    reduction from MODEL.LA.PVT_LA_SR_RATIOS, S blocks with the PVT ratios 8-4-2-1."""
+    _no_linear_mode(cfg)
+    return PyramidVisionTransformer(
+        depths=PVT_DEPTHS[_size_of(cfg.MODEL.TYPE)], **common_cfg_kwargs(cfg), **flatten_cfg_kwargs(cfg))
+
+
+@register_model_type(*(f'pvt_{size}' for size in PVT_DEPTHS))
+def build_pvt(cfg) -> PyramidVisionTransformer:
+    """MODEL.TYPE 'pvt_{tiny,small,medium,large}': the PVT v1 softmax baseline. MODEL.LA is ignored (an
+    original PVT config has none), except that the PVTv2-only MODEL.LA.PVT_LINEAR is refused."""
+    _no_linear_mode(cfg)
+    return PyramidVisionTransformer(depths=PVT_DEPTHS[_size_of(cfg.MODEL.TYPE)], **common_cfg_kwargs(cfg), **_SOFTMAX)

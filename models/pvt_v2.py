@@ -1,0 +1,324 @@
+"""FLatten-PVTv2: Pyramid Vision Transformer v2 with focused linear attention (spec §2.3).
+
+One class builds FLatten-PVTv2 (``attn_type='LLLL'``: focused linear attention over the whole
+stage map in every block) and the PVTv2 baseline (``attn_type='SSSS'``, spatial-reduction
+softmax attention with ratios 8-4-2-1). PVTv2 keeps the original layout for both: overlapping
+patch embeddings, no absolute position embedding, an MLP with a 3×3 depthwise conv, a norm after
+every stage and average pooling. State-dict names, shapes and order are those of the official
+``PyramidVisionTransformerV2`` of ``flatten_pvt_v2.py``
+(``tests/assets/official_state_dicts/flatten_pvt_v2_*.txt``).
+
+``linear=True`` is PVTv2's "linear" mode in every block: keys/values from a 7×7 average pool of
+the map (see :mod:`models.attention.pvt`) and a ReLU after ``fc1``. Unlike the official builders,
+``img_size`` and ``num_classes`` are honoured: the FLA ``positional_encoding`` is sized from the
+stage maps of ``img_size``, and a stage map that the spatial-reduction ratio of its focused-linear
+blocks does not divide raises a ValueError naming the sizes.
+"""
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import to_2tuple
+
+from .attention import AttentionOptions, block_kinds
+from .layers import Backbone, Block, run_blocks
+from .pvt import PVT_LETTER_KINDS, check_stage_geometry, common_cfg_kwargs, flatten_cfg_kwargs, parse_sr_ratios
+from .registry import register_model, register_model_type, variant_kwargs
+
+__all__ = ['PyramidVisionTransformerV2']
+
+
+class OverlapPatchEmbed(nn.Module):
+    """Conv(kernel k, stride s, padding k//2), flatten, LayerNorm (eps 1e-5).
+
+    x: (B, C_in, H, W) -> (B, H'·W', C) with ``H' = (H + 2·(k//2) − k) // s + 1``.
+    """
+
+    def __init__(self, kernel_size: int, stride: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=kernel_size, stride=stride, padding=kernel_size // 2)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def output_size(self, size: Tuple[int, int]) -> Tuple[int, int]:
+        k, s, p = self.proj.kernel_size[0], self.proj.stride[0], self.proj.padding[0]
+        return ((size[0] + 2 * p - k) // s + 1, (size[1] + 2 * p - k) // s + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.proj(x).flatten(2).transpose(1, 2))
+
+
+class DWConv(nn.Module):
+    """3×3 depthwise conv over the tokens of a ``grid_size`` map: (B, H·W, C) -> (B, H·W, C).
+
+    A module of its own only so that the weight is named ``dwconv.dwconv`` as officially.
+    """
+
+    def __init__(self, dim: int, grid_size: Tuple[int, int]):
+        super().__init__()
+        self.grid_size = tuple(grid_size)
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        x = self.dwconv(x.transpose(1, 2).reshape(B, C, *self.grid_size))
+        return x.flatten(2).transpose(1, 2)
+
+
+class DepthwiseConvMlp(nn.Module):
+    """PVTv2 MLP: fc1, [ReLU in linear mode], 3×3 depthwise conv, GELU, dropout, fc2, dropout.
+
+    timm's ``MlpWithDepthwiseConv`` names its conv ``dwconv`` rather than ``dwconv.dwconv``, so it
+    cannot load official checkpoints. x: (B, H·W, C) -> (B, H·W, C).
+    """
+
+    def __init__(self, dim: int, hidden_dim: int, grid_size: Tuple[int, int], drop: float = 0.,
+                 linear: bool = False):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.dwconv = DWConv(hidden_dim, grid_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+        self.relu = nn.ReLU() if linear else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dwconv(self.relu(self.fc1(x)))
+        x = self.drop(self.act(x))
+        return self.drop(self.fc2(x))
+
+
+class PyramidVisionTransformerV2(Backbone):
+    """PVTv2 whose blocks use focused linear (L) or spatial-reduction softmax (S) attention.
+
+    Args:
+        img_size: input size (int or (H, W)); the input must have exactly this size. Stage maps
+            follow the conv arithmetic (224 -> 56, 28, 14, 7; 200 -> 50, 25, 13, 7).
+        embed_dims, num_heads, mlp_ratios, depths: per-stage width, heads, MLP ratio and depth.
+        sr_ratios: key/value reduction ratio of the S blocks per stage.
+        la_sr_ratios: key/value reduction ratio of the L blocks per stage ('1111' officially);
+            see :func:`models.pvt.parse_sr_ratios`.
+        attn_type: one letter per stage (``L``/``S``/``M``) plus the ``M`` block count.
+        linear: PVTv2 linear mode in every block (7×7-pooled keys/values, ReLU in the MLP).
+        norm_layer: norm of the blocks and of the per-stage ``norm{i}`` (official: LayerNorm eps
+            1e-6); the patch-embedding norms are LayerNorm eps 1e-5 as officially.
+
+    ``forward_features`` returns the normed last-stage tokens (B, N₄, C₄); ``forward_head``
+    averages them and applies ``head``.
+    """
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            in_chans: int = 3,
+            num_classes: int = 1000,
+            embed_dims: Sequence[int] = (64, 128, 320, 512),
+            num_heads: Sequence[int] = (1, 2, 5, 8),
+            mlp_ratios: Sequence[float] = (8, 8, 4, 4),
+            qkv_bias: bool = True,
+            qk_scale: Optional[float] = None,
+            drop_rate: float = 0.,
+            attn_drop_rate: float = 0.,
+            drop_path_rate: float = 0.,
+            norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+            depths: Sequence[int] = (3, 4, 6, 3),
+            sr_ratios: Sequence[int] = (8, 4, 2, 1),
+            la_sr_ratios: Union[str, int, Sequence[int]] = '1111',
+            attn_type: str = 'LLLL',
+            linear: bool = False,
+            focusing_factor: int = 3,
+            kernel_size: int = 5,
+            use_checkpoint: bool = False,
+    ):
+        super().__init__()
+        num_stages = len(depths)
+        if not (len(embed_dims) == len(num_heads) == len(mlp_ratios) == len(sr_ratios) == num_stages):
+            raise ValueError(
+                f'PVTv2: embed_dims {list(embed_dims)}, num_heads {list(num_heads)}, mlp_ratios {list(mlp_ratios)}, '
+                f'sr_ratios {list(sr_ratios)} and depths {list(depths)} must have one entry per stage')
+        self.img_size = to_2tuple(img_size)
+        self.num_classes = num_classes
+        self.num_features = embed_dims[-1]
+        self.attn_type = attn_type
+        self.linear = linear
+        la_sr = parse_sr_ratios(la_sr_ratios, num_stages)
+        kinds = block_kinds(attn_type, depths, PVT_LETTER_KINDS)
+
+        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        size = self.img_size
+        self.grids: List[Tuple[int, int]] = []
+        for i in range(num_stages):
+            patch_embed = OverlapPatchEmbed(
+                kernel_size=7 if i == 0 else 3, stride=4 if i == 0 else 2,
+                in_chans=in_chans if i == 0 else embed_dims[i - 1], embed_dim=embed_dims[i])
+            size = patch_embed.output_size(size)
+            self.grids.append(size)
+            check_stage_geometry('PVTv2', self.img_size, i, size, kinds[i], la_sr[i], linear)
+            first = sum(depths[:i])
+            setattr(self, f'patch_embed{i + 1}', patch_embed)
+            setattr(self, f'block{i + 1}', nn.ModuleList([
+                Block(dim=embed_dims[i], num_heads=num_heads[i], grid_size=size, mlp_ratio=mlp_ratios[i],
+                      qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[first + j],
+                      norm_layer=norm_layer, attn_kind=kind, attn_options=AttentionOptions(
+                          focusing_factor=focusing_factor, kernel_size=kernel_size, qk_scale=qk_scale,
+                          sr_ratio=la_sr[i] if kind == PVT_LETTER_KINDS['L'] else sr_ratios[i], linear=linear),
+                      mlp_layer=partial(DepthwiseConvMlp, grid_size=size, drop=drop_rate, linear=linear))
+                for j, kind in enumerate(kinds[i])]))
+            setattr(self, f'norm{i + 1}', norm_layer(embed_dims[i]))
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(self._init_weights)
+        self.set_grad_checkpointing(use_checkpoint)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.grids)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        """PVTv2 init (spec §1.4): every conv, the FLA ``dwc`` and ``sr`` included, is
+        normal(0, √(2/fan_out)) with ``fan_out = k·k·out_channels / groups`` and bias 0."""
+        Backbone._init_weights(m)
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+            nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        # the official set names pos_embed{1..4} and cls_token, which PVTv2 does not have
+        return set()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, in_chans, *img_size) -> normed last-stage tokens (B, N₄, C₄)."""
+        self.check_input_size(x)
+        B = x.shape[0]
+        for i in range(self.num_stages):
+            x = getattr(self, f'patch_embed{i + 1}')(x)
+            x = run_blocks(getattr(self, f'block{i + 1}'), x, self.grad_checkpointing)
+            x = getattr(self, f'norm{i + 1}')(x)
+            if i < self.num_stages - 1:
+                x = x.transpose(1, 2).reshape(B, -1, *self.grids[i])
+        return x
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = x.mean(dim=1)
+        return x if pre_logits else self.head(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Variants (timm-style entry points) and the MODEL.TYPE builders
+# ---------------------------------------------------------------------------------------------
+
+def _create(pretrained: bool, arch: dict, **kwargs) -> PyramidVisionTransformerV2:
+    return PyramidVisionTransformerV2(**{**arch, **variant_kwargs(pretrained, kwargs)})
+
+
+_WIDE = dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8))
+# spec §2.3; B5 exists in the code only (no config, not in the paper)
+PVT_V2_ARCHS = {
+    'b0': dict(embed_dims=(32, 64, 160, 256), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4), depths=(2, 2, 2, 2)),
+    'b1': dict(**_WIDE, mlp_ratios=(8, 8, 4, 4), depths=(2, 2, 2, 2)),
+    'b2': dict(**_WIDE, mlp_ratios=(8, 8, 4, 4), depths=(3, 4, 6, 3)),
+    'b3': dict(**_WIDE, mlp_ratios=(8, 8, 4, 4), depths=(3, 4, 18, 3)),
+    'b4': dict(**_WIDE, mlp_ratios=(8, 8, 4, 4), depths=(3, 8, 27, 3)),
+    'b5': dict(**_WIDE, mlp_ratios=(4, 4, 4, 4), depths=(3, 6, 40, 3)),
+}
+_FLATTEN = dict(attn_type='LLLL', la_sr_ratios='1111')
+_SOFTMAX = dict(attn_type='SSSS', sr_ratios=(8, 4, 2, 1))
+
+
+@register_model
+def flatten_pvt_v2_b0(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
+    """FLatten-PVTv2-B0 (3.6M): global focused linear attention in every block (paper Table 8)."""
+    return _create(pretrained, dict(**PVT_V2_ARCHS['b0'], **_FLATTEN), **kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b1(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
+    """FLatten-PVTv2-B1 (12.9M)."""
+    return _create(pretrained, dict(**PVT_V2_ARCHS['b1'], **_FLATTEN), **kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b2(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
+    """FLatten-PVTv2-B2 (22.5M; the paper prints 22.6)."""
+    return _create(pretrained, dict(**PVT_V2_ARCHS['b2'], **_FLATTEN), **kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b3(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
+    """FLatten-PVTv2-B3 (38.3M)."""
+    return _create(pretrained, dict(**PVT_V2_ARCHS['b3'], **_FLATTEN), **kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b4(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
+    """FLatten-PVTv2-B4 (51.8M)."""
+    return _create(pretrained, dict(**PVT_V2_ARCHS['b4'], **_FLATTEN), **kwargs)
+
+
+@register_model
+def flatten_pvt_v2_b5(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
+    """FLatten-PVTv2-B5: in the official code, without config or reported result."""
+    return _create(pretrained, dict(**PVT_V2_ARCHS['b5'], **_FLATTEN), **kwargs)
+
+
+@register_model
+def softmax_pvt_v2_b0(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
+    """PVTv2-B0 baseline (3.7M; Table 8 prints 3.4M): spatial-reduction softmax attention."""
+    return _create(pretrained, dict(**PVT_V2_ARCHS['b0'], **_SOFTMAX), **kwargs)
+
+
+@register_model
+def softmax_pvt_v2_b1(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
+    """PVTv2-B1 baseline (14.0M; Table 8 prints 13.1M)."""
+    return _create(pretrained, dict(**PVT_V2_ARCHS['b1'], **_SOFTMAX), **kwargs)
+
+
+@register_model
+def softmax_pvt_v2_b2(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
+    """PVTv2-B2 baseline (25.4M)."""
+    return _create(pretrained, dict(**PVT_V2_ARCHS['b2'], **_SOFTMAX), **kwargs)
+
+
+@register_model
+def softmax_pvt_v2_b3(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
+    """PVTv2-B3 baseline (45.2M)."""
+    return _create(pretrained, dict(**PVT_V2_ARCHS['b3'], **_SOFTMAX), **kwargs)
+
+
+@register_model
+def softmax_pvt_v2_b4(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
+    """PVTv2-B4 baseline (62.6M)."""
+    return _create(pretrained, dict(**PVT_V2_ARCHS['b4'], **_SOFTMAX), **kwargs)
+
+
+@register_model
+def softmax_pvt_v2_b5(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
+    """PVTv2-B5 baseline (82.0M)."""
+    return _create(pretrained, dict(**PVT_V2_ARCHS['b5'], **_SOFTMAX), **kwargs)
+
+
+def _arch_of(model_type: str) -> dict:
+    return PVT_V2_ARCHS[model_type.rsplit('_', 1)[-1]]
+
+
+@register_model_type(*(f'flatten_pvt_v2_{size}' for size in PVT_V2_ARCHS))
+def build_flatten_pvt_v2(cfg) -> PyramidVisionTransformerV2:
+    """MODEL.TYPE 'flatten_pvt_v2_b{0..5}': stage letters from MODEL.LA.ATTN_TYPE, L-block reduction
+    from MODEL.LA.PVT_LA_SR_RATIOS, linear mode from MODEL.LA.PVT_LINEAR (every block, as officially)."""
+    return PyramidVisionTransformerV2(
+        **_arch_of(cfg.MODEL.TYPE), **common_cfg_kwargs(cfg), **flatten_cfg_kwargs(cfg),
+        linear=cfg.MODEL.LA.PVT_LINEAR)
+
+
+@register_model_type(*(f'pvt_v2_{size}' for size in PVT_V2_ARCHS))
+def build_pvt_v2(cfg) -> PyramidVisionTransformerV2:
+    """MODEL.TYPE 'pvt_v2_b{0..5}': the PVTv2 softmax baseline. Of MODEL.LA only PVT_LINEAR is read
+    (the original PVTv2 "-Li" models, e.g. PVTv2-B2-Li); the attention letters and FLA keys are ignored."""
+    return PyramidVisionTransformerV2(
+        **_arch_of(cfg.MODEL.TYPE), **common_cfg_kwargs(cfg), **_SOFTMAX, linear=cfg.MODEL.LA.PVT_LINEAR)

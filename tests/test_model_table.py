@@ -1,0 +1,57 @@
+"""tools/model_table.py: every config's params and GMACs against the paper's Table 8."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tools.model_table import PAPER_TABLE8, default_configs, format_table, main, params_match
+
+# Table 8 figures that a faithful model cannot reproduce, with the reason (see the README).
+KNOWN_PARAM_MISMATCHES = {
+    # 22,548,264 parameters (official code, spec §8) print as 22.5; the paper's 22.6 is double rounding
+    'flatten_pvt_v2_b2',
+    # no official code: our design has 6,153,256 (6.2 at one decimal), inside the issue's 6.1M ± 0.1M
+    # budget; every design that keeps DeiT-T's width/depth, a per-block positional encoding and the
+    # shared DWC has at least this many (see models/deit.py)
+    'flatten_deit_t',
+}
+
+
+# Softmax baselines whose Table 8 figure is not the original architecture's (see the README).
+KNOWN_BASELINE_MISMATCHES = {
+    # the original PVTv2-B0/B1 have 3.67M / 14.01M parameters (PVTv2 paper, timm, our model);
+    # Table 8 prints 3.4M / 13.1M, the figures of PVTv2's first arXiv version
+    'pvt_v2_b0', 'pvt_v2_b1',
+}
+
+
+def test_params_match_uses_the_printed_precision():
+    assert params_match(29_192_384, '29') and params_match(12_150_504, '12.2')
+    assert not params_match(22_548_264, '22.6') and params_match(22_548_264, '22.5')
+
+
+def test_every_table8_row_has_a_config():
+    stems = {p.stem for p in default_configs()}
+    assert set(PAPER_TABLE8) <= stems, sorted(set(PAPER_TABLE8) - stems)
+
+
+@pytest.mark.slow
+def test_table8(tmp_path, capsys):
+    out = tmp_path / 'table.json'
+    assert main(['--json', str(out)]) == 0
+    rows = {row['config']: row for row in json.loads(out.read_text())}
+    printed = capsys.readouterr().out
+    assert format_table(list(rows.values())).splitlines()[0] in printed
+    for stem, row in rows.items():
+        if stem not in PAPER_TABLE8:
+            continue
+        paper_params = float(row['paper_params_m']) * 1e6
+        if stem.startswith('flatten_'):
+            # FLatten rows: parameters at the paper's precision, FLOPs within 5%
+            if stem not in KNOWN_PARAM_MISMATCHES:
+                assert row['params_match'], (stem, row['params'], row['paper_params_m'])
+            assert abs(row['flops_delta_pct']) <= 5.0, (stem, row['gmacs'], row['paper_gflops'])
+        elif stem not in KNOWN_BASELINE_MISMATCHES:
+            # softmax baselines: parameters within 3% of the paper
+            assert abs(row['params'] - paper_params) / paper_params <= 0.03, (stem, row['params'])
