@@ -54,6 +54,9 @@ _C.DATA.CACHE_MODE = 'part'
 _C.DATA.PIN_MEMORY = True
 # Number of data loading threads per process
 _C.DATA.NUM_WORKERS = 8
+# *new* Train on a fixed random subset of this many training images (drawn with SEED; 0 = all), for
+# quick experiments and tests. Validation always uses the whole split.
+_C.DATA.TRAIN_SUBSET = 0
 
 # -----------------------------------------------------------------------------
 # Model settings

@@ -29,7 +29,15 @@ from config import ConfigError, config_to_yaml, load_config, scale_lr
 from data import DatasetNotFoundError, build_loaders, build_mixup
 from logger import create_logger
 from models import UnknownModelError, build_model
-from utils.checkpoint import CheckpointError, find_latest_checkpoint, load_checkpoint, load_pretrained, save_checkpoint
+from utils.checkpoint import (
+    CheckpointError,
+    find_latest_checkpoint,
+    load_checkpoint,
+    load_pretrained,
+    model_state_dict,
+    save_checkpoint,
+    torch_load,
+)
 from utils.distributed import DeviceError, cleanup, init_distributed
 from utils.engine import NonFiniteLossError, evaluate, format_eta, throughput, train_one_epoch
 from utils.lr_scheduler import build_scheduler
@@ -141,6 +149,41 @@ def prune_checkpoints(output_dir: str, keep: int) -> None:
         os.remove(os.path.join(output_dir, f'ckpt_epoch_{epoch}.pth'))
 
 
+def checkpoint_to_resume(cfg, output_dir: str, train_mode: bool) -> Optional[str]:
+    """The checkpoint whose full state this run restores, or None.
+
+    Training: the newest ``ckpt_epoch_*.pth`` of this run's folder (TRAIN.AUTO_RESUME), else
+    ``--resume``. The folder wins so that re-launching the same command after a crash continues
+    this run instead of restarting from the ``--resume`` file (official behaviour, with a warning).
+    Evaluation: ``--resume`` when given; with ``--pretrained`` nothing (the adapted weights are what
+    is evaluated); else the folder's newest checkpoint.
+    """
+    latest = find_latest_checkpoint(output_dir) if cfg.TRAIN.AUTO_RESUME else None
+    if not train_mode:
+        if cfg.MODEL.RESUME or cfg.MODEL.PRETRAINED:
+            return cfg.MODEL.RESUME or None
+        return latest
+    if latest and cfg.MODEL.RESUME and os.path.abspath(cfg.MODEL.RESUME) != os.path.abspath(latest):
+        logger.warning(f'auto-resume: continuing this run from {latest} instead of --resume {cfg.MODEL.RESUME}')
+    return latest or cfg.MODEL.RESUME or None
+
+
+def choose_num_classes(dataset_classes: int, eval_ckpt, path: Optional[str], ema_weights: bool) -> int:
+    """The model's class count. Training: the dataset's (a pretrained head of another size is
+    replaced). Evaluating a checkpoint: its head's, which must cover the dataset's labels (an
+    ImageNet model evaluated on a folder of a few of its classes keeps its 1000 outputs)."""
+    if eval_ckpt is None:
+        return dataset_classes
+    weights = eval_ckpt.get('state_dict_ema') if (ema_weights and isinstance(eval_ckpt, dict)) else None
+    head = (weights or model_state_dict(eval_ckpt, path)).get('head.weight')
+    if head is None:
+        return dataset_classes
+    if head.shape[0] < dataset_classes:
+        raise CheckpointError(f'{path!r} has a {head.shape[0]}-class head but the validation set has '
+                              f'{dataset_classes} classes')
+    return int(head.shape[0])
+
+
 def write_config(output_dir: str, name: str, config_yaml: str, is_main: bool) -> None:
     """Save the full resolved config beside the run, once everything it names has loaded."""
     if is_main:
@@ -169,11 +212,15 @@ def run(args: argparse.Namespace) -> int:
         torch.backends.cudnn.benchmark = True
 
     data = build_loaders(cfg, ctx.rank, ctx.world_size, train=train_mode, pin_memory=ctx.device.type == 'cuda')
-    if data.num_classes != cfg.MODEL.NUM_CLASSES:
-        logger.warning(f'MODEL.NUM_CLASSES={cfg.MODEL.NUM_CLASSES} but the dataset has {data.num_classes} classes: '
-                       f'using {data.num_classes}')
+    resume = checkpoint_to_resume(cfg, output_dir, train_mode)
+    # evaluation reads its checkpoint first: the head it holds decides the class count
+    eval_ckpt = torch_load(resume) if (resume and not train_mode) else None
+    num_classes = choose_num_classes(data.num_classes, eval_ckpt, resume, cfg.EVAL_EMA)
+    if num_classes != cfg.MODEL.NUM_CLASSES:
+        logger.warning(f'MODEL.NUM_CLASSES={cfg.MODEL.NUM_CLASSES}: using {num_classes} classes '
+                       f'({"the checkpoint" if eval_ckpt is not None else "the dataset"}\'s count)')
         cfg.defrost()
-        cfg.MODEL.NUM_CLASSES = data.num_classes
+        cfg.MODEL.NUM_CLASSES = num_classes
         cfg.freeze()
     mixup_fn = build_mixup(cfg, cfg.MODEL.NUM_CLASSES) if train_mode else None
     if (mixup_fn is not None) and (cfg.DATA.BATCH_SIZE % 2):
@@ -188,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
     n_parameters = count_parameters(model)
     logger.info(f'{cfg.MODEL.NAME}: {n_parameters:,} parameters ({n_parameters / 1e6:.2f}M)')
     model.to(ctx.device)
-    if cfg.MODEL.PRETRAINED and not cfg.MODEL.RESUME:
+    if cfg.MODEL.PRETRAINED and not resume:
         load_pretrained(model, cfg.MODEL.PRETRAINED)
     model_without_ddp = model
     ema = ModelEmaV3(model, decay=cfg.TRAIN.EMA.DECAY) if cfg.TRAIN.EMA.ENABLE else None
@@ -200,10 +247,10 @@ def run(args: argparse.Namespace) -> int:
     eval_kwargs = dict(device=ctx.device, autocast=autocast, print_freq=cfg.PRINT_FREQ)
 
     if not train_mode:
-        resume = cfg.MODEL.RESUME or (find_latest_checkpoint(output_dir) if cfg.TRAIN.AUTO_RESUME else None)
         if resume:
             logger.info(f'loading {"EMA " if cfg.EVAL_EMA else ""}weights from {resume}')
-            load_checkpoint(resume, model_without_ddp, ema=ema, weights='ema' if cfg.EVAL_EMA else 'model')
+            load_checkpoint(resume, model_without_ddp, ema=ema, weights='ema' if cfg.EVAL_EMA else 'model',
+                            loaded=eval_ckpt)
         elif cfg.EVAL_EMA:
             raise ConfigError('--eval-ema needs a checkpoint: pass --resume FILE')
         elif not cfg.MODEL.PRETRAINED:
@@ -228,13 +275,6 @@ def run(args: argparse.Namespace) -> int:
     criterion = build_criterion(cfg, mixup_fn is not None)
 
     start_epoch, max_accuracy, max_accuracy_ema = cfg.TRAIN.START_EPOCH, 0.0, 0.0
-    resume = cfg.MODEL.RESUME
-    if cfg.TRAIN.AUTO_RESUME:
-        latest = find_latest_checkpoint(output_dir)
-        if latest:
-            if resume and os.path.abspath(resume) != os.path.abspath(latest):
-                logger.warning(f'auto-resume: continuing this run from {latest} instead of --resume {resume}')
-            resume = latest
     if resume:
         logger.info(f'resuming from {resume}')
         info = load_checkpoint(resume, model_without_ddp, optimizer, lr_scheduler, scaler, ema)

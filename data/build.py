@@ -105,6 +105,14 @@ def build_mixup(cfg, num_classes: int) -> Optional[Mixup]:
         label_smoothing=cfg.MODEL.LABEL_SMOOTHING, num_classes=num_classes)
 
 
+def _subset(dataset: torch.utils.data.Dataset, size: int, seed: int) -> torch.utils.data.Subset:
+    """A fixed random subset (the same for every rank and run with this seed)."""
+    if not 0 < size <= len(dataset):
+        raise ValueError(f'DATA.TRAIN_SUBSET={size} must be between 1 and the {len(dataset)} training images')
+    indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
+    return torch.utils.data.Subset(dataset, indices.tolist())
+
+
 @dataclass
 class DataBundle:
     dataset_train: Optional[torch.utils.data.Dataset]
@@ -130,6 +138,8 @@ def build_loaders(cfg, rank: int = 0, world_size: int = 1, train: bool = True, p
         if train_classes != num_classes:
             raise ValueError(f'train has {train_classes} classes but val has {num_classes}: both splits must '
                              f'hold the same class folders')
+        if cfg.DATA.TRAIN_SUBSET:
+            dataset_train = _subset(dataset_train, cfg.DATA.TRAIN_SUBSET, cfg.SEED)
         sampler = torch.utils.data.DistributedSampler(
             dataset_train, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.SEED)
         if len(sampler) < cfg.DATA.BATCH_SIZE:

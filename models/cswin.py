@@ -376,6 +376,18 @@ def build_flatten_cswin_base_384(cfg) -> CSWinTransformer:
     return _build_flatten(cfg, _FLATTEN_BASE, _AT_384['split_size'])
 
 
+@register_model_type('FLatten_CSWin_64_24181_tiny_384')
+def build_flatten_cswin_tiny_384(cfg) -> CSWinTransformer:
+    """FLatten-CSwin-T at 384² (no official config): S splits 1-2-12-12, LA splits from the config."""
+    return _build_flatten(cfg, _FLATTEN_TINY, _AT_384['split_size'])
+
+
+@register_model_type('FLatten_CSWin_64_24322_small_384')
+def build_flatten_cswin_small_384(cfg) -> CSWinTransformer:
+    """FLatten-CSwin-S at 384² (no official config): S splits 1-2-12-12, LA splits from the config."""
+    return _build_flatten(cfg, _FLATTEN_SMALL, _AT_384['split_size'])
+
+
 @register_model_type('CSWin_64_12211_tiny_224')
 def build_cswin_tiny_224(cfg) -> CSWinTransformer:
     """The CSWin baselines (official CSWin type names): LePE softmax in every block; MODEL.LA is ignored."""

@@ -41,13 +41,14 @@ LayerNorm eps is DeiT's 1e-6, so DeiT checkpoints load strictly and reproduce De
 from __future__ import annotations
 
 from functools import partial
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
 
 from .attention import AttentionOptions, block_kinds
+from .grid import GridSpec
 from .layers import Backbone, Block, run_blocks
 from .registry import register_model, register_model_type, variant_kwargs
 
@@ -151,6 +152,11 @@ class FLattenDeiT(Backbone):
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         return {'pos_embed', 'cls_token'}
+
+    def parameter_grids(self) -> Dict[str, GridSpec]:
+        if self.pos_embed is None:
+            return {}
+        return {'pos_embed': GridSpec(self.patch_embed.grid_size, prefix_tokens=self.num_prefix_tokens)}
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, in_chans, H, W) -> final-normed tokens (B, [1 +] H/p·W/p, C), grid tokens row-major."""

@@ -17,13 +17,14 @@ Differences from the official builders (deliberate):
 from __future__ import annotations
 
 from functools import partial
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
 
 from .attention import AttentionOptions, block_kinds
+from .grid import GridSpec
 from .layers import Backbone, Block, run_blocks
 from .registry import register_model, register_model_type, variant_kwargs
 
@@ -178,6 +179,12 @@ class PyramidVisionTransformer(Backbone):
     @property
     def num_stages(self) -> int:
         return len(self.grids)
+
+    def parameter_grids(self) -> Dict[str, GridSpec]:
+        last = self.num_stages - 1
+        # the class token joins the last stage's position embedding first (original PVT v1)
+        return {f'pos_embed{i + 1}': GridSpec(grid, prefix_tokens=int(self.class_token and i == last))
+                for i, grid in enumerate(self.grids)}
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:

@@ -15,13 +15,14 @@ Window rules (official):
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 
 from .attention import AttentionOptions, block_kinds, create_attention
+from .grid import GridSpec
 from .layers import Backbone, run_blocks
 from .registry import register_model, register_model_type, variant_kwargs
 
@@ -276,6 +277,9 @@ class FLattenSwinTransformer(Backbone):
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
         return {'absolute_pos_embed'}
+
+    def parameter_grids(self) -> Dict[str, GridSpec]:
+        return {'absolute_pos_embed': GridSpec(self.patch_embed.grid_size)} if self.ape else {}
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set:

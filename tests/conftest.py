@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import List, Tuple
+from typing import List
 
 import numpy as np
 import pytest
@@ -25,14 +25,19 @@ def load_golden(name: str) -> dict:
     return torch.load(spec_path('golden', f'{name}.pt'), weights_only=True)
 
 
-def read_inventory(name: str) -> List[Tuple[str, Tuple[int, ...]]]:
-    """(key, shape) pairs of an official state-dict inventory, in file order."""
+def read_inventory(name: str, with_dtype: bool = False) -> List[tuple]:
+    """(key, shape) pairs of an official state-dict inventory, in file order; with `with_dtype`,
+    (key, shape, dtype) where buffers carry their recorded dtype and parameters float32."""
     entries = []
     for line in spec_path('official_state_dicts', f'{name}.txt').read_text().splitlines():
         if line.startswith('#') or not line.strip():
             continue
-        match = re.match(r'(\S+) \[([\d, ]*)\]', line)
-        entries.append((match.group(1), tuple(int(x) for x in match.group(2).split(',') if x.strip())))
+        match = re.match(r'(\S+) \[([\d, ]*)\](?: BUFFER (\w+))?', line)
+        shape = tuple(int(x) for x in match.group(2).split(',') if x.strip())
+        if with_dtype:
+            entries.append((match.group(1), shape, getattr(torch, match.group(3) or 'float32')))
+        else:
+            entries.append((match.group(1), shape))
     return entries
 
 

@@ -21,17 +21,19 @@ import random
 import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.grid import GridSpec, collect_parameter_grids
+
 __all__ = [
     'CheckpointError', 'torch_load', 'atomic_save', 'rng_state', 'set_rng_state', 'save_checkpoint',
     'find_latest_checkpoint', 'load_checkpoint', 'model_state_dict', 'load_model_weights', 'load_pretrained',
-    'PretrainedReport',
+    'PretrainedReport', 'infer_source_grid', 'resize_grid_tensor',
 ]
 
 logger = logging.getLogger('flatten.checkpoint')
@@ -274,6 +276,7 @@ def load_checkpoint(
         ema=None,
         restore_rng: bool = True,
         weights: str = 'model',
+        loaded: Optional[Any] = None,
 ) -> Dict[str, Any]:
     """Restore a checkpoint written by :func:`save_checkpoint` or by the official scripts.
 
@@ -282,8 +285,9 @@ def load_checkpoint(
     restored too: optimizer, scheduler, scaler, EMA and RNG, each only when the file has it and it
     fits this run; otherwise a warning says what was skipped and why. Returns
     ``{'epoch', 'max_accuracy', 'max_accuracy_ema'}`` (epoch = completed epochs, 0 without an optimizer).
+    `loaded` is the file's content when the caller has already read it.
     """
-    ckpt = torch_load(path)
+    ckpt = torch_load(path) if loaded is None else loaded
     if weights == 'ema':
         if not (isinstance(ckpt, dict) and isinstance(ckpt.get('state_dict_ema'), dict)):
             raise CheckpointError(f'{path!r} has no EMA weights (state_dict_ema); evaluate without --eval-ema')
@@ -331,62 +335,93 @@ def load_checkpoint(
 
 @dataclass
 class PretrainedReport:
-    """What :func:`load_pretrained` changed on the way in."""
+    """What :func:`load_pretrained` changed on the way in (state-dict keys)."""
     resized: List[str] = field(default_factory=list)
     dropped: List[str] = field(default_factory=list)
     reinitialized: List[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         return (f'resized {len(self.resized)} tensors, dropped {len(self.dropped)} keys, '
-                f're-initialised {self.reinitialized or "nothing"}')
+                f're-initialised {", ".join(self.reinitialized) or "nothing"}')
 
 
-def _resize_square_grid(tensor: torch.Tensor, new_side: int, channels_last: bool) -> torch.Tensor:
-    """Bicubic resize (align_corners=False) of tokens laid row-major on a square grid.
+def infer_source_grid(length: int, target: GridSpec, key: str) -> Tuple[int, int]:
+    """The grid of a checkpoint tensor with `length` grid cells, assumed to have the shape of the
+    target's grid scaled (same aspect ratio: square stays square, a 56×7 stripe may come from 96×12).
 
-    channels_last: (1, L, C) token tensors (positional encodings); otherwise (L, C) tables whose
-    rows form the grid (relative position bias tables), handled the same way.
+    For ``table`` layouts the aspect ratio is that of the window, (rows + 1) / 2 by (cols + 1) / 2.
     """
-    tokens = tensor[0] if channels_last else tensor
-    side = math.isqrt(tokens.shape[0])
-    if side * side != tokens.shape[0]:
-        raise CheckpointError(f'cannot resize a grid of {tokens.shape[0]} tokens: not a square')
-    grid = tokens.T.reshape(1, -1, side, side).float()
-    grid = F.interpolate(grid, size=(new_side, new_side), mode='bicubic', align_corners=False)
-    out = grid.reshape(-1, new_side * new_side).T.to(tensor.dtype)
-    return out.unsqueeze(0) if channels_last else out
+    H, W = target.grid
+    matches = []
+    for rows in range(1, length + 1):
+        if length % rows:
+            continue
+        cols = length // rows
+        if target.layout == 'table':
+            same_shape = (rows % 2 == 1) and (cols % 2 == 1) and ((rows + 1) * (W + 1) == (cols + 1) * (H + 1))
+        else:
+            same_shape = rows * W == cols * H
+        if same_shape:
+            matches.append((rows, cols))
+    if len(matches) != 1:
+        raise CheckpointError(
+            f'{key}: cannot tell the grid of the checkpoint\'s {length} cells from the model\'s {H}x{W} grid '
+            f'(it is resized only between grids of the same aspect ratio)')
+    return matches[0]
+
+
+def resize_grid_tensor(value: torch.Tensor, spec: GridSpec, source_grid: Tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize (``align_corners=False``, PyTorch's A = −0.75) of a parameter laid out on
+    `source_grid` to ``spec.grid``, as the official 224→384 fine-tuning does (spec §4.3).
+
+    tokens: (1, prefix + h·w, C) -> (1, prefix + H·W, C), prefix tokens untouched;
+    table: (h·w, K) -> (H·W, K). Same size in and out returns the values unchanged.
+    """
+    (h, w), (H, W) = source_grid, spec.grid
+    if spec.layout == 'tokens':
+        prefix, cells = value[:, :spec.prefix_tokens], value[:, spec.prefix_tokens:]
+        image = cells.reshape(1, h, w, -1).permute(0, 3, 1, 2)  # (1, C, h, w), token t at (t // w, t % w)
+    else:
+        image = value.T.reshape(1, -1, h, w)  # (1, K, h, w)
+    if (h, w) != (H, W):
+        image = F.interpolate(image.float(), size=(H, W), mode='bicubic', align_corners=False).to(value.dtype)
+    if spec.layout == 'tokens':
+        return torch.cat([prefix, image.permute(0, 2, 3, 1).reshape(1, H * W, -1)], dim=1)
+    return image.reshape(-1, H * W).T
 
 
 def load_pretrained(model: nn.Module, path: str) -> PretrainedReport:
     """Load weights from `path` into `model`, adapting what depends on resolution or classes.
 
+    * parameters whose modules declare a grid (``positional_encoding`` of every focused kind,
+      Swin's ``relative_position_bias_table`` and ``absolute_pos_embed``, PVT's ``pos_embed{i}``,
+      DeiT's ``pos_embed``) and have another length are bicubic-resized over that 2-D grid;
     * derived buffers (``relative_position_index``, ``attn_mask``) are rebuilt by the model;
-    * ``positional_encoding`` (1, L, C) and ``relative_position_bias_table`` (L, heads) of another
-      length are bicubic-resized over their square 2-D grid;
-    * a head for another class count is dropped and re-initialised.
+    * a ``head`` for another class count is dropped and a freshly initialised one kept.
 
-    Everything else must match exactly (CheckpointError otherwise). Returns what was changed.
+    Everything else must match exactly; otherwise CheckpointError lists the first missing,
+    unexpected and mismatched keys with their shapes. Returns what was changed.
     """
     target = unwrap(model)
     state_dict = _strip_prefix(dict(model_state_dict(torch_load(path), path)))
     own = target.state_dict()
+    grids = collect_parameter_grids(target)
     report = PretrainedReport()
-    for key in list(state_dict):
-        if any(name in key for name in DERIVED_BUFFERS):
-            if key in own:
-                state_dict[key] = own[key]  # rebuilt by the model for its own geometry
-            else:
-                del state_dict[key]
-                report.dropped.append(key)
+    for key in [k for k in state_dict if _is_derived(k) and k not in own]:
+        del state_dict[key]
+        report.dropped.append(key)
     for key, value in list(state_dict.items()):
-        if (key not in own) or (own[key].shape == value.shape):
+        spec = grids.get(key)
+        if (spec is None) or (key not in own) or (own[key].shape == value.shape) or (value.ndim != own[key].ndim):
             continue
-        if key.endswith('positional_encoding') and value.shape[-1] == own[key].shape[-1]:
-            state_dict[key] = _resize_square_grid(value, math.isqrt(own[key].shape[1]), channels_last=True)
-            report.resized.append(key)
-        elif key.endswith('relative_position_bias_table') and value.shape[-1] == own[key].shape[-1]:
-            state_dict[key] = _resize_square_grid(value, math.isqrt(own[key].shape[0]), channels_last=False)
-            report.resized.append(key)
+        if (spec.layout == 'tokens') and (value.shape[-1] == own[key].shape[-1]) and (value.shape[0] == 1):
+            source = infer_source_grid(value.shape[1] - spec.prefix_tokens, spec, key)
+        elif (spec.layout == 'table') and (value.shape[-1] == own[key].shape[-1]):
+            source = infer_source_grid(value.shape[0], spec, key)
+        else:
+            continue  # another width: reported as a mismatch below
+        state_dict[key] = resize_grid_tensor(value, spec, source)
+        report.resized.append(key)
     head = getattr(target, 'head', None)
     ckpt_head = state_dict.get('head.weight')
     if isinstance(head, nn.Linear) and (ckpt_head is not None) and (ckpt_head.shape != head.weight.shape):
@@ -398,4 +433,7 @@ def load_pretrained(model: nn.Module, path: str) -> PretrainedReport:
         report.reinitialized.append('head')
     load_model_weights(target, state_dict, path)
     logger.info(f'loaded pretrained weights from {path}: {report}')
+    if report.reinitialized:
+        logger.info(f'{path}: checkpoint head has {tuple(ckpt_head.shape)[0]} classes, the model '
+                    f'{target.num_classes}: the head was re-initialised')
     return report

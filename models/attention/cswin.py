@@ -26,12 +26,13 @@ official global computation when the window is the whole map, as in every offici
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..grid import GridSpec
 from .core import focused_kernel, linear_attention, make_dwc, rank_restore_dwc, upcast
 from .registry import AttentionOptions, register_attention
 
@@ -137,6 +138,9 @@ class CSwinFocusedLinearAttention(nn.Module):
         out = out + rank_restore_dwc(self.dwc, v, self.num_heads, self.window)
         out = out + locally_enhanced_pe(self.get_v, v, self.window)
         return stripe_reverse(out, self.grid_size, self.window).to(qkv.dtype)
+
+    def parameter_grids(self) -> Dict[str, GridSpec]:
+        return {'positional_encoding': GridSpec(self.window)}
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, num_heads={self.num_heads}, grid_size={self.grid_size}, window={self.window}, '

@@ -1,13 +1,14 @@
 """Attention kinds over one token grid with a fused ``qkv`` projection (Swin windows, DeiT grids)."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
+from ..grid import GridSpec
 from .core import focused_kernel, linear_attention, make_dwc, rank_restore_dwc, upcast
 from .registry import AttentionOptions, register_attention
 
@@ -68,6 +69,9 @@ class FocusedLinearAttention(nn.Module):
             out = linear_attention(q, k, upcast(v), self.num_heads)
         out = out + rank_restore_dwc(self.dwc, v, self.num_heads, self.grid_size)
         return self.proj_drop(self.proj(out))
+
+    def parameter_grids(self) -> Dict[str, GridSpec]:
+        return {'positional_encoding': GridSpec(self.grid_size)}
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, num_heads={self.num_heads}, grid_size={self.grid_size}, p={self.focusing_factor}'
@@ -167,6 +171,10 @@ class WindowAttention(SoftmaxAttention):
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * H - 1) * (2 * W - 1), num_heads))
         self.register_buffer('relative_position_index', relative_position_index(self.grid_size))
         trunc_normal_(self.relative_position_bias_table, std=.02)
+
+    def parameter_grids(self) -> Dict[str, GridSpec]:
+        H, W = self.grid_size
+        return {'relative_position_bias_table': GridSpec((2 * H - 1, 2 * W - 1), layout='table')}
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: (B·nW, N, C); mask: (nW, N, N) of 0 / −100 for shifted windows, or None."""

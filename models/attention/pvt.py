@@ -12,12 +12,13 @@ PVT's spatial-reduction softmax attention. State-dict names and order are the of
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..grid import GridSpec
 from .core import focused_kernel, linear_attention, make_dwc, rank_restore_dwc, upcast
 from .registry import AttentionOptions, register_attention
 
@@ -58,14 +59,15 @@ class _KeyValueReduction(nn.Module):
             self.sr = nn.Conv2d(dim, dim, kernel_size=1, stride=1)
             self.norm = nn.LayerNorm(dim)
             self.act = nn.GELU()
-            self.num_kv_tokens = LINEAR_POOL_SIZE ** 2
+            self.kv_grid = (LINEAR_POOL_SIZE, LINEAR_POOL_SIZE)
         elif self.sr_ratio > 1:
             # a map the stride does not divide loses its last rows/columns, as in the original PVT
             self.sr = nn.Conv2d(dim, dim, kernel_size=self.sr_ratio, stride=self.sr_ratio)
             self.norm = nn.LayerNorm(dim)
-            self.num_kv_tokens = (H // self.sr_ratio) * (W // self.sr_ratio)
+            self.kv_grid = (H // self.sr_ratio, W // self.sr_ratio)
         else:
-            self.num_kv_tokens = H * W
+            self.kv_grid = (H, W)
+        self.num_kv_tokens = self.kv_grid[0] * self.kv_grid[1]
 
     def _key_value_input(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, N, C) tokens of the ``grid_size`` map -> (B, n, C), the input of ``kv``."""
@@ -142,6 +144,10 @@ class PvtFocusedLinearAttention(_KeyValueReduction):
             out = linear_attention(q, k, upcast(v), self.num_heads)
         out = out + rank_restore_dwc(self.dwc, resample_tokens(v, N), self.num_heads, self.grid_size)
         return self.proj_drop(self.proj(out))
+
+    def parameter_grids(self) -> Dict[str, GridSpec]:
+        # one encoding per key token: the reduced (or 7×7 pooled) map
+        return {'positional_encoding': GridSpec(self.kv_grid)}
 
     def extra_repr(self) -> str:
         return f'dim={self.dim}, {super().extra_repr()}, p={self.focusing_factor}'
