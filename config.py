@@ -54,6 +54,9 @@ _C.DATA.CACHE_MODE = 'part'
 _C.DATA.PIN_MEMORY = True
 # Number of data loading threads per process
 _C.DATA.NUM_WORKERS = 8
+# *new* Unreadable (corrupt or non-image) files: False stops with an error naming the file, True logs
+# them and uses the next readable image instead
+_C.DATA.SKIP_CORRUPT = False
 # *new* Train on a fixed random subset of this many training images (drawn with SEED; 0 = all), for
 # quick experiments and tests. Validation always uses the whole split.
 _C.DATA.TRAIN_SUBSET = 0
@@ -176,6 +179,11 @@ _C.TRAIN.USE_CHECKPOINT = False
 _C.TRAIN.KEEP_CKPTS = 3
 # *new* DDP find_unused_parameters (--find-unused-params)
 _C.TRAIN.FIND_UNUSED_PARAMS = False
+# *new* Also save a checkpoint every this many optimizer updates inside an epoch (0 = only at epoch
+# ends); a killed run then resumes mid-epoch, exactly where the file was written
+_C.TRAIN.CKPT_STEPS = 0
+# *new* Stop after this many consecutive updates with non-finite loss or gradients (each is skipped)
+_C.TRAIN.MAX_NONFINITE_STEPS = 20
 
 # LR scheduler
 _C.TRAIN.LR_SCHEDULER = CN()
@@ -266,6 +274,9 @@ _C.EVAL_EMA = False
 _C.THROUGHPUT_MODE = False
 # local rank for DistributedDataParallel, given by command line argument (torchrun sets LOCAL_RANK)
 _C.LOCAL_RANK = 0
+# *new* Minutes a collective may wait for the other ranks before the job fails (a dead rank then
+# takes the job down instead of hanging it)
+_C.DIST_TIMEOUT = 30
 
 
 def get_default_config() -> CN:
@@ -379,6 +390,9 @@ def _validate(cfg: CN) -> None:
         raise ConfigError(f'SAVE_FREQ must be >= 1, got {cfg.SAVE_FREQ}')
     if cfg.TRAIN.KEEP_CKPTS < 1:
         raise ConfigError(f'TRAIN.KEEP_CKPTS must be >= 1, got {cfg.TRAIN.KEEP_CKPTS}')
+    if (cfg.TRAIN.CKPT_STEPS < 0) or (cfg.TRAIN.MAX_NONFINITE_STEPS < 1) or (cfg.DIST_TIMEOUT <= 0):
+        raise ConfigError(f'TRAIN.CKPT_STEPS must be >= 0 (got {cfg.TRAIN.CKPT_STEPS}), TRAIN.MAX_NONFINITE_STEPS >= 1 '
+                          f'(got {cfg.TRAIN.MAX_NONFINITE_STEPS}) and DIST_TIMEOUT > 0 (got {cfg.DIST_TIMEOUT})')
 
 
 def scale_lr(cfg: CN, world_size: int) -> CN:

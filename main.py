@@ -19,22 +19,26 @@ import logging
 import os
 import sys
 import time
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 
 from config import ConfigError, config_to_yaml, load_config, scale_lr
-from data import DatasetNotFoundError, build_loaders, build_mixup
+from data import DataError, DatasetNotFoundError, build_loaders, build_mixup
 from logger import create_logger
 from models import UnknownModelError, build_model
 from utils.checkpoint import (
     CheckpointError,
-    find_latest_checkpoint,
+    gather_rng_states,
+    latest_valid_checkpoint,
     load_checkpoint,
     load_pretrained,
     model_state_dict,
+    periodic_checkpoint_name,
+    prune_checkpoints,
+    remove_partial_writes,
     save_checkpoint,
     torch_load,
 )
@@ -47,7 +51,7 @@ from utils.optimizer import build_optimizer
 logger = logging.getLogger('flatten')
 
 # Errors caused by what the user asked for: reported as one message, exit code 2.
-USER_ERRORS = (ConfigError, DatasetNotFoundError, UnknownModelError, CheckpointError, DeviceError,
+USER_ERRORS = (ConfigError, DataError, DatasetNotFoundError, UnknownModelError, CheckpointError, DeviceError,
                NonFiniteLossError)
 
 # flag -> (config key, value transform). Flags left at their default (None / False) set nothing.
@@ -139,33 +143,40 @@ def make_autocast(cfg, device: torch.device):
     return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
-def prune_checkpoints(output_dir: str, keep: int) -> None:
-    """Delete all but the newest `keep` ckpt_epoch_*.pth files (by recorded epoch)."""
-    epochs = []
-    for name in os.listdir(output_dir):
-        if name.startswith('ckpt_epoch_') and name.endswith('.pth') and name[11:-4].isdigit():
-            epochs.append(int(name[11:-4]))
-    for epoch in sorted(epochs)[:-keep]:
-        os.remove(os.path.join(output_dir, f'ckpt_epoch_{epoch}.pth'))
+def prepare_output_dir(cfg) -> str:
+    """``<OUTPUT>/<MODEL.NAME>/<TAG>``, created and checked writable before anything else runs."""
+    output_dir = os.path.join(cfg.OUTPUT or 'output', cfg.MODEL.NAME, cfg.TAG)
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        probe = os.path.join(output_dir, f'.write_test_{os.getpid()}')
+        with open(probe, 'w'):
+            pass
+        os.remove(probe)
+    except OSError as err:
+        raise ConfigError(f'output folder {output_dir!r} cannot be created or written ({err.strerror or err}): '
+                          f'choose another with --output, or fix its permissions') from None
+    return output_dir
 
 
-def checkpoint_to_resume(cfg, output_dir: str, train_mode: bool) -> Optional[str]:
-    """The checkpoint whose full state this run restores, or None.
+def checkpoint_to_resume(cfg, output_dir: str, train_mode: bool) -> Tuple[Optional[str], Optional[dict]]:
+    """(path, content) of the checkpoint whose full state this run restores, or (None, None).
 
-    Training: the newest ``ckpt_epoch_*.pth`` of this run's folder (TRAIN.AUTO_RESUME), else
-    ``--resume``. The folder wins so that re-launching the same command after a crash continues
-    this run instead of restarting from the ``--resume`` file (official behaviour, with a warning).
-    Evaluation: ``--resume`` when given; with ``--pretrained`` nothing (the adapted weights are what
-    is evaluated); else the folder's newest checkpoint.
+    Training: the most advanced readable ``ckpt_epoch_*`` of this run's folder (TRAIN.AUTO_RESUME;
+    a corrupt newest file is skipped with a warning), else ``--resume``. The folder wins so that
+    re-launching the same command after a crash continues this run instead of restarting from the
+    ``--resume`` file (official behaviour, with a warning). Evaluation: ``--resume`` when given;
+    with ``--pretrained`` nothing (the adapted weights are what is evaluated); else the folder's
+    newest readable checkpoint.
     """
-    latest = find_latest_checkpoint(output_dir) if cfg.TRAIN.AUTO_RESUME else None
-    if not train_mode:
-        if cfg.MODEL.RESUME or cfg.MODEL.PRETRAINED:
-            return cfg.MODEL.RESUME or None
+    explicit = cfg.MODEL.RESUME
+    if (not train_mode) and (explicit or cfg.MODEL.PRETRAINED):
+        return (explicit, torch_load(explicit)) if explicit else (None, None)
+    latest = latest_valid_checkpoint(output_dir) if cfg.TRAIN.AUTO_RESUME else None
+    if latest is not None:
+        if explicit and os.path.abspath(explicit) != os.path.abspath(latest[0]):
+            logger.warning(f'auto-resume: continuing this run from {latest[0]} instead of --resume {explicit}')
         return latest
-    if latest and cfg.MODEL.RESUME and os.path.abspath(cfg.MODEL.RESUME) != os.path.abspath(latest):
-        logger.warning(f'auto-resume: continuing this run from {latest} instead of --resume {cfg.MODEL.RESUME}')
-    return latest or cfg.MODEL.RESUME or None
+    return (explicit, torch_load(explicit)) if explicit else (None, None)
 
 
 def choose_num_classes(dataset_classes: int, eval_ckpt, path: Optional[str], ema_weights: bool) -> int:
@@ -191,118 +202,117 @@ def write_config(output_dir: str, name: str, config_yaml: str, is_main: bool) ->
             f.write(config_yaml)
 
 
-def run(args: argparse.Namespace) -> int:
-    create_logger(None, int(os.environ.get('RANK', '0')))
-    cfg = load_config(args.cfg, flags_to_opts(args) + list(args.opts or []))
-    ctx = init_distributed(cfg.DEVICE)
-    cfg = scale_lr(cfg, ctx.world_size)
-    output_dir = os.path.join(cfg.OUTPUT or 'output', cfg.MODEL.NAME, cfg.TAG)
+def build_model_for(cfg, source: str) -> torch.nn.Module:
     try:
-        os.makedirs(output_dir, exist_ok=True)
-        if not os.access(output_dir, os.W_OK):
-            raise PermissionError(output_dir)
-    except OSError as err:
-        raise ConfigError(f'output folder {output_dir!r} cannot be created or written ({err}); choose another '
-                          f'with --output') from None
-    create_logger(output_dir, ctx.rank)
-    train_mode = not (cfg.EVAL_MODE or cfg.THROUGHPUT_MODE)
-    logger.info(f'rank {ctx.rank}/{ctx.world_size} on {ctx.device}; output {output_dir}')
-    seed_everything(cfg.SEED + ctx.rank)
-    if ctx.device.type == 'cuda':
-        torch.backends.cudnn.benchmark = True
+        return build_model(cfg)
+    except ValueError as err:  # geometry that does not fit (image size vs patches / windows / splits)
+        raise ConfigError(f'cannot build MODEL.TYPE={cfg.MODEL.TYPE!r} from {source}: {err}') from None
 
-    data = build_loaders(cfg, ctx.rank, ctx.world_size, train=train_mode, pin_memory=ctx.device.type == 'cuda')
-    resume = checkpoint_to_resume(cfg, output_dir, train_mode)
-    # evaluation reads its checkpoint first: the head it holds decides the class count
-    eval_ckpt = torch_load(resume) if (resume and not train_mode) else None
-    num_classes = choose_num_classes(data.num_classes, eval_ckpt, resume, cfg.EVAL_EMA)
-    if num_classes != cfg.MODEL.NUM_CLASSES:
-        logger.warning(f'MODEL.NUM_CLASSES={cfg.MODEL.NUM_CLASSES}: using {num_classes} classes '
-                       f'({"the checkpoint" if eval_ckpt is not None else "the dataset"}\'s count)')
-        cfg.defrost()
-        cfg.MODEL.NUM_CLASSES = num_classes
-        cfg.freeze()
-    mixup_fn = build_mixup(cfg, cfg.MODEL.NUM_CLASSES) if train_mode else None
-    if (mixup_fn is not None) and (cfg.DATA.BATCH_SIZE % 2):
-        raise ConfigError(f'DATA.BATCH_SIZE={cfg.DATA.BATCH_SIZE} is odd, but Mixup/CutMix pair up the samples of a '
-                          f'batch: use an even batch size or set AUG.MIXUP 0.0 AUG.CUTMIX 0.0')
-    config_yaml = config_to_yaml(cfg)
 
-    try:
-        model = build_model(cfg)
-    except ValueError as err:
-        raise ConfigError(f'cannot build MODEL.TYPE={cfg.MODEL.TYPE!r} from {args.cfg}: {err}') from None
-    n_parameters = count_parameters(model)
-    logger.info(f'{cfg.MODEL.NAME}: {n_parameters:,} parameters ({n_parameters / 1e6:.2f}M)')
-    model.to(ctx.device)
-    if cfg.MODEL.PRETRAINED and not resume:
-        load_pretrained(model, cfg.MODEL.PRETRAINED)
-    model_without_ddp = model
-    ema = ModelEmaV3(model, decay=cfg.TRAIN.EMA.DECAY) if cfg.TRAIN.EMA.ENABLE else None
-    if ctx.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[ctx.device.index] if ctx.device.type == 'cuda' else None,
-            broadcast_buffers=True, find_unused_parameters=cfg.TRAIN.FIND_UNUSED_PARAMS)
-    autocast = make_autocast(cfg, ctx.device)
-    eval_kwargs = dict(device=ctx.device, autocast=autocast, print_freq=cfg.PRINT_FREQ)
-
-    if not train_mode:
-        if resume:
-            logger.info(f'loading {"EMA " if cfg.EVAL_EMA else ""}weights from {resume}')
-            load_checkpoint(resume, model_without_ddp, ema=ema, weights='ema' if cfg.EVAL_EMA else 'model',
-                            loaded=eval_ckpt)
-        elif cfg.EVAL_EMA:
-            raise ConfigError('--eval-ema needs a checkpoint: pass --resume FILE')
-        elif not cfg.MODEL.PRETRAINED:
-            logger.warning('no --resume or --pretrained checkpoint: evaluating randomly initialised weights')
-        write_config(output_dir, 'config_eval.yaml', config_yaml, ctx.is_main)
-        if cfg.THROUGHPUT_MODE:
-            throughput(model_without_ddp, data.loader_val, device=ctx.device, autocast=autocast)
-        else:
-            stats = evaluate(model_without_ddp, data.loader_val, **eval_kwargs)
-            logger.info(f'Accuracy of the network on the {stats["count"]} test images: {stats["acc1"]:.1f}%')
-            if ema is not None:
-                evaluate(ema.module, data.loader_val, name=' EMA', **eval_kwargs)
+def evaluate_only(cfg, ctx, data, model, ema, resume: Optional[str], ckpt, autocast) -> int:
+    """--eval / --eval-ema / --throughput: load the weights to judge, then measure them."""
+    if resume:
+        logger.info(f'loading {"EMA " if cfg.EVAL_EMA else ""}weights from {resume}')
+        load_checkpoint(resume, model, ema=ema, weights='ema' if cfg.EVAL_EMA else 'model', loaded=ckpt)
+    elif cfg.EVAL_EMA:
+        raise ConfigError('--eval-ema needs a checkpoint: pass --resume FILE')
+    elif not cfg.MODEL.PRETRAINED:
+        logger.warning('no --resume or --pretrained checkpoint: evaluating randomly initialised weights')
+    if cfg.THROUGHPUT_MODE:
+        throughput(model, data.loader_val, device=ctx.device, autocast=autocast)
         return 0
+    eval_kwargs = dict(device=ctx.device, autocast=autocast, print_freq=cfg.PRINT_FREQ)
+    stats = evaluate(model, data.loader_val, **eval_kwargs)
+    logger.info(f'Accuracy of the network on the {stats["count"]} test images: {stats["acc1"]:.1f}%')
+    if ema is not None:
+        evaluate(ema.module, data.loader_val, name=' EMA', **eval_kwargs)
+    return 0
 
+
+def trim_metrics(output_dir: str, start_epoch: int) -> None:
+    """Drop metrics lines of epochs this resumed run repeats (a kill after logging, before saving)."""
+    path = os.path.join(output_dir, 'metrics.jsonl')
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line).get('epoch', -1) < start_epoch]
+    with open(path + '.tmp', 'w') as f:
+        f.writelines(lines)
+    os.replace(path + '.tmp', path)
+
+
+def train(cfg, ctx, data, model, model_without_ddp, ema, mixup_fn, resume: Optional[str], ckpt, autocast,
+          output_dir: str, config_yaml: str) -> int:
+    """Build optimizer and schedule, restore the run state, then per epoch: train, evaluate, save."""
+    accumulation = cfg.TRAIN.ACCUMULATION_STEPS
     optimizer = build_optimizer(cfg, model_without_ddp)
-    updates_per_epoch = len(data.loader_train) // cfg.TRAIN.ACCUMULATION_STEPS
+    updates_per_epoch = len(data.loader_train) // accumulation
     if updates_per_epoch == 0:
-        raise ConfigError(f'TRAIN.ACCUMULATION_STEPS={cfg.TRAIN.ACCUMULATION_STEPS} exceeds the '
-                          f'{len(data.loader_train)} batches of an epoch')
+        raise ConfigError(f'TRAIN.ACCUMULATION_STEPS={accumulation} exceeds the {len(data.loader_train)} batches of '
+                          f'an epoch')
     lr_scheduler = build_scheduler(cfg, optimizer, updates_per_epoch)
     scaler = torch.amp.GradScaler(ctx.device.type) if (cfg.AMP and cfg.AMP_DTYPE == 'fp16') else None
     criterion = build_criterion(cfg, mixup_fn is not None)
 
-    start_epoch, max_accuracy, max_accuracy_ema = cfg.TRAIN.START_EPOCH, 0.0, 0.0
+    state = {'epoch': cfg.TRAIN.START_EPOCH, 'step': 0, 'max_accuracy': 0.0, 'max_accuracy_ema': 0.0}
     if resume:
         logger.info(f'resuming from {resume}')
-        info = load_checkpoint(resume, model_without_ddp, optimizer, lr_scheduler, scaler, ema)
-        start_epoch, max_accuracy, max_accuracy_ema = info['epoch'], info['max_accuracy'], info['max_accuracy_ema']
-
+        state = load_checkpoint(resume, model_without_ddp, optimizer, lr_scheduler, scaler, ema, loaded=ckpt)
     write_config(output_dir, 'config.yaml', config_yaml, ctx.is_main)
     total_epochs = cfg.TRAIN.EPOCHS + cfg.TRAIN.COOLDOWN_EPOCHS
-    if start_epoch >= total_epochs:
+    eval_kwargs = dict(device=ctx.device, autocast=autocast, print_freq=cfg.PRINT_FREQ)
+    if state['epoch'] >= total_epochs:
         logger.info(f'{resume} already completed all {total_epochs} epochs; evaluating it (raise TRAIN.EPOCHS to '
                     f'train longer, or pick another --tag / --output for a new run)')
         evaluate(model_without_ddp, data.loader_val, **eval_kwargs)
         return 0
 
+    batches_per_epoch = updates_per_epoch * accumulation
+    if ctx.is_main:
+        for name in remove_partial_writes(output_dir):
+            logger.warning(f'removed {name}, the remains of a checkpoint write that was interrupted')
+        trim_metrics(output_dir, state['epoch'])
     tb_writer = None
     if ctx.is_main:
         from torch.utils.tensorboard import SummaryWriter  # slow import, rank 0 only
-        tb_writer = SummaryWriter(log_dir=os.path.join(output_dir, 'tensorboard'))
-    logger.info(f'start training: epochs {start_epoch}..{total_epochs - 1}, {updates_per_epoch} updates per epoch')
+        # purge_step drops the events a killed run logged after its last checkpoint
+        tb_writer = SummaryWriter(log_dir=os.path.join(output_dir, 'tensorboard'),
+                                  purge_step=state['epoch'] * batches_per_epoch + state['step'] * accumulation)
+
+    def save(epoch_done: int, step: int, names: List[str]) -> None:
+        """Every rank hands over its RNG states; rank 0 writes each file in `names`."""
+        rng = gather_rng_states()
+        if ctx.is_main:
+            for name in names:
+                save_checkpoint(os.path.join(output_dir, name), model=model_without_ddp, epoch=epoch_done, step=step,
+                                max_accuracy=max_accuracy, config_yaml=config_yaml, optimizer=optimizer,
+                                lr_scheduler=lr_scheduler, scaler=scaler, ema=ema, max_accuracy_ema=max_accuracy_ema,
+                                rng=rng)
+            prune_checkpoints(output_dir, cfg.TRAIN.KEEP_CKPTS)
+            logger.info(f'saved {", ".join(names)} in {output_dir}')
+
+    max_accuracy, max_accuracy_ema = state['max_accuracy'], state['max_accuracy_ema']
+    start_epoch, start_update = state['epoch'], state['step']
+    logger.info(f'start training: epoch {start_epoch} update {start_update} of {total_epochs} epochs x '
+                f'{updates_per_epoch} updates')
     start_time = time.time()
     for epoch in range(start_epoch, total_epochs):
+        # every sample's order and augmentation depend on (SEED, epoch, index) only
+        data.dataset_train.set_epoch(epoch)
         data.loader_train.sampler.set_epoch(epoch)
-        # worker seeds (hence augmentations) depend on (SEED, rank, epoch) only
-        data.loader_train.generator.manual_seed((cfg.SEED + ctx.rank) * 1_000_003 + epoch)
+        first_update = start_update if epoch == start_epoch else 0
+        data.loader_train.sampler.skip(first_update * accumulation * cfg.DATA.BATCH_SIZE)
+
+        def save_mid_epoch(updates_done: int, epoch: int = epoch) -> None:
+            if cfg.TRAIN.CKPT_STEPS and (updates_done % cfg.TRAIN.CKPT_STEPS == 0) and updates_done < updates_per_epoch:
+                save(epoch, updates_done, [periodic_checkpoint_name(epoch, updates_done)])
+
         train_stats = train_one_epoch(
             model, criterion, data.loader_train, optimizer, lr_scheduler, epoch, device=ctx.device,
-            total_epochs=total_epochs, accumulation_steps=cfg.TRAIN.ACCUMULATION_STEPS,
-            clip_grad=cfg.TRAIN.CLIP_GRAD, mixup_fn=mixup_fn, autocast=autocast, scaler=scaler, ema=ema,
-            print_freq=cfg.PRINT_FREQ, tb_writer=tb_writer)
+            total_epochs=total_epochs, updates_per_epoch=updates_per_epoch, start_update=first_update,
+            accumulation_steps=accumulation, clip_grad=cfg.TRAIN.CLIP_GRAD, mixup_fn=mixup_fn, autocast=autocast,
+            scaler=scaler, ema=ema, print_freq=cfg.PRINT_FREQ, tb_writer=tb_writer,
+            max_nonfinite=cfg.TRAIN.MAX_NONFINITE_STEPS, after_update=save_mid_epoch)
         val_stats = evaluate(model_without_ddp, data.loader_val, **eval_kwargs)
         is_best = val_stats['acc1'] >= max_accuracy
         max_accuracy = max(max_accuracy, val_stats['acc1'])
@@ -315,36 +325,95 @@ def run(args: argparse.Namespace) -> int:
             max_accuracy_ema = max(max_accuracy_ema, ema_stats['acc1'])
 
         if ctx.is_main:
-            save = functools.partial(
-                save_checkpoint, model=model_without_ddp, epoch=epoch + 1, max_accuracy=max_accuracy,
-                config_yaml=config_yaml, optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler, ema=ema,
-                max_accuracy_ema=max_accuracy_ema)
-            if (epoch % cfg.SAVE_FREQ == 0) or (epoch == total_epochs - 1):
-                save(os.path.join(output_dir, f'ckpt_epoch_{epoch}.pth'))
-                prune_checkpoints(output_dir, cfg.TRAIN.KEEP_CKPTS)
-                logger.info(f'saved {output_dir}/ckpt_epoch_{epoch}.pth')
-            if is_best:
-                save(os.path.join(output_dir, 'max_acc.pth'))
-            if is_best_ema:
-                save(os.path.join(output_dir, 'max_ema_acc.pth'))
             record = {'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
-                      **{f'val_{k}': v for k, v in val_stats.items()}, 'max_accuracy': max_accuracy,
-                      'n_parameters': n_parameters}
+                      **{f'val_{k}': v for k, v in val_stats.items()}, 'max_accuracy': max_accuracy}
             if ema_stats is not None:
                 record.update({f'ema_{k}': v for k, v in ema_stats.items()}, max_accuracy_ema=max_accuracy_ema)
             with open(os.path.join(output_dir, 'metrics.jsonl'), 'a') as f:
                 f.write(json.dumps(record) + '\n')
-            for key in ('loss', 'lr', 'grad_norm'):
-                tb_writer.add_scalar(f'epoch/train_{key}', train_stats[key], epoch)
+            step = (epoch + 1) * batches_per_epoch
+            for key in ('loss', 'lr', 'grad_norm', 'skipped_updates'):
+                tb_writer.add_scalar(f'epoch/train_{key}', train_stats[key], step)
             for key in ('acc1', 'acc5', 'loss'):
-                tb_writer.add_scalar(f'epoch/val_{key}', val_stats[key], epoch)
+                tb_writer.add_scalar(f'epoch/val_{key}', val_stats[key], step)
                 if ema_stats is not None:
-                    tb_writer.add_scalar(f'epoch/ema_{key}', ema_stats[key], epoch)
+                    tb_writer.add_scalar(f'epoch/ema_{key}', ema_stats[key], step)
             tb_writer.flush()
+        names = [periodic_checkpoint_name(epoch)] if (epoch % cfg.SAVE_FREQ == 0 or epoch == total_epochs - 1) else []
+        names += ['max_acc.pth'] if is_best else []
+        names += ['max_ema_acc.pth'] if is_best_ema else []
+        if names:
+            save(epoch + 1, 0, names)
     if tb_writer is not None:
         tb_writer.close()
     logger.info(f'training time {format_eta(time.time() - start_time)}; max accuracy {max_accuracy:.2f}%')
     return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    # 1. flags → config; device and (optional) process group; run folder and logs
+    create_logger(None, int(os.environ.get('RANK', '0')))
+    cfg = load_config(args.cfg, flags_to_opts(args) + list(args.opts or []))
+    ctx = init_distributed(cfg.DEVICE, timeout_minutes=cfg.DIST_TIMEOUT)
+    cfg = scale_lr(cfg, ctx.world_size)
+    output_dir = prepare_output_dir(cfg)
+    create_logger(output_dir, ctx.rank)
+    train_mode = not (cfg.EVAL_MODE or cfg.THROUGHPUT_MODE)
+    logger.info(f'rank {ctx.rank}/{ctx.world_size} on {ctx.device}; output {output_dir}')
+    seed_everything(cfg.SEED + ctx.rank)
+    if ctx.device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
+
+    # 2. data, and the checkpoint this run starts from (its head decides the classes of an evaluation)
+    data = build_loaders(cfg, ctx.rank, ctx.world_size, train=train_mode, pin_memory=ctx.device.type == 'cuda')
+    resume, ckpt = checkpoint_to_resume(cfg, output_dir, train_mode)
+    num_classes = choose_num_classes(data.num_classes, None if train_mode else ckpt, resume, cfg.EVAL_EMA)
+    if num_classes != cfg.MODEL.NUM_CLASSES:
+        logger.warning(f'MODEL.NUM_CLASSES={cfg.MODEL.NUM_CLASSES}: using {num_classes} classes '
+                       f'({"the dataset" if train_mode else "the checkpoint"}\'s count)')
+        cfg.defrost()
+        cfg.MODEL.NUM_CLASSES = num_classes
+        cfg.freeze()
+    mixup_fn = build_mixup(cfg, cfg.MODEL.NUM_CLASSES) if train_mode else None
+    if (mixup_fn is not None) and (cfg.DATA.BATCH_SIZE % 2):
+        raise ConfigError(f'DATA.BATCH_SIZE={cfg.DATA.BATCH_SIZE} is odd, but Mixup/CutMix pair up the samples of a '
+                          f'batch: use an even batch size or set AUG.MIXUP 0.0 AUG.CUTMIX 0.0')
+    config_yaml = config_to_yaml(cfg)
+
+    # 3. model: pretrained weights (when not resuming), EMA, DDP
+    model = build_model_for(cfg, args.cfg)
+    n_parameters = count_parameters(model)
+    logger.info(f'{cfg.MODEL.NAME}: {n_parameters:,} parameters ({n_parameters / 1e6:.2f}M)')
+    model.to(ctx.device)
+    if cfg.MODEL.PRETRAINED and not resume:
+        load_pretrained(model, cfg.MODEL.PRETRAINED)
+    model_without_ddp = model
+    ema = ModelEmaV3(model, decay=cfg.TRAIN.EMA.DECAY) if cfg.TRAIN.EMA.ENABLE else None
+    if ctx.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device.index] if ctx.device.type == 'cuda' else None,
+            broadcast_buffers=True,
+            # PVT v1 keeps a final norm it never applies (official layout): DDP must know, flag or not
+            find_unused_parameters=cfg.TRAIN.FIND_UNUSED_PARAMS or bool(model.unused_parameters()))
+    autocast = make_autocast(cfg, ctx.device)
+
+    # 4. evaluate, or train
+    if not train_mode:
+        result = evaluate_only(cfg, ctx, data, model_without_ddp, ema, resume, ckpt, autocast)
+        write_config(output_dir, 'config_eval.yaml', config_yaml, ctx.is_main)
+        return result
+    return train(cfg, ctx, data, model, model_without_ddp, ema, mixup_fn, resume, ckpt, autocast, output_dir,
+                 config_yaml)
+
+
+def error_message(err: BaseException) -> str:
+    """One paragraph: errors raised in DataLoader workers arrive wrapped with the worker's traceback
+    text; keep only the original message (its last line)."""
+    text = str(err)
+    if 'Original Traceback' in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(': ', 1)[1] if ': ' in last else last
+    return f'{type(err).__name__}: {text}'
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -352,7 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return run(args)
     except USER_ERRORS as err:
-        logger.error(f'{type(err).__name__}: {err}')
+        logger.error(error_message(err))
         return 2
     finally:
         cleanup()

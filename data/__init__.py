@@ -1,7 +1,10 @@
 """Datasets, transforms and loaders."""
 from .build import DataBundle, build_dataset, build_loaders, build_mixup, build_transform
-from .fashion_mnist import DatasetNotFoundError, FashionMNIST
-from .samplers import ShardedEvalSampler
+from .datasets import CheckedImageFolder, SeededAugmentation
+from .errors import DataError, DatasetNotFoundError
+from .fashion_mnist import FashionMNIST
+from .samplers import ResumableDistributedSampler, ShardedEvalSampler
 
-__all__ = ['DataBundle', 'build_dataset', 'build_loaders', 'build_mixup', 'build_transform',
-           'DatasetNotFoundError', 'FashionMNIST', 'ShardedEvalSampler']
+__all__ = ['DataBundle', 'build_dataset', 'build_loaders', 'build_mixup', 'build_transform', 'CheckedImageFolder',
+           'SeededAugmentation', 'DataError', 'DatasetNotFoundError', 'FashionMNIST', 'ResumableDistributedSampler',
+           'ShardedEvalSampler']

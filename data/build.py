@@ -4,7 +4,8 @@
 * ``fashion_mnist``: the Debian IDX files (train 60k / test 10k as val).
 
 Train: timm's RandomResizedCrop + flip + RandAugment + ToTensor + Normalize + RandomErasing,
-sharded by a DistributedSampler (shuffle, drop_last). Val: the official square resize
+seeded per sample (:class:`data.datasets.SeededAugmentation`) and sharded by a shuffled
+DistributedSampler that can resume mid-epoch (drop_last). Val: the official square resize
 ``(256/224·IMG)²`` + centre crop (``TEST.CROP``), sharded without padding so every image is
 counted once.
 """
@@ -13,17 +14,19 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
-from torchvision import datasets, transforms
+from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
-from .fashion_mnist import DatasetNotFoundError, FashionMNIST
-from .samplers import ShardedEvalSampler
+from .datasets import CheckedImageFolder, SeededAugmentation
+from .errors import DataError, DatasetNotFoundError
+from .fashion_mnist import FashionMNIST
+from .samplers import ResumableDistributedSampler, ShardedEvalSampler
 
-__all__ = ['DataBundle', 'build_dataset', 'build_transform', 'build_loaders', 'build_mixup', 'DatasetNotFoundError']
+__all__ = ['DataBundle', 'build_dataset', 'build_transform', 'build_loaders', 'build_mixup']
 
 logger = logging.getLogger('flatten.data')
 
@@ -35,7 +38,7 @@ def build_transform(is_train: bool, cfg) -> transforms.Compose:
     """The train (timm) or eval (official square resize + centre crop) transform for `cfg`."""
     img_size = cfg.DATA.IMG_SIZE
     if cfg.DATA.INTERPOLATION not in _INTERPOLATIONS and cfg.DATA.INTERPOLATION != 'random':
-        raise ValueError(f'DATA.INTERPOLATION={cfg.DATA.INTERPOLATION!r}: use one of '
+        raise DataError(f'DATA.INTERPOLATION={cfg.DATA.INTERPOLATION!r}: use one of '
                          f'{sorted(_INTERPOLATIONS) + ["random"]}')
     if is_train:
         auto_augment = cfg.AUG.AUTO_AUGMENT
@@ -64,34 +67,34 @@ def build_transform(is_train: bool, cfg) -> transforms.Compose:
         transforms.ToTensor(), transforms.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)])
 
 
-def _image_folder(root: str, split: str, transform) -> datasets.ImageFolder:
+def _image_folder(root: str, split: str, transform, skip_corrupt: bool) -> CheckedImageFolder:
     path = os.path.join(root, split)
     if not os.path.isdir(path):
         raise DatasetNotFoundError(
             f'--data-path {root!r} has no {split}/ folder: expected an ImageFolder tree '
             f'{root}/train/<class>/<image> and {root}/val/<class>/<image>')
     try:
-        return datasets.ImageFolder(path, transform=transform)
+        return CheckedImageFolder(path, transform=transform, skip_corrupt=skip_corrupt)
     except FileNotFoundError as err:  # raised for empty trees / class folders without images
         raise DatasetNotFoundError(f'{path}: {err}') from None
 
 
-def build_dataset(is_train: bool, cfg) -> Tuple[torch.utils.data.Dataset, int]:
-    """(dataset, number of classes) for the train or val split of ``DATA.DATASET``."""
+def build_dataset(is_train: bool, cfg) -> Tuple[torch.utils.data.Dataset, List[str]]:
+    """(dataset, class names) for the train or val split of ``DATA.DATASET``."""
     transform = build_transform(is_train, cfg)
     name = cfg.DATA.DATASET
     if name in ('imagenet', 'imagefolder'):
         if cfg.DATA.ZIP_MODE:
-            raise ValueError('DATA.ZIP_MODE (--zip) is not supported: extract the archive and point --data-path '
-                             'at the ImageFolder tree')
+            raise DataError('DATA.ZIP_MODE (--zip) is not supported: extract the archive and point --data-path '
+                            'at the ImageFolder tree')
         if not cfg.DATA.DATA_PATH:
             raise DatasetNotFoundError(f'DATA.DATASET={name!r} needs --data-path (a folder with train/ and val/)')
-        dataset = _image_folder(cfg.DATA.DATA_PATH, 'train' if is_train else 'val', transform)
-        return dataset, len(dataset.classes)
+        dataset = _image_folder(cfg.DATA.DATA_PATH, 'train' if is_train else 'val', transform, cfg.DATA.SKIP_CORRUPT)
+        return dataset, list(dataset.classes)
     if name == 'fashion_mnist':
         dataset = FashionMNIST(cfg.DATA.DATA_PATH, train=is_train, transform=transform)
-        return dataset, len(dataset.classes)
-    raise ValueError(f"DATA.DATASET={name!r} is not supported; use 'imagenet', 'imagefolder' or 'fashion_mnist'")
+        return dataset, list(dataset.classes)
+    raise DataError(f"DATA.DATASET={name!r} is not supported; use 'imagenet', 'imagefolder' or 'fashion_mnist'")
 
 
 def build_mixup(cfg, num_classes: int) -> Optional[Mixup]:
@@ -108,7 +111,7 @@ def build_mixup(cfg, num_classes: int) -> Optional[Mixup]:
 def _subset(dataset: torch.utils.data.Dataset, size: int, seed: int) -> torch.utils.data.Subset:
     """A fixed random subset (the same for every rank and run with this seed)."""
     if not 0 < size <= len(dataset):
-        raise ValueError(f'DATA.TRAIN_SUBSET={size} must be between 1 and the {len(dataset)} training images')
+        raise DataError(f'DATA.TRAIN_SUBSET={size} must be between 1 and the {len(dataset)} training images')
     indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
     return torch.utils.data.Subset(dataset, indices.tolist())
 
@@ -125,29 +128,40 @@ class DataBundle:
 def build_loaders(cfg, rank: int = 0, world_size: int = 1, train: bool = True, pin_memory: bool = False) -> DataBundle:
     """Datasets and loaders; with ``train=False`` (``--eval``) only the validation side is built.
 
-    The train loader carries its own ``torch.Generator``: the training loop re-seeds it every
-    epoch so worker seeds (and with them every augmentation) depend only on (SEED, rank, epoch).
+    Each training sample is augmented from its own seed (SEED, epoch, index), so neither the worker
+    count nor a mid-epoch resume changes what the model sees; the train loop calls
+    ``dataset_train.set_epoch`` and ``loader_train.sampler.set_epoch`` / ``skip`` every epoch.
     """
-    dataset_val, num_classes = build_dataset(False, cfg)
+    dataset_val, val_classes = build_dataset(False, cfg)
+    num_classes = len(val_classes)
+    # Each loader draws its workers' base seed from its own generator, not from the global RNG: a
+    # global draw per epoch would shift drop-path and Mixup randomness between an uninterrupted and
+    # a resumed run (augmentations do not depend on worker seeds, see SeededAugmentation).
     loader_val = torch.utils.data.DataLoader(
         dataset_val, sampler=ShardedEvalSampler(len(dataset_val), rank, world_size),
-        batch_size=cfg.DATA.BATCH_SIZE, num_workers=cfg.DATA.NUM_WORKERS, pin_memory=pin_memory, drop_last=False)
+        batch_size=cfg.DATA.BATCH_SIZE, num_workers=cfg.DATA.NUM_WORKERS, pin_memory=pin_memory, drop_last=False,
+        generator=torch.Generator().manual_seed(cfg.SEED))
     dataset_train = loader_train = None
     if train:
         dataset_train, train_classes = build_dataset(True, cfg)
-        if train_classes != num_classes:
-            raise ValueError(f'train has {train_classes} classes but val has {num_classes}: both splits must '
-                             f'hold the same class folders')
+        if train_classes != val_classes:
+            only_train = sorted(set(train_classes) - set(val_classes))[:5]
+            only_val = sorted(set(val_classes) - set(train_classes))[:5]
+            raise DataError(
+                f'the train split has {len(train_classes)} classes and the val split {len(val_classes)}, with '
+                f'different names (only in train: {only_train}; only in val: {only_val}): label indices would '
+                f'not match; both splits must hold the same class folders')
         if cfg.DATA.TRAIN_SUBSET:
             dataset_train = _subset(dataset_train, cfg.DATA.TRAIN_SUBSET, cfg.SEED)
-        sampler = torch.utils.data.DistributedSampler(
+        dataset_train = SeededAugmentation(dataset_train, cfg.SEED)
+        sampler = ResumableDistributedSampler(
             dataset_train, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.SEED)
         if len(sampler) < cfg.DATA.BATCH_SIZE:
-            raise ValueError(
+            raise DataError(
                 f'DATA.BATCH_SIZE={cfg.DATA.BATCH_SIZE} is larger than the {len(sampler)} training images of each '
                 f'of the {world_size} process(es) ({len(dataset_train)} in all): no full batch can be formed')
         loader_train = torch.utils.data.DataLoader(
             dataset_train, sampler=sampler, batch_size=cfg.DATA.BATCH_SIZE, num_workers=cfg.DATA.NUM_WORKERS,
-            pin_memory=pin_memory, drop_last=True, generator=torch.Generator(),
-            persistent_workers=False)
+            pin_memory=pin_memory, drop_last=True, persistent_workers=False,
+            generator=torch.Generator().manual_seed(cfg.SEED))
     return DataBundle(dataset_train, dataset_val, loader_train, loader_val, num_classes)

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .errors import DataError, DatasetNotFoundError
+
 __all__ = ['FashionMNIST', 'DEFAULT_FASHION_MNIST_DIR', 'FASHION_MNIST_CLASSES', 'read_idx']
 
 DEFAULT_FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
@@ -25,10 +27,6 @@ _FILES = {
 }
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'), 0x0C: np.dtype('>i4'),
                0x0D: np.dtype('>f4'), 0x0E: np.dtype('>f8')}
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset folder or file is missing; the message says where it looked and how to get it."""
 
 
 def _find(root: str, stem: str) -> str:
@@ -48,14 +46,14 @@ def read_idx(path: str) -> np.ndarray:
     with opener(path, 'rb') as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise ValueError(f'{path} is not an IDX file (bad magic number {data[:4]!r})')
+        raise DataError(f'{path} is not an IDX file (bad magic number {data[:4]!r})')
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim))
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     offset = 4 + 4 * ndim
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(data) - offset != expected:
-        raise ValueError(f'{path} is truncated or corrupt: header says {shape} ({expected} bytes), '
+        raise DataError(f'{path} is truncated or corrupt: header says {shape} ({expected} bytes), '
                          f'file holds {len(data) - offset} bytes of data')
     return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
 
@@ -75,7 +73,7 @@ class FashionMNIST(torch.utils.data.Dataset):
         self.images = read_idx(_find(self.root, images_file))
         self.targets = read_idx(_find(self.root, labels_file)).astype(np.int64)
         if self.images.ndim != 3 or len(self.images) != len(self.targets):
-            raise ValueError(f'Fashion-MNIST in {self.root!r}: {self.images.shape} images do not match '
+            raise DataError(f'Fashion-MNIST in {self.root!r}: {self.images.shape} images do not match '
                              f'{self.targets.shape} labels')
         self.transform = transform
 

@@ -110,6 +110,11 @@ class Backbone(nn.Module):
         self.grad_checkpointing = enable
 
     @torch.jit.ignore
+    def unused_parameters(self) -> set:
+        """Names of parameters the forward pass never uses (kept for checkpoint compatibility)."""
+        return set()
+
+    @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
         return self.head
 

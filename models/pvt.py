@@ -187,6 +187,10 @@ class PyramidVisionTransformer(Backbone):
                 for i, grid in enumerate(self.grids)}
 
     @torch.jit.ignore
+    def unused_parameters(self) -> set:
+        return set() if self.class_token else {'norm.weight', 'norm.bias'}
+
+    @torch.jit.ignore
     def no_weight_decay(self) -> set:
         # the official set; pos_embed{i} are decayed (spec §5.2)
         return {'cls_token'} if self.class_token else set()

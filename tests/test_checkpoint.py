@@ -71,7 +71,7 @@ def test_training_checkpoint_round_trip(tmp_path):
     clone = _micro()
     opt2 = torch.optim.AdamW(clone.parameters(), lr=1e-3)
     info = load_checkpoint(path, clone, opt2)
-    assert info == {'epoch': 4, 'max_accuracy': 55.5, 'max_accuracy_ema': 0.0}
+    assert info == {'epoch': 4, 'step': 0, 'max_accuracy': 55.5, 'max_accuracy_ema': 0.0}
     for (k, a), b in zip(model.state_dict().items(), clone.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     assert opt2.state_dict()['state'][0]['step'] == opt.state_dict()['state'][0]['step']
@@ -163,3 +163,28 @@ def test_registered_model_checkpoint_in_official_layout_loads(tmp_path):
     path = tmp_path / 'flatten_swin_t.pth'
     torch.save({'model': model.state_dict()}, path)
     load_checkpoint(str(path), models.create_model('flatten_swin_tiny_patch4_224'))
+
+
+def test_periodic_checkpoints_are_ordered_by_recorded_progress(tmp_path):
+    from utils.checkpoint import periodic_checkpoint_name, periodic_checkpoints, prune_checkpoints
+    names = [periodic_checkpoint_name(1, 100), periodic_checkpoint_name(0), periodic_checkpoint_name(1),
+             periodic_checkpoint_name(1, 20), periodic_checkpoint_name(10, 5)]
+    for name in reversed(names):  # written in another order than the progress they record
+        atomic_save({}, str(tmp_path / name))
+    order = [os.path.basename(p) for _, p in periodic_checkpoints(str(tmp_path))]
+    assert order == ['ckpt_epoch_0.pth', 'ckpt_epoch_1_step_20.pth', 'ckpt_epoch_1_step_100.pth',
+                     'ckpt_epoch_1.pth', 'ckpt_epoch_10_step_5.pth']
+    prune_checkpoints(str(tmp_path), keep=2)
+    assert sorted(os.listdir(tmp_path)) == ['ckpt_epoch_1.pth', 'ckpt_epoch_10_step_5.pth']
+
+
+def test_latest_valid_checkpoint_skips_unreadable_files(tmp_path, caplog):
+    from utils.checkpoint import latest_valid_checkpoint, remove_partial_writes
+    model = _micro()
+    save_checkpoint(str(tmp_path / 'ckpt_epoch_0.pth'), model=model, epoch=1, max_accuracy=1.0, config_yaml='')
+    (tmp_path / 'ckpt_epoch_1.pth').write_bytes(b'garbage')
+    (tmp_path / '.ckpt_epoch_2.pth.abc123.tmp').write_bytes(b'half a file')
+    path, ckpt = latest_valid_checkpoint(str(tmp_path))
+    assert path == str(tmp_path / 'ckpt_epoch_0.pth') and ckpt['epoch'] == 1
+    assert 'skipping' in caplog.text and 'ckpt_epoch_1.pth' in caplog.text
+    assert remove_partial_writes(str(tmp_path)) == ['.ckpt_epoch_2.pth.abc123.tmp']

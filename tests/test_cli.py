@@ -79,7 +79,7 @@ def test_ema_amp_accumulation_and_checkpointing_flags(tmp_path, image_folder, mi
     config = (run / 'config.yaml').read_text()
     assert 'AMP: true' in config and 'AMP_DTYPE: bf16' in config and 'ACCUMULATION_STEPS: 2' in config
     # 6 batches of 4 with 2-step accumulation: 3 optimizer updates, LR scaled by 4·1·2/512
-    assert 'start training: epochs 0..0, 3 updates per epoch' in result.stdout
+    assert 'start training: epoch 0 update 0 of 1 epochs x 3 updates' in result.stdout
     assert 'BASE_LR: 6.25e-05' in config
 
 

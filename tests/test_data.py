@@ -118,5 +118,5 @@ def test_image_folder_errors(tmp_path):
         build_loaders(load_config(None, ['DATA.DATA_PATH', str(root), 'DATA.BATCH_SIZE', '8', 'DATA.NUM_WORKERS', '0']))
     make_image_folder(tmp_path / 'extra', classes=3, train_per_class=2, val_per_class=1)
     shutil.move(str(tmp_path / 'extra' / 'train' / 'class_2'), str(root / 'train' / 'class_2'))
-    with pytest.raises(ValueError, match='train has 3 classes but val has 2'):
+    with pytest.raises(ValueError, match='the train split has 3 classes and the val split 2'):
         build_loaders(load_config(None, base + ['DATA.DATA_PATH', str(root)]))

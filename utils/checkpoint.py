@@ -5,7 +5,8 @@ File layout (top-level keys; the official ones first, spec §4.1):
 * ``model``, ``optimizer``, ``lr_scheduler``, ``max_accuracy``, ``epoch`` (completed epochs),
   ``config`` (the full config as a YAML string; official files hold a pickled CfgNode);
 * EMA runs: ``state_dict_ema`` and ``max_accuracy_e`` (the official EMA key names);
-* added here: ``scaler`` (fp16 GradScaler), ``rng`` (torch/cuda/numpy/python states).
+* added here: ``step`` (updates done in the next, incomplete epoch; 0 at an epoch end), ``scaler``
+  (fp16 GradScaler) and ``rng`` (every rank's torch/cuda/numpy/python states).
 
 Every load uses ``torch.load(weights_only=True)``. The only extra global allowed is the name
 ``yacs.config.CfgNode``, which official checkpoints pickle under ``config``; it is read as a plain
@@ -32,15 +33,16 @@ from models.grid import GridSpec, collect_parameter_grids
 
 __all__ = [
     'CheckpointError', 'torch_load', 'atomic_save', 'rng_state', 'set_rng_state', 'save_checkpoint',
-    'find_latest_checkpoint', 'load_checkpoint', 'model_state_dict', 'load_model_weights', 'load_pretrained',
-    'PretrainedReport', 'infer_source_grid', 'resize_grid_tensor',
+    'gather_rng_states', 'periodic_checkpoint_name', 'periodic_checkpoints', 'latest_valid_checkpoint',
+    'prune_checkpoints', 'remove_partial_writes', 'find_latest_checkpoint', 'load_checkpoint', 'model_state_dict',
+    'load_model_weights', 'load_pretrained', 'PretrainedReport', 'infer_source_grid', 'resize_grid_tensor',
 ]
 
 logger = logging.getLogger('flatten.checkpoint')
 
 # Buffers that are derived from the geometry and rebuilt by the model (spec §4.3 step 2).
 DERIVED_BUFFERS = ('relative_position_index', 'relative_coords_table', 'attn_mask')
-_EPOCH_CKPT = re.compile(r'^ckpt_epoch_(\d+)\.pth$')
+_PERIODIC_CKPT = re.compile(r'^ckpt_epoch_(\d+)(?:_step_(\d+))?\.pth$')
 
 
 class CheckpointError(RuntimeError):
@@ -135,8 +137,15 @@ def save_checkpoint(
         scaler=None,
         ema=None,
         max_accuracy_ema: Optional[float] = None,
+        step: int = 0,
+        rng: Optional[List[Dict[str, Any]]] = None,
 ) -> None:
-    """Atomically write a training checkpoint; `epoch` is the number of completed epochs."""
+    """Atomically write a training checkpoint.
+
+    `epoch` counts the completed epochs (official meaning) and `step` the optimizer updates
+    already done in the next, incomplete one (0 at an epoch end). `rng` holds every rank's RNG
+    states (:func:`gather_rng_states`); by default this process's alone.
+    """
     state = {
         'model': unwrap(model).state_dict(),
         'optimizer': optimizer.state_dict() if optimizer is not None else None,
@@ -144,8 +153,9 @@ def save_checkpoint(
         'max_accuracy': float(max_accuracy),
         'epoch': int(epoch),
         'config': config_yaml,
+        'step': int(step),
         'scaler': scaler.state_dict() if scaler is not None else None,
-        'rng': rng_state(),
+        'rng': rng if rng is not None else [rng_state()],
     }
     if ema is not None:
         state['state_dict_ema'] = unwrap(ema.module).state_dict()
@@ -153,16 +163,74 @@ def save_checkpoint(
     atomic_save(state, path)
 
 
-def find_latest_checkpoint(output_dir: str) -> Optional[str]:
-    """The ``ckpt_epoch_{E}.pth`` with the largest E in `output_dir` (by recorded epoch, not mtime)."""
+def gather_rng_states() -> List[Dict[str, Any]]:
+    """Every rank's RNG states, indexed by rank (a collective: call it on all ranks)."""
+    own = rng_state()
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [own]
+    states: List[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(states, own)
+    return states
+
+
+def periodic_checkpoint_name(epoch: int, step: int = 0) -> str:
+    """``ckpt_epoch_{epoch}.pth`` at the end of epoch `epoch` (0-based, official name) or
+    ``ckpt_epoch_{epoch}_step_{step}.pth`` after `step` updates of it."""
+    return f'ckpt_epoch_{epoch}.pth' if step == 0 else f'ckpt_epoch_{epoch}_step_{step}.pth'
+
+
+def periodic_checkpoints(output_dir: str) -> List[Tuple[Tuple[int, int], str]]:
+    """The run folder's periodic checkpoints, oldest first, as ((completed epochs, updates into the
+    next epoch), path): ``ckpt_epoch_4.pth`` is (5, 0), ``ckpt_epoch_5_step_100.pth`` (5, 100).
+    The order is the training progress the files record, never their modification times."""
     if not os.path.isdir(output_dir):
-        return None
+        return []
     found = []
     for name in os.listdir(output_dir):
-        match = _EPOCH_CKPT.match(name)
+        match = _PERIODIC_CKPT.match(name)
         if match:
-            found.append((int(match.group(1)), os.path.join(output_dir, name)))
-    return max(found)[1] if found else None
+            epoch, step = int(match.group(1)), int(match.group(2) or 0)
+            found.append(((epoch + 1, 0) if step == 0 else (epoch, step), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def find_latest_checkpoint(output_dir: str) -> Optional[str]:
+    """The periodic checkpoint of the furthest training progress in `output_dir`, or None."""
+    found = periodic_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def latest_valid_checkpoint(output_dir: str) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """(path, content) of the newest periodic checkpoint that reads back completely.
+
+    A truncated or corrupt newer file (e.g. from a disk filled up, or a copy cut short) is
+    skipped with a warning and the previous one is used.
+    """
+    for _, path in reversed(periodic_checkpoints(output_dir)):
+        try:
+            ckpt = torch_load(path)
+            if not (isinstance(ckpt, dict) and isinstance(ckpt.get('model'), dict) and 'epoch' in ckpt):
+                raise CheckpointError(f'{path!r} is not a training checkpoint (no model / epoch)')
+            return path, ckpt
+        except CheckpointError as err:
+            logger.warning(f'auto-resume: skipping {path}: {err}; falling back to the previous checkpoint')
+    return None
+
+
+def prune_checkpoints(output_dir: str, keep: int) -> None:
+    """Delete all but the `keep` most advanced periodic checkpoints (best ones are separate files)."""
+    for _, path in periodic_checkpoints(output_dir)[:-keep]:
+        os.remove(path)
+
+
+def remove_partial_writes(output_dir: str) -> List[str]:
+    """Delete temp files left by a save that was killed before its rename; returns their names."""
+    if not os.path.isdir(output_dir):
+        return []
+    leftovers = [n for n in os.listdir(output_dir) if n.startswith('.') and n.endswith('.tmp') and '.pth.' in n]
+    for name in leftovers:
+        os.remove(os.path.join(output_dir, name))
+    return leftovers
 
 
 def model_state_dict(ckpt: Any, path: str) -> Dict[str, torch.Tensor]:
@@ -284,7 +352,8 @@ def load_checkpoint(
     ``weights='ema'``; a bare state dict also works). With an `optimizer`, the training state is
     restored too: optimizer, scheduler, scaler, EMA and RNG, each only when the file has it and it
     fits this run; otherwise a warning says what was skipped and why. Returns
-    ``{'epoch', 'max_accuracy', 'max_accuracy_ema'}`` (epoch = completed epochs, 0 without an optimizer).
+    ``{'epoch', 'step', 'max_accuracy', 'max_accuracy_ema'}``: completed epochs and updates into the
+    next one (both 0 without an optimizer).
     `loaded` is the file's content when the caller has already read it.
     """
     ckpt = torch_load(path) if loaded is None else loaded
@@ -294,7 +363,7 @@ def load_checkpoint(
         load_model_weights(model, ckpt['state_dict_ema'], path + ' [state_dict_ema]')
     else:
         load_model_weights(model, model_state_dict(ckpt, path), path)
-    info = {'epoch': 0, 'max_accuracy': 0.0, 'max_accuracy_ema': 0.0}
+    info = {'epoch': 0, 'step': 0, 'max_accuracy': 0.0, 'max_accuracy_ema': 0.0}
     if not isinstance(ckpt, dict) or 'model' not in ckpt:
         return info
     info['max_accuracy'] = float(ckpt.get('max_accuracy', 0.0) or 0.0)
@@ -323,10 +392,23 @@ def load_checkpoint(
                 reason = f'{type(err).__name__}: {err}'
         if reason is not None:
             logger.warning(f'{path}: {name} state skipped, it does not match this run: {reason}')
-    if restore_rng and isinstance(ckpt.get('rng'), dict):
-        set_rng_state(ckpt['rng'])
+    if restore_rng and ckpt.get('rng') is not None:
+        _restore_rng(ckpt['rng'], path)
     info['epoch'] = int(ckpt.get('epoch', 0))
+    info['step'] = int(ckpt.get('step', 0) or 0)
     return info
+
+
+def _restore_rng(states: Any, path: str) -> None:
+    """Restore this rank's RNG states from a checkpoint's per-rank list."""
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    states = [states] if isinstance(states, dict) else list(states)
+    if len(states) != world:
+        logger.warning(f'{path}: RNG states of {len(states)} rank(s) for a run of {world}: restoring those of rank '
+                       f'{rank % len(states)} (augmentations are seeded per sample and stay identical; drop-path '
+                       f'and Mixup draws will differ from an uninterrupted run)')
+    set_rng_state(states[rank % len(states)])
 
 
 # ---------------------------------------------------------------------------------------------

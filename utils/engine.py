@@ -21,7 +21,7 @@ logger = logging.getLogger('flatten.engine')
 
 
 class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN/inf; the message names the epoch and step."""
+    """Too many consecutive updates with NaN/inf loss or gradients; the message names the step."""
 
 
 def format_eta(seconds: float) -> str:
@@ -44,6 +44,8 @@ def train_one_epoch(
         *,
         device: torch.device,
         total_epochs: int,
+        updates_per_epoch: int,
+        start_update: int = 0,
         accumulation_steps: int = 1,
         clip_grad: Optional[float] = None,
         mixup_fn: Optional[Callable] = None,
@@ -52,20 +54,29 @@ def train_one_epoch(
         ema=None,
         print_freq: int = 100,
         tb_writer=None,
+        max_nonfinite: int = 20,
+        after_update: Optional[Callable[[int], None]] = None,
 ) -> Dict[str, float]:
-    """Train `model` for one pass over `loader`.
+    """Train `model` for the rest of epoch `epoch`: updates ``start_update .. updates_per_epoch-1``.
 
-    With ``accumulation_steps = a`` the optimizer steps once per ``a`` batches (gradients of the
-    others are not all-reduced under DDP), and trailing batches that do not fill a group are
-    skipped. The scheduler advances per update: ``step_update(epoch·I + u)`` after update ``u``
-    (spec §5.3). Returns averages of loss and grad norm, the last LR and the epoch time.
+    `loader` yields the batches of those updates (its sampler already skipped the first
+    ``start_update · accumulation_steps`` batches when resuming mid-epoch). With
+    ``accumulation_steps = a`` the optimizer steps once per ``a`` batches (the others skip DDP's
+    all-reduce). The scheduler advances per update: ``step_update(epoch·I + u)`` after update ``u``
+    (spec §5.3), and ``after_update(u + 1)`` runs then (mid-epoch checkpoints).
+
+    An update whose gradients are not finite is skipped: under fp16 the GradScaler skips it and
+    lowers its scale; otherwise the optimizer step and the EMA update are left out. Skipped updates
+    are counted; `max_nonfinite` in a row raise NonFiniteLossError naming the step (nothing has
+    been saved since the last good checkpoint). Returns averages of the finite losses and grad
+    norms, the last LR, the skipped count and the time.
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    updates_per_epoch = len(loader) // accumulation_steps
-    num_batches = updates_per_epoch * accumulation_steps
+    num_batches = (updates_per_epoch - start_update) * accumulation_steps
     params = [p for p in model.parameters() if p.requires_grad]
     loss_meter, norm_meter, batch_time = AverageMeter(), AverageMeter(), AverageMeter()
+    skipped = consecutive = 0
     start = end = time.time()
     lr = optimizer.param_groups[0]['lr']
     for idx, (samples, targets) in enumerate(loader):
@@ -80,51 +91,73 @@ def train_one_epoch(
         with sync:
             with autocast():
                 loss = criterion(model(samples), targets)
-            if not math.isfinite(loss.item()):
-                raise NonFiniteLossError(
-                    f'loss is {loss.item()} at epoch {epoch} step {idx}/{len(loader)}: stopping; the last saved '
-                    f'checkpoint is unaffected (lower TRAIN.BASE_LR, enable TRAIN.CLIP_GRAD or use --amp-dtype bf16)')
             scaled = loss / accumulation_steps
             if scaler is not None:
                 scaler.scale(scaled).backward()
             else:
                 scaled.backward()
+        loss_value = loss.item()
+        if math.isfinite(loss_value):
+            loss_meter.update(loss_value, targets.size(0))
         if is_update:
+            update = start_update + idx // accumulation_steps
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            # max_norm=inf measures the norm without clipping, as the official code logs it
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else float('inf'))
+            # max_norm=inf measures the norm without clipping, as the official code logs it; after
+            # DDP's all-reduce every rank sees the same norm, so all ranks skip the same updates
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else float('inf')))
             if scaler is not None:
+                scale = scaler.get_scale()
                 scaler.step(optimizer)
                 scaler.update()
+                applied = scaler.get_scale() >= scale  # the scaler lowers its scale when it skips
             else:
-                optimizer.step()
+                applied = math.isfinite(grad_norm)
+                if applied:
+                    optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            update = idx // accumulation_steps
             lr_scheduler.step_update(epoch * updates_per_epoch + update)
-            if ema is not None:
-                ema.update(model.module if hasattr(model, 'module') else model)
-            norm_meter.update(float(grad_norm))
-        loss_meter.update(loss.item(), targets.size(0))
+            if applied:
+                consecutive = 0
+                norm_meter.update(grad_norm)
+                if ema is not None:
+                    ema.update(model.module if hasattr(model, 'module') else model)
+            else:
+                skipped += 1
+                consecutive += 1
+                logger.warning(f'epoch {epoch} step {update}: non-finite gradients (loss {loss_value}), update '
+                               f'skipped ({consecutive} in a row)')
+                if consecutive >= max_nonfinite:
+                    raise NonFiniteLossError(
+                        f'{consecutive} consecutive updates with non-finite loss or gradients, the last at epoch '
+                        f'{epoch} step {update} (loss {loss_value}): stopping. The last saved checkpoint is from '
+                        f'before these steps; resume from it with a lower TRAIN.BASE_LR, TRAIN.CLIP_GRAD set, or '
+                        f'--amp-dtype bf16 (TRAIN.MAX_NONFINITE_STEPS sets how many are tolerated)')
+            if after_update is not None:
+                after_update(update + 1)
         batch_time.update(time.time() - end)
         end = time.time()
         lr = optimizer.param_groups[0]['lr']
         if (idx % print_freq == 0) or (idx == num_batches - 1):
             eta = batch_time.avg * (num_batches - idx - 1)
+            step = start_update * accumulation_steps + idx
             logger.info(
-                f'Train: [{epoch}/{total_epochs}][{idx}/{num_batches}]\t'
+                f'Train: [{epoch}/{total_epochs}][{step}/{updates_per_epoch * accumulation_steps}]\t'
                 f'eta {format_eta(eta)} lr {lr:.6f}\t'
                 f'time {batch_time.val:.4f} ({batch_time.avg:.4f})\t'
-                f'loss {loss_meter.val:.4f} ({loss_meter.avg:.4f})\t'
+                f'loss {loss_value:.4f} ({loss_meter.avg:.4f})\t'
                 f'grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})'
+                + (f'\tskipped {skipped}' if skipped else '')
                 + (f'\tmem {_memory_mb(device):.0f}MB' if device.type == 'cuda' else ''))
             if tb_writer is not None:
-                step = epoch * num_batches + idx
-                tb_writer.add_scalar('train/loss', loss_meter.val, step)
-                tb_writer.add_scalar('train/lr', lr, step)
+                global_step = epoch * updates_per_epoch * accumulation_steps + step
+                tb_writer.add_scalar('train/loss', loss_value, global_step)
+                tb_writer.add_scalar('train/lr', lr, global_step)
     epoch_time = time.time() - start
-    logger.info(f'EPOCH {epoch} training takes {format_eta(epoch_time)}')
-    return {'loss': loss_meter.avg, 'grad_norm': norm_meter.avg, 'lr': lr, 'time': epoch_time}
+    logger.info(f'EPOCH {epoch} training takes {format_eta(epoch_time)}'
+                + (f'; {skipped} updates skipped for non-finite gradients' if skipped else ''))
+    return {'loss': loss_meter.avg, 'grad_norm': norm_meter.avg, 'lr': lr, 'skipped_updates': skipped,
+            'time': epoch_time}
 
 
 @torch.no_grad()
