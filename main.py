@@ -196,10 +196,18 @@ def choose_num_classes(dataset_classes: int, eval_ckpt, path: Optional[str], ema
 
 
 def write_config(output_dir: str, name: str, config_yaml: str, is_main: bool) -> None:
-    """Save the full resolved config beside the run, once everything it names has loaded."""
-    if is_main:
-        with open(os.path.join(output_dir, name), 'w') as f:
-            f.write(config_yaml)
+    """Save the full resolved config beside the run, once everything it names has loaded. A
+    different config already there (a resumed run with changed settings) is kept as name.1, .2, …"""
+    if not is_main:
+        return
+    path = os.path.join(output_dir, name)
+    if os.path.exists(path):
+        with open(path) as f:
+            if f.read() == config_yaml:
+                return
+        logger.info(f'{name} differs from the one already in {output_dir}: kept the old one as {keep_aside(path)}')
+    with open(path, 'w') as f:
+        f.write(config_yaml)
 
 
 def build_model_for(cfg, source: str) -> torch.nn.Module:
@@ -229,10 +237,25 @@ def evaluate_only(cfg, ctx, data, model, ema, resume: Optional[str], ckpt, autoc
     return 0
 
 
-def trim_metrics(output_dir: str, start_epoch: int) -> None:
-    """Drop metrics lines of epochs this resumed run repeats (a kill after logging, before saving)."""
+def keep_aside(path: str) -> Optional[str]:
+    """Rename an existing `path` to the first free ``path.1``, ``path.2``, …; returns the new name."""
+    if not os.path.exists(path):
+        return None
+    index = 1
+    while os.path.exists(f'{path}.{index}'):
+        index += 1
+    os.replace(path, f'{path}.{index}')
+    return f'{path}.{index}'
+
+
+def prepare_metrics(output_dir: str, start_epoch: int, resuming: bool) -> None:
+    """A resumed run drops the metrics lines of the epochs it repeats (a kill after logging, before
+    saving); a fresh run in a folder with another run's metrics keeps those aside."""
     path = os.path.join(output_dir, 'metrics.jsonl')
     if not os.path.exists(path):
+        return
+    if not resuming:
+        logger.info(f'metrics.jsonl of an earlier run kept as {keep_aside(path)}')
         return
     with open(path) as f:
         lines = [line for line in f if line.strip() and json.loads(line).get('epoch', -1) < start_epoch]
@@ -271,13 +294,13 @@ def train(cfg, ctx, data, model, model_without_ddp, ema, mixup_fn, resume: Optio
     if ctx.is_main:
         for name in remove_partial_writes(output_dir):
             logger.warning(f'removed {name}, the remains of a checkpoint write that was interrupted')
-        trim_metrics(output_dir, state['epoch'])
+        prepare_metrics(output_dir, state['epoch'], resuming=resume is not None)
     tb_writer = None
     if ctx.is_main:
         from torch.utils.tensorboard import SummaryWriter  # slow import, rank 0 only
-        # purge_step drops the events a killed run logged after its last checkpoint
-        tb_writer = SummaryWriter(log_dir=os.path.join(output_dir, 'tensorboard'),
-                                  purge_step=state['epoch'] * batches_per_epoch + state['step'] * accumulation)
+        # when resuming, purge_step drops the events a killed run logged after its last checkpoint
+        purge = state['epoch'] * batches_per_epoch + state['step'] * accumulation if resume else None
+        tb_writer = SummaryWriter(log_dir=os.path.join(output_dir, 'tensorboard'), purge_step=purge)
 
     def save(epoch_done: int, step: int, names: List[str]) -> None:
         """Every rank hands over its RNG states; rank 0 writes each file in `names`."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 
 import pytest
 import torch
@@ -41,3 +42,18 @@ def test_two_gloo_processes_equal_one_process_with_the_same_global_batch(tmp_pat
     run_dir = tmp_path / 'two' / 'micro' / 'default'
     assert (run_dir / 'log_rank0.txt').exists() and (run_dir / 'log_rank1.txt').exists()
     assert double.stdout.count('start training') == 1
+
+
+@pytest.mark.slow
+def test_a_crashing_rank_takes_the_job_down_with_its_message(tmp_path, micro_cfg):
+    data = make_image_folder(tmp_path / 'data', classes=2, train_per_class=8, val_per_class=2)
+    for image in (data / 'train' / 'class_1').glob('*.png'):  # every rank meets one of these
+        image.write_bytes(b'not an image')
+    launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    start = time.time()
+    result = run_main(['--cfg', micro_cfg, '--data-path', data, '--output', tmp_path / 'out', '--device', 'cpu',
+                       '--batch-size', '2'], launcher=launcher, timeout=300)
+    assert result.returncode != 0
+    text = result.stdout + result.stderr
+    assert 'DataError: cannot read image' in text and 'class_1' in text
+    assert time.time() - start < 120  # the job ends; it does not wait for a collective timeout

@@ -31,21 +31,25 @@ class DeviceError(RuntimeError):
     """The requested device cannot be used (e.g. CUDA absent, or more ranks than GPUs)."""
 
 
-def _pick_device(requested: str, local_rank: int, world_size: int) -> torch.device:
+def _pick_device(requested: str, local_rank: int, local_world_size: int) -> torch.device:
+    """The device of this process: rank-local GPU ``local_rank`` under torchrun on CUDA."""
     if not requested:
         requested = 'cuda' if torch.cuda.is_available() else 'cpu'
-    device = torch.device(requested)
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise DeviceError(f"--device {requested!r} is not a device: use 'cpu', 'cuda' or 'cuda:N'") from None
     if device.type == 'cuda':
         if not torch.cuda.is_available():
             raise DeviceError(f'--device {requested}: CUDA is not available on this machine; use --device cpu')
         count = torch.cuda.device_count()
-        if world_size > 1:
-            if world_size > count and device.index is None:
+        if (local_world_size > 1) and (device.index is None):
+            if local_world_size > count:
                 raise DeviceError(
-                    f'{world_size} processes were started but only {count} CUDA device(s) are visible; '
-                    f'use --nproc_per_node={count} or fewer')
-            device = torch.device('cuda', local_rank if device.index is None else device.index)
-        elif device.index is not None and device.index >= count:
+                    f'{local_world_size} processes were started on this machine but only {count} CUDA device(s) '
+                    f'are visible: use --nproc_per_node={count} or fewer')
+            device = torch.device('cuda', local_rank)
+        elif (device.index is not None) and (device.index >= count):
             raise DeviceError(f'--device {requested}: only {count} CUDA device(s) are visible')
         torch.cuda.set_device(device)
     return device
@@ -60,7 +64,8 @@ def init_distributed(device: str = '', timeout_minutes: float = 30.0) -> DistCon
     world_size = int(os.environ.get('WORLD_SIZE', '1'))
     rank = int(os.environ.get('RANK', '0'))
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
-    torch_device = _pick_device(device, local_rank, world_size)
+    local_world_size = int(os.environ.get('LOCAL_WORLD_SIZE', str(world_size)))
+    torch_device = _pick_device(device, local_rank, local_world_size)
     if world_size > 1 and not dist.is_initialized():
         backend = 'nccl' if torch_device.type == 'cuda' else 'gloo'
         dist.init_process_group(
