@@ -194,3 +194,49 @@ def test_unknown_attention_kind_lists_known():
         create_attention('hydra_typo', 16, 2, grid_size=(4, 4))
     with pytest.raises(ValueError, match='not divisible by num_heads'):
         create_attention('focused_linear', 18, 4, grid_size=(4, 4))
+
+
+def _kind_input(module, shape):
+    return torch.randn((3,) + shape if getattr(module, 'input_is_qkv', False) else shape, dtype=torch.float64)
+
+
+@pytest.mark.parametrize('kind, options, grid', [
+    ('focused_linear', AttentionOptions(), (7, 7)),
+    ('focused_linear', AttentionOptions(), (4, 6)),
+    ('pvt_focused_linear', AttentionOptions(sr_ratio=2), (8, 8)),
+    ('pvt_focused_linear', AttentionOptions(linear=True), (14, 14)),
+    ('cswin_focused_linear', AttentionOptions(), (6, 6)),
+    ('cswin_focused_linear', AttentionOptions(window=(6, 2)), (6, 6)),
+])
+@pytest.mark.parametrize('chunk', [1 << 18, 40])
+def test_fused_path_equals_the_reference_in_float64(kind, options, grid, chunk, monkeypatch):
+    """Forward values and every parameter gradient of the fused implementation equal the
+    step-by-step reference (float64, so any algebraic slip would show far above rounding), with
+    one chunk and with many (batch groups and token slices, as at large resolutions)."""
+    from models.attention import core, set_fused_attention
+    monkeypatch.setattr(core, 'FUSED_CHUNK_ELEMENTS', chunk)
+    module = _randomize(create_attention(kind, 24, 3, grid_size=grid, options=options)).double()
+    x = _kind_input(module, (2, grid[0] * grid[1], 24)).requires_grad_()
+    results = []
+    for fused in (False, True):
+        assert set_fused_attention(module, fused) == 1
+        module.zero_grad()
+        x.grad = None
+        out = module(x)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=torch.float64).view_as(out)).sum().backward()
+        results.append((out.detach(), x.grad.clone(), {n: p.grad.clone() for n, p in module.named_parameters()}))
+    (ref_out, ref_dx, ref_grads), (out, dx, grads) = results
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(dx, ref_dx)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
+
+
+def test_fused_path_matches_golden_too():
+    golden = load_golden('module_swin_fla_w7')
+    kw = golden['kwargs']
+    module = FocusedLinearAttention(kw['dim'], kw['num_heads'], grid_size=kw['window_size'])
+    module.load_state_dict(golden['state_dict'])
+    assert module.fused
+    with torch.no_grad():
+        torch.testing.assert_close(module.eval()(golden['input']), golden['output'], rtol=0, atol=1e-5)

@@ -14,9 +14,11 @@ from .core import (
     NORMALIZER_EPS,
     dwc_matrix,
     focused_kernel,
+    focused_linear_attention,
     linear_attention,
     make_dwc,
     rank_restore_dwc,
+    set_fused_attention,
     upcast,
 )
 from .generic import FocusedLinearAttention, SoftmaxAttention, WindowAttention, relative_position_index
@@ -31,7 +33,7 @@ from .registry import (
 
 __all__ = [
     'AttentionOptions', 'register_attention', 'create_attention', 'list_attention_kinds', 'parse_attn_type',
-    'block_kinds', 'KERNEL_EPS', 'NORMALIZER_EPS', 'focused_kernel', 'linear_attention', 'rank_restore_dwc',
-    'dwc_matrix', 'make_dwc', 'upcast', 'FocusedLinearAttention', 'WindowAttention', 'SoftmaxAttention',
-    'relative_position_index',
+    'block_kinds', 'KERNEL_EPS', 'NORMALIZER_EPS', 'focused_kernel', 'linear_attention', 'focused_linear_attention',
+    'rank_restore_dwc', 'dwc_matrix', 'make_dwc', 'upcast', 'set_fused_attention', 'FocusedLinearAttention',
+    'WindowAttention', 'SoftmaxAttention', 'relative_position_index',
 ]

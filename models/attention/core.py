@@ -1,8 +1,18 @@
 """Focused linear attention: the shared maths (spec §1.1), used by every focused kind.
 
-``phi_p`` (:func:`focused_kernel`), the linear-order product with its normaliser
-(:func:`linear_attention`) and the depthwise rank-restoration conv (:func:`rank_restore_dwc`) are
-plain functions, so each backbone's module keeps only its own projections and geometry.
+Two implementations of the same function, selected per module by its ``fused`` flag:
+
+* the **reference** follows the official operation order step by step (:func:`focused_kernel`,
+  :func:`linear_attention`, the DWC with heads folded into the batch); it is the one the golden
+  files were checked against and stays for tests;
+* the **fused** path (:func:`focused_linear_attention` with ``fused=True``, the default) computes
+  the same quantities with fewer and cheaper passes: it works in cache-sized chunks instead of on
+  whole (B, N, C) activations; the temperature and epsilon are one ``addcmul``; the
+  norm-restoration factors of φ(Q) and φ(K) and the n^-½·n^-½ pre-scales become per-token scalars
+  applied to the value rows and the final normaliser instead of to whole tensors; the normaliser
+  rides along as an extra column of KᵀV; heads are sliced instead of transposed; and the DWC runs
+  as one grouped conv on the channels-last view of V (its d kernels repeated per head) instead of
+  through two permuted copies.
 """
 from __future__ import annotations
 
@@ -12,8 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['KERNEL_EPS', 'NORMALIZER_EPS', 'focused_kernel', 'linear_attention', 'rank_restore_dwc',
-           'dwc_matrix', 'make_dwc', 'upcast']
+__all__ = ['KERNEL_EPS', 'NORMALIZER_EPS', 'focused_kernel', 'linear_attention', 'focused_linear_attention',
+           'rank_restore_dwc', 'dwc_matrix', 'make_dwc', 'upcast', 'set_fused_attention']
 
 # Added to the kernel output (so every entry is > 0) and to the normaliser, as the official code.
 KERNEL_EPS = 1e-6
@@ -56,19 +66,106 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_head
     return x.transpose(1, 2).reshape(B, N, C)
 
 
-def rank_restore_dwc(dwc: nn.Conv2d, v: torch.Tensor, num_heads: int, grid_size: Tuple[int, int]) -> torch.Tensor:
+# Elements (floats) per chunk of the fused path: ~1 MB per intermediate, so the element-wise passes
+# of a chunk run out of cache instead of streaming whole (B, N, C) activations through DRAM.
+FUSED_CHUNK_ELEMENTS = 1 << 18
+
+
+def _focused_rows(x: torch.Tensor, inv_s: torch.Tensor, focusing_factor: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(r^p, c) with r = (ReLU(x) + eps) / s and c = ‖r‖ / ‖r^p‖ per token, so phi_p(x) = c ⊙ r^p."""
+    r = torch.addcmul(KERNEL_EPS * inv_s, F.relu(x), inv_s)  # (ReLU(x) + eps) / s in one pass
+    r_p = r.pow(focusing_factor)
+    return r_p, torch.linalg.vector_norm(r, dim=-1, keepdim=True) / torch.linalg.vector_norm(r_p, dim=-1, keepdim=True)
+
+
+def _chunks(batch: int, tokens: int, channels: int) -> Tuple[int, int]:
+    """(batch elements, tokens) per chunk of about FUSED_CHUNK_ELEMENTS floats."""
+    if tokens * channels >= FUSED_CHUNK_ELEMENTS:
+        return 1, max(1, FUSED_CHUNK_ELEMENTS // channels)
+    return max(1, FUSED_CHUNK_ELEMENTS // (tokens * channels)), tokens
+
+
+def focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
+                             positional_encoding: torch.Tensor, num_heads: int, focusing_factor: int,
+                             fused: bool = True) -> torch.Tensor:
+    """``phi_p(Q) (phi_p(K+P)ᵀ V) / (phi_p(Q) · mean phi_p(K+P))`` per head: (B, N, C), head-major.
+
+    q: (B, N, C) projected queries; k: (B, n, C) projected keys; v: (B, n, C) raw values;
+    scale: (1, 1, C) temperature parameter; positional_encoding: (1, n, C), added to the keys.
+    ``fused=False`` runs the reference; both give the same result up to float rounding (see the
+    module docstring).
+
+    The fused path works chunk by chunk (a few batch elements, or a slice of tokens of one) so that
+    its intermediates stay in cache: first the keys, accumulating per head the d×(d+1) summary
+    ``[Σ_j r^p(k_j)ᵀ (c_j/n) v_j | Σ_j (c_j/n) r^p(k_j)ᵀ]`` (the second column block is mean φ(K)),
+    then the queries, each chunk written into its slice of the output.
+    """
+    if not fused:
+        k = k + positional_encoding
+        return linear_attention(focused_kernel(q, scale, focusing_factor), focused_kernel(k, scale, focusing_factor),
+                                v, num_heads)
+    B, N, C = q.shape
+    n, d = k.shape[1], C // num_heads
+    inv_s = 1 / F.softplus(scale)
+    out = q.new_empty(B, N, C)
+    group, key_rows = _chunks(B, n, C)
+    _, query_rows = _chunks(B, N, C)
+    for b0 in range(0, B, group):
+        b1 = min(B, b0 + group)
+        # keys: phi(k_j) = c_j r^p(k_j); c_j and both n^-½ pre-scales ride on the value rows
+        partial = []
+        for t0 in range(0, n, key_rows):
+            keys = k[b0:b1, t0:t0 + key_rows] + positional_encoding[:, t0:t0 + key_rows]
+            rk_p, ck = _focused_rows(keys, inv_s, focusing_factor)
+            weights = ck / n  # (b, t, 1)
+            values = v[b0:b1, t0:t0 + key_rows] * weights
+            heads = []
+            for h in range(num_heads):
+                keys_t = rk_p[:, :, h * d:(h + 1) * d].transpose(1, 2)  # (b, d, t)
+                heads.append(torch.cat([keys_t @ values[:, :, h * d:(h + 1) * d], keys_t @ weights], dim=2))
+            partial.append(torch.stack(heads, dim=1))  # (b, heads, d, d+1)
+        summary = partial[0] if len(partial) == 1 else torch.stack(partial).sum(0)
+        # queries: phi(q) = cq r^p(q); (cq·num) / (cq·den + eps) is the reference's num / (phi(q)·k̄ + eps)
+        for t0 in range(0, N, query_rows):
+            rq_p, cq = _focused_rows(q[b0:b1, t0:t0 + query_rows], inv_s, focusing_factor)
+            for h in range(num_heads):
+                num_den = rq_p[:, :, h * d:(h + 1) * d] @ summary[:, h]  # (b, t, d+1)
+                out[b0:b1, t0:t0 + query_rows, h * d:(h + 1) * d] = (
+                    num_den[..., :d] * (cq / (cq * num_den[..., d:] + NORMALIZER_EPS)))
+    return out
+
+
+def rank_restore_dwc(dwc: nn.Conv2d, v: torch.Tensor, num_heads: int, grid_size: Tuple[int, int],
+                     fused: bool = True) -> torch.Tensor:
     """Depthwise conv over the value grid, one kernel set shared by all heads (spec §1.1 step 9).
 
     v: (B, H·W, C) raw values with tokens row-major on the ``grid_size = (H, W)`` grid;
-    dwc: Conv2d(d, d, k, groups=d). Heads are folded into the batch (B·h, d, H, W) so the same d
-    kernels serve every head. Returns (B, H·W, C), head-major.
+    dwc: Conv2d(d, d, k, groups=d). Returns (B, H·W, C), head-major. The reference folds the heads
+    into the batch (B·h, d, H, W); the fused path convolves the channels-last view (B, C, H, W) of V
+    directly with the d kernels repeated for each head (the same weights, so the same gradient).
     """
     B, N, C = v.shape
     H, W = grid_size
     head_dim = C // num_heads
+    if fused:
+        image = v.reshape(B, H, W, C).permute(0, 3, 1, 2)
+        weight, bias = dwc.weight.repeat(num_heads, 1, 1, 1), dwc.bias.repeat(num_heads)
+        out = F.conv2d(image, weight, bias, stride=dwc.stride, padding=dwc.padding, groups=C)
+        return out.permute(0, 2, 3, 1).reshape(B, N, C)
     v = v.reshape(B, H, W, num_heads, head_dim).permute(0, 3, 4, 1, 2).reshape(B * num_heads, head_dim, H, W)
     out = dwc(v)
     return out.reshape(B, num_heads, head_dim, N).permute(0, 3, 1, 2).reshape(B, N, C)
+
+
+def set_fused_attention(model: nn.Module, enabled: bool = True) -> int:
+    """Switch every focused-attention module of `model` to the fused (default) or the reference
+    implementation; returns how many modules were switched."""
+    switched = 0
+    for module in model.modules():
+        if hasattr(module, 'fused') and isinstance(module.fused, bool):
+            module.fused = enabled
+            switched += 1
+    return switched
 
 
 def dwc_matrix(weight: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:

@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..grid import GridSpec
-from .core import focused_kernel, linear_attention, make_dwc, rank_restore_dwc, upcast
+from .core import focused_linear_attention, make_dwc, rank_restore_dwc, upcast
 from .registry import AttentionOptions, register_attention
 
 __all__ = ['CSwinFocusedLinearAttention', 'LePEAttention', 'stripe_partition', 'stripe_reverse', 'resolve_window']
@@ -117,6 +117,7 @@ class CSwinFocusedLinearAttention(nn.Module):
         self.grid_size = tuple(grid_size)
         self.window = resolve_window(self.grid_size, options.window)
         self.focusing_factor = options.focusing_factor
+        self.fused = True  # the fused implementation; set_fused_attention(model, False) picks the reference
         self.scale = nn.Parameter(torch.zeros(1, 1, dim))
         self.positional_encoding = nn.Parameter(torch.zeros(1, self.window[0] * self.window[1], dim))
         self.get_v = make_lepe(dim)
@@ -131,11 +132,9 @@ class CSwinFocusedLinearAttention(nn.Module):
         """
         q, k, v = (stripe_partition(t, self.grid_size, self.window) for t in qkv.unbind(0))
         with torch.autocast(device_type=qkv.device.type, enabled=False):
-            k = upcast(k) + self.positional_encoding
-            q = focused_kernel(upcast(q), self.scale, self.focusing_factor)
-            k = focused_kernel(k, self.scale, self.focusing_factor)
-            out = linear_attention(q, k, upcast(v), self.num_heads)
-        out = out + rank_restore_dwc(self.dwc, v, self.num_heads, self.window)
+            out = focused_linear_attention(upcast(q), upcast(k), upcast(v), self.scale, self.positional_encoding,
+                                           self.num_heads, self.focusing_factor, self.fused)
+        out = out + rank_restore_dwc(self.dwc, v, self.num_heads, self.window, self.fused)
         out = out + locally_enhanced_pe(self.get_v, v, self.window)
         return stripe_reverse(out, self.grid_size, self.window).to(qkv.dtype)
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from ..grid import GridSpec
-from .core import focused_kernel, linear_attention, make_dwc, rank_restore_dwc, upcast
+from .core import focused_linear_attention, make_dwc, rank_restore_dwc, upcast
 from .registry import AttentionOptions, register_attention
 
 __all__ = ['FocusedLinearAttention', 'SoftmaxAttention', 'WindowAttention', 'relative_position_index']
@@ -43,6 +43,7 @@ class FocusedLinearAttention(nn.Module):
         self.num_heads = num_heads
         self.grid_size = tuple(grid_size)
         self.focusing_factor = options.focusing_factor
+        self.fused = True  # the fused implementation; set_fused_attention(model, False) picks the reference
         head_dim = dim // num_heads
         num_tokens = self.grid_size[0] * self.grid_size[1]
 
@@ -63,11 +64,9 @@ class FocusedLinearAttention(nn.Module):
         B, N, C = x.shape
         q, k, v = self.qkv(x).unflatten(-1, (3, C)).unbind(dim=2)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            k = upcast(k) + self.positional_encoding
-            q = focused_kernel(upcast(q), self.scale, self.focusing_factor)
-            k = focused_kernel(k, self.scale, self.focusing_factor)
-            out = linear_attention(q, k, upcast(v), self.num_heads)
-        out = out + rank_restore_dwc(self.dwc, v, self.num_heads, self.grid_size)
+            out = focused_linear_attention(upcast(q), upcast(k), upcast(v), self.scale, self.positional_encoding,
+                                           self.num_heads, self.focusing_factor, self.fused)
+        out = out + rank_restore_dwc(self.dwc, v, self.num_heads, self.grid_size, self.fused)
         return self.proj_drop(self.proj(out))
 
     def parameter_grids(self) -> Dict[str, GridSpec]:

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..grid import GridSpec
-from .core import focused_kernel, linear_attention, make_dwc, rank_restore_dwc, upcast
+from .core import focused_linear_attention, make_dwc, rank_restore_dwc, upcast
 from .registry import AttentionOptions, register_attention
 
 __all__ = ['PvtFocusedLinearAttention', 'SpatialReductionAttention', 'LINEAR_POOL_SIZE', 'resample_tokens']
@@ -118,6 +118,7 @@ class PvtFocusedLinearAttention(_KeyValueReduction):
         self.dim = dim
         self.num_heads = num_heads
         self.focusing_factor = options.focusing_factor
+        self.fused = True  # the fused implementation; set_fused_attention(model, False) picks the reference
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -138,11 +139,9 @@ class PvtFocusedLinearAttention(_KeyValueReduction):
         q = self.q(x)
         k, v = self.kv(self._key_value_input(x)).unflatten(-1, (2, C)).unbind(dim=2)  # (B, n, C) each
         with torch.autocast(device_type=x.device.type, enabled=False):
-            k = upcast(k) + self.positional_encoding
-            q = focused_kernel(upcast(q), self.scale, self.focusing_factor)
-            k = focused_kernel(k, self.scale, self.focusing_factor)
-            out = linear_attention(q, k, upcast(v), self.num_heads)
-        out = out + rank_restore_dwc(self.dwc, resample_tokens(v, N), self.num_heads, self.grid_size)
+            out = focused_linear_attention(upcast(q), upcast(k), upcast(v), self.scale, self.positional_encoding,
+                                           self.num_heads, self.focusing_factor, self.fused)
+        out = out + rank_restore_dwc(self.dwc, resample_tokens(v, N), self.num_heads, self.grid_size, self.fused)
         return self.proj_drop(self.proj(out))
 
     def parameter_grids(self) -> Dict[str, GridSpec]:
