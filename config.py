@@ -256,6 +256,10 @@ _C.AMP = False
 _C.AMP_DTYPE = 'fp16'
 # *new* Device: '' picks cuda when available, else cpu; or 'cpu', 'cuda', 'cuda:1' (--device)
 _C.DEVICE = ''
+# *new* torch.compile the model (--compile); the first iterations of each mode (train, eval) compile
+_C.COMPILE = False
+# *new* channels_last memory format for the model and its input images (--channels-last)
+_C.CHANNELS_LAST = False
 # Path to output folder, overwritten by command line argument
 _C.OUTPUT = ''
 # Tag of experiment, overwritten by command line argument

@@ -70,6 +70,8 @@ FLAG_TO_KEY = {
     'amp': ('AMP', bool),
     'amp_dtype': ('AMP_DTYPE', str),
     'device': ('DEVICE', str),
+    'compile': ('COMPILE', bool),
+    'channels_last': ('CHANNELS_LAST', bool),
     'output': ('OUTPUT', str),
     'tag': ('TAG', str),
     'eval': ('EVAL_MODE', bool),
@@ -106,6 +108,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--model-ema', action='store_true', default=None, help='keep an EMA of the weights')
     parser.add_argument('--model-ema-decay', type=float, help='EMA decay (default 0.9999)')
     parser.add_argument('--device', type=str, help="'cpu', 'cuda' or 'cuda:N' (default: cuda when available)")
+    parser.add_argument('--compile', action='store_true', default=None,
+                        help='torch.compile the model (checkpoints keep the plain parameter names)')
+    parser.add_argument('--channels-last', action='store_true', default=None,
+                        help='channels_last memory format for the model and the input images')
     # torch.distributed.launch passes --local_rank; torchrun uses the LOCAL_RANK variable instead
     parser.add_argument('--local_rank', '--local-rank', type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -141,6 +147,10 @@ def make_autocast(cfg, device: torch.device):
         return contextlib.nullcontext
     dtype = torch.bfloat16 if cfg.AMP_DTYPE == 'bf16' else torch.float16
     return functools.partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def memory_format(cfg) -> torch.memory_format:
+    return torch.channels_last if cfg.CHANNELS_LAST else torch.contiguous_format
 
 
 def prepare_output_dir(cfg) -> str:
@@ -227,9 +237,10 @@ def evaluate_only(cfg, ctx, data, model, ema, resume: Optional[str], ckpt, autoc
     elif not cfg.MODEL.PRETRAINED:
         logger.warning('no --resume or --pretrained checkpoint: evaluating randomly initialised weights')
     if cfg.THROUGHPUT_MODE:
-        throughput(model, data.loader_val, device=ctx.device, autocast=autocast)
+        throughput(model, data.loader_val, device=ctx.device, autocast=autocast, memory_format=memory_format(cfg))
         return 0
-    eval_kwargs = dict(device=ctx.device, autocast=autocast, print_freq=cfg.PRINT_FREQ)
+    eval_kwargs = dict(device=ctx.device, autocast=autocast, print_freq=cfg.PRINT_FREQ,
+                       memory_format=memory_format(cfg))
     stats = evaluate(model, data.loader_val, **eval_kwargs)
     logger.info(f'Accuracy of the network on the {stats["count"]} test images: {stats["acc1"]:.1f}%')
     if ema is not None:
@@ -283,7 +294,8 @@ def train(cfg, ctx, data, model, model_without_ddp, ema, mixup_fn, resume: Optio
         state = load_checkpoint(resume, model_without_ddp, optimizer, lr_scheduler, scaler, ema, loaded=ckpt)
     write_config(output_dir, 'config.yaml', config_yaml, ctx.is_main)
     total_epochs = cfg.TRAIN.EPOCHS + cfg.TRAIN.COOLDOWN_EPOCHS
-    eval_kwargs = dict(device=ctx.device, autocast=autocast, print_freq=cfg.PRINT_FREQ)
+    eval_kwargs = dict(device=ctx.device, autocast=autocast, print_freq=cfg.PRINT_FREQ,
+                       memory_format=memory_format(cfg))
     if state['epoch'] >= total_epochs:
         logger.info(f'{resume} already completed all {total_epochs} epochs; evaluating it (raise TRAIN.EPOCHS to '
                     f'train longer, or pick another --tag / --output for a new run)')
@@ -335,7 +347,8 @@ def train(cfg, ctx, data, model, model_without_ddp, ema, mixup_fn, resume: Optio
             total_epochs=total_epochs, updates_per_epoch=updates_per_epoch, start_update=first_update,
             accumulation_steps=accumulation, clip_grad=cfg.TRAIN.CLIP_GRAD, mixup_fn=mixup_fn, autocast=autocast,
             scaler=scaler, ema=ema, print_freq=cfg.PRINT_FREQ, tb_writer=tb_writer,
-            max_nonfinite=cfg.TRAIN.MAX_NONFINITE_STEPS, after_update=save_mid_epoch)
+            max_nonfinite=cfg.TRAIN.MAX_NONFINITE_STEPS, after_update=save_mid_epoch,
+            memory_format=memory_format(cfg))
         val_stats = evaluate(model_without_ddp, data.loader_val, **eval_kwargs)
         is_best = val_stats['acc1'] >= max_accuracy
         max_accuracy = max(max_accuracy, val_stats['acc1'])
@@ -410,8 +423,13 @@ def run(args: argparse.Namespace) -> int:
     model.to(ctx.device)
     if cfg.MODEL.PRETRAINED and not resume:
         load_pretrained(model, cfg.MODEL.PRETRAINED)
+    if cfg.CHANNELS_LAST:
+        model.to(memory_format=torch.channels_last)
     model_without_ddp = model
     ema = ModelEmaV3(model, decay=cfg.TRAIN.EMA.DECAY) if cfg.TRAIN.EMA.ENABLE else None
+    if cfg.COMPILE:
+        # in place: the module (and so every state_dict) keeps its parameter names; the EMA copy stays eager
+        model.compile()
     if ctx.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[ctx.device.index] if ctx.device.type == 'cuda' else None,

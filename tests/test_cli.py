@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import run_main
 
@@ -86,3 +87,23 @@ def test_throughput_mode(tmp_path, image_folder, micro_cfg):
     result = run_main(['--cfg', micro_cfg, '--data-path', image_folder, '--output', tmp_path / 'out', '--throughput'])
     assert result.returncode == 0, result.stderr
     assert re.search(r'batch_size 4 throughput \d+', result.stdout)
+
+
+@pytest.mark.slow
+def test_compile_and_channels_last(tmp_path, image_folder, micro_cfg):
+    """--compile --channels-last trains, evaluates and checkpoints on CPU; the checkpoint keeps the
+    plain parameter names (no ``_orig_mod.``) and evaluates to the logged accuracy without the flags."""
+    out = tmp_path / 'out'
+    result = run_main(['--cfg', micro_cfg, '--data-path', image_folder, '--output', out, '--compile',
+                       '--channels-last', '--opts', 'TRAIN.EPOCHS', '1'], threads=None)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = _run_dir(out)
+    config = (run / 'config.yaml').read_text()
+    assert 'COMPILE: true' in config and 'CHANNELS_LAST: true' in config
+    ckpt = torch.load(run / 'ckpt_epoch_0.pth', weights_only=True)
+    assert not [k for k in ckpt['model'] if '_orig_mod' in k]
+    logged = ACC.findall(result.stdout)[-1]
+    check = run_main(['--cfg', micro_cfg, '--data-path', image_folder, '--output', tmp_path / 'eval', '--eval',
+                      '--resume', run / 'ckpt_epoch_0.pth'])
+    assert check.returncode == 0, check.stderr
+    assert ACC.findall(check.stdout)[-1] == logged

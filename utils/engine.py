@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.utils import AverageMeter
 
+from .benchmark import inference_step, measure, median
 from .distributed import all_reduce_sum
 
 __all__ = ['train_one_epoch', 'evaluate', 'throughput', 'NonFiniteLossError', 'format_eta']
@@ -56,6 +57,7 @@ def train_one_epoch(
         tb_writer=None,
         max_nonfinite: int = 20,
         after_update: Optional[Callable[[int], None]] = None,
+        memory_format: torch.memory_format = torch.contiguous_format,
 ) -> Dict[str, float]:
     """Train `model` for the rest of epoch `epoch`: updates ``start_update .. updates_per_epoch-1``.
 
@@ -82,10 +84,10 @@ def train_one_epoch(
     for idx, (samples, targets) in enumerate(loader):
         if idx >= num_batches:
             break
-        samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
+            samples, targets = mixup_fn(samples.to(device, non_blocking=True), targets)
+        samples = samples.to(device, non_blocking=True, memory_format=memory_format)
         is_update = (idx + 1) % accumulation_steps == 0
         sync = contextlib.nullcontext() if (is_update or not hasattr(model, 'no_sync')) else model.no_sync()
         with sync:
@@ -169,6 +171,7 @@ def evaluate(
         autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
         print_freq: int = 100,
         name: str = '',
+        memory_format: torch.memory_format = torch.contiguous_format,
 ) -> Dict[str, float]:
     """Top-1/top-5 accuracy (percent) and mean CE loss over every image of `loader`'s dataset.
 
@@ -181,7 +184,7 @@ def evaluate(
     batch_time = AverageMeter()
     end = time.time()
     for idx, (images, targets) in enumerate(loader):
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = targets.to(device, non_blocking=True)
         with autocast():
             output = model(images)
@@ -207,26 +210,18 @@ def evaluate(
     return stats
 
 
-@torch.no_grad()
 def throughput(model: nn.Module, loader: torch.utils.data.DataLoader, *, device: torch.device,
                autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-               warmup: int = 50, repeats: int = 30) -> Dict[str, float]:
-    """Inference images/s on one batch of `loader` after `warmup` passes (Swin's probe)."""
-    model.eval()
+               memory_format: torch.memory_format = torch.contiguous_format,
+               repeats: int = 7) -> Dict[str, float]:
+    """Inference images/s on one batch of `loader`: the median of `repeats` timed repeats after a
+    warm-up, measured by the same code as ``bench/`` (utils/benchmark.py). Logs Swin's line
+    ``batch_size B throughput T``."""
     images, _ = next(iter(loader))
-    images = images.to(device, non_blocking=True)
+    images = images.to(device, non_blocking=True, memory_format=memory_format)
     batch_size = images.shape[0]
-    with autocast():
-        for _ in range(warmup):
-            model(images)
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        logger.info(f'throughput averaged over {repeats} passes')
-        tic = time.time()
-        for _ in range(repeats):
-            model(images)
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-    rate = repeats * batch_size / (time.time() - tic)
+    logger.info(f'throughput: median of {repeats} timed repeats after warm-up')
+    times = measure({'model': inference_step(model, images, autocast)}, device, repeats=repeats)['model']
+    rate = batch_size / median(times)
     logger.info(f'batch_size {batch_size} throughput {rate}')
-    return {'batch_size': batch_size, 'throughput': rate}
+    return {'batch_size': batch_size, 'throughput': rate, 'seconds_per_batch': times}

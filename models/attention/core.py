@@ -21,6 +21,7 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 __all__ = ['KERNEL_EPS', 'NORMALIZER_EPS', 'focused_kernel', 'linear_attention', 'focused_linear_attention',
            'rank_restore_dwc', 'dwc_matrix', 'make_dwc', 'upcast', 'set_fused_attention']
@@ -78,6 +79,12 @@ def _focused_rows(x: torch.Tensor, inv_s: torch.Tensor, focusing_factor: int) ->
     return r_p, torch.linalg.vector_norm(r, dim=-1, keepdim=True) / torch.linalg.vector_norm(r_p, dim=-1, keepdim=True)
 
 
+def _recomputed_focused_rows(x: torch.Tensor, inv_s: torch.Tensor,
+                             focusing_factor: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_focused_rows` saving only its input for the backward (the element-wise chain is rerun)."""
+    return torch.utils.checkpoint.checkpoint(_focused_rows, x, inv_s, focusing_factor, use_reentrant=False)
+
+
 def _chunks(batch: int, tokens: int, channels: int) -> Tuple[int, int]:
     """(batch elements, tokens) per chunk of about FUSED_CHUNK_ELEMENTS floats."""
     if tokens * channels >= FUSED_CHUNK_ELEMENTS:
@@ -95,8 +102,9 @@ def focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     ``fused=False`` runs the reference; both give the same result up to float rounding (see the
     module docstring).
 
-    The fused path works chunk by chunk (a few batch elements, or a slice of tokens of one) so that
-    its intermediates stay in cache: first the keys, accumulating per head the d×(d+1) summary
+    Without autograd the fused path works chunk by chunk (a few batch elements, or a slice of tokens
+    of one) so that its intermediates stay in cache (under autograd it runs as one chunk): first the
+    keys, accumulating per head the d×(d+1) summary
     ``[Σ_j r^p(k_j)ᵀ (c_j/n) v_j | Σ_j (c_j/n) r^p(k_j)ᵀ]`` (the second column block is mean φ(K)),
     then the queries, each chunk written into its slice of the output.
     """
@@ -108,30 +116,39 @@ def focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     n, d = k.shape[1], C // num_heads
     inv_s = 1 / F.softplus(scale)
     out = q.new_empty(B, N, C)
-    group, key_rows = _chunks(B, n, C)
-    _, query_rows = _chunks(B, N, C)
+    kernel = _focused_rows
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, scale, positional_encoding)):
+        # under autograd, chunking multiplies the saved tensors and the backward's small kernels: one chunk;
+        # the kernel's intermediates are recomputed in the backward instead of being saved
+        group, key_rows, query_rows = B, n, N
+        kernel = _recomputed_focused_rows
+    elif torch.compiler.is_compiling():
+        # inductor fuses the element-wise chain itself; chunking would only unroll the graph
+        group, key_rows, query_rows = B, n, N
+    else:
+        group, key_rows = _chunks(B, n, C)
+        query_rows = _chunks(B, N, C)[1]
     for b0 in range(0, B, group):
         b1 = min(B, b0 + group)
         # keys: phi(k_j) = c_j r^p(k_j); c_j and both n^-½ pre-scales ride on the value rows
-        partial = []
+        summary = None
         for t0 in range(0, n, key_rows):
             keys = k[b0:b1, t0:t0 + key_rows] + positional_encoding[:, t0:t0 + key_rows]
-            rk_p, ck = _focused_rows(keys, inv_s, focusing_factor)
-            weights = ck / n  # (b, t, 1)
-            values = v[b0:b1, t0:t0 + key_rows] * weights
-            heads = []
-            for h in range(num_heads):
-                keys_t = rk_p[:, :, h * d:(h + 1) * d].transpose(1, 2)  # (b, d, t)
-                heads.append(torch.cat([keys_t @ values[:, :, h * d:(h + 1) * d], keys_t @ weights], dim=2))
-            partial.append(torch.stack(heads, dim=1))  # (b, heads, d, d+1)
-        summary = partial[0] if len(partial) == 1 else torch.stack(partial).sum(0)
+            rk_p, ck = kernel(keys, inv_s, focusing_factor)
+            b, t = rk_p.shape[:2]
+            weights = (ck / n).unsqueeze(-1)  # (b, t, 1, 1)
+            values = torch.cat([v[b0:b1, t0:t0 + key_rows].view(b, t, num_heads, d) * weights,
+                                weights.expand(b, t, num_heads, 1)], dim=-1)  # (b, t, h, d+1)
+            part = rk_p.view(b, t, num_heads, d).permute(0, 2, 3, 1) @ values.transpose(1, 2)  # (b, h, d, d+1)
+            summary = part if summary is None else summary + part
         # queries: phi(q) = cq r^p(q); (cq·num) / (cq·den + eps) is the reference's num / (phi(q)·k̄ + eps)
         for t0 in range(0, N, query_rows):
-            rq_p, cq = _focused_rows(q[b0:b1, t0:t0 + query_rows], inv_s, focusing_factor)
-            for h in range(num_heads):
-                num_den = rq_p[:, :, h * d:(h + 1) * d] @ summary[:, h]  # (b, t, d+1)
-                out[b0:b1, t0:t0 + query_rows, h * d:(h + 1) * d] = (
-                    num_den[..., :d] * (cq / (cq * num_den[..., d:] + NORMALIZER_EPS)))
+            rq_p, cq = kernel(q[b0:b1, t0:t0 + query_rows], inv_s, focusing_factor)
+            b, t = rq_p.shape[:2]
+            num_den = rq_p.view(b, t, num_heads, d).transpose(1, 2) @ summary  # (b, h, t, d+1)
+            cq = cq.unsqueeze(1)  # (b, 1, t, 1)
+            result = num_den[..., :d] * (cq / (cq * num_den[..., d:] + NORMALIZER_EPS))
+            out[b0:b1, t0:t0 + query_rows].view(b, t, num_heads, d).copy_(result.transpose(1, 2))
     return out
 
 

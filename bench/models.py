@@ -1,0 +1,214 @@
+"""Whole-model speed: inference and training img/s, batch-1 latency and peak memory for a list of configs.
+
+    python -m bench.models --configs configs/flatten_swin_t.yaml configs/swin_t.yaml \\
+        --batch-size 8 --dtypes fp32 bf16 --compile --channels-last --memory --json bench/results/models.json
+
+Every (config, variant) of one dtype and one task is timed interleaved (see utils/benchmark.py), so
+the ``vs`` column (inference img/s over the first config's, same variant and dtype) is a ratio from
+one run. ``%mm`` is the inference rate in FLOP/s (2 × the model table's MACs) over the fp32 matmul
+rate measured at start-up: how close a model gets to the machine's ceiling. Peak memory is measured
+in a fresh process per case (CPU resident-set high-water mark or the CUDA allocator's peak).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Dict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from config import ConfigError, load_config  # noqa: E402
+from models import build_model  # noqa: E402
+from models.attention import set_fused_attention  # noqa: E402
+from utils.benchmark import (  # noqa: E402
+    autocast_for,
+    exact_cpu_memory_accounting,
+    inference_step,
+    machine_info,
+    matmul_gflops,
+    measure,
+    median,
+    peak_memory_mb,
+    prepare_model,
+    random_images,
+    training_step,
+    tune_cpu_allocator,
+    write_json,
+)
+from utils.flops import count_macs  # noqa: E402
+
+TASKS = ('infer', 'train', 'latency')
+
+
+@dataclass(frozen=True)
+class Variant:
+    compile: bool = False
+    channels_last: bool = False
+    reference: bool = False  # the reference (unfused) focused-attention implementation
+
+    @property
+    def name(self) -> str:
+        parts = ['compiled' if self.compile else 'eager']
+        if self.channels_last:
+            parts.append('channels_last')
+        if self.reference:
+            parts.append('reference')
+        return '+'.join(parts)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--configs', nargs='+', default=['configs/flatten_swin_t.yaml', 'configs/swin_t.yaml'])
+    parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--img-size', type=int, default=None, help="default: each config's DATA.IMG_SIZE")
+    parser.add_argument('--dtypes', nargs='+', default=['fp32'], choices=['fp32', 'bf16', 'fp16'])
+    parser.add_argument('--tasks', nargs='+', default=list(TASKS), choices=TASKS)
+    parser.add_argument('--compile', action='store_true', help='also measure torch.compile variants')
+    parser.add_argument('--channels-last', action='store_true', help='also measure channels_last variants')
+    parser.add_argument('--reference', action='store_true',
+                        help='also measure the reference focused-attention implementation (eager only)')
+    parser.add_argument('--memory', action='store_true', help='peak training and inference memory (subprocesses)')
+    parser.add_argument('--repeats', type=int, default=7, help='timed repeats per case (median reported)')
+    parser.add_argument('--device', default=None, help="'cpu' or 'cuda' (default: cuda when available)")
+    parser.add_argument('--json', default=None, metavar='PATH', help='write the results here')
+    parser.add_argument('--probe', default=None, help=argparse.SUPPRESS)  # internal: one memory measurement
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error('--repeats must be at least 5 (medians of fewer repeats are noise on a shared machine)')
+    return args
+
+
+def load_model(path: str, variant: Variant, device: torch.device, img_size=None):
+    """(model ready to run, config, MACs per image)."""
+    opts = ['DATA.IMG_SIZE', str(img_size)] if img_size else None
+    cfg = load_config(path, opts)
+    model = build_model(cfg)
+    if variant.reference:
+        set_fused_attention(model, False)
+    macs, _ = count_macs(model, (cfg.MODEL.IN_CHANS if 'IN_CHANS' in cfg.MODEL else 3,
+                                 cfg.DATA.IMG_SIZE, cfg.DATA.IMG_SIZE))
+    return prepare_model(model, device, variant.channels_last, variant.compile), cfg, macs
+
+
+def probe_memory(spec: dict) -> Dict[str, float]:
+    """Run in a fresh process: peak memory of one training iteration and one inference pass."""
+    device = torch.device(spec['device'])
+    exact_cpu_memory_accounting()
+    variant = Variant(**spec['variant'])
+    model, cfg, _ = load_model(spec['config'], variant, device, spec['img_size'])
+    images = random_images(spec['batch_size'], cfg.DATA.IMG_SIZE, device, variant.channels_last)
+    autocast = autocast_for(spec['dtype'], device)
+    out = {}
+    train = training_step(model, images, cfg.MODEL.NUM_CLASSES, autocast)
+    train()  # optimizer state and (compiled) graphs exist before the measured step
+    out['train_mb'] = peak_memory_mb(train, device)
+    infer = inference_step(model, images, autocast)
+    infer()
+    out['infer_mb'] = peak_memory_mb(infer, device)
+    return out
+
+
+def memory_in_subprocess(spec: dict) -> Dict[str, float]:
+    result = subprocess.run([sys.executable, '-m', 'bench.models', '--probe', json.dumps(spec)],
+                            capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if result.returncode != 0:
+        raise RuntimeError(f'memory probe failed for {spec}:\n{result.stderr[-2000:]}')
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def run(args) -> dict:
+    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if device.type == 'cpu':
+        tune_cpu_allocator()
+    variants = [Variant(compile=c, channels_last=cl)
+                for c, cl in itertools.product([False, True] if args.compile else [False],
+                                               [False, True] if args.channels_last else [False])]
+    if args.reference:
+        variants.append(Variant(reference=True))
+    mm = matmul_gflops(device)
+    print(f'fp32 matmul rate: {mm:.1f} GFLOP/s on {device}', flush=True)
+    rows = []
+    for dtype in args.dtypes:
+        autocast = autocast_for(dtype, device)
+        cases = {}
+        for path, variant in itertools.product(args.configs, variants):
+            model, cfg, macs = load_model(path, variant, device, args.img_size)
+            cases[(path, variant)] = dict(model=model, cfg=cfg, macs=macs)
+        results = {key: {} for key in cases}
+        for task in args.tasks:
+            batch = 1 if task == 'latency' else args.batch_size
+            fns = {}
+            for key, case in cases.items():
+                images = random_images(batch, case['cfg'].DATA.IMG_SIZE, device, key[1].channels_last)
+                if task == 'train':
+                    fns[key] = training_step(case['model'], images, case['cfg'].MODEL.NUM_CLASSES, autocast)
+                else:
+                    fns[key] = inference_step(case['model'], images, autocast)
+            print(f'[{dtype}] timing {task} of {len(fns)} cases (interleaved, {args.repeats} repeats)', flush=True)
+            # compiled cases compile during warm-up: two warm-up calls cover the first call and any recompile
+            times = measure({str(i): fn for i, fn in enumerate(fns.values())}, device, repeats=args.repeats)
+            for i, key in enumerate(fns):
+                seconds = median(times[str(i)])
+                results[key][task] = 1000 * seconds if task == 'latency' else batch / seconds
+                results[key][task + '_runs'] = times[str(i)]
+        if args.memory:
+            for key in cases:
+                spec = dict(config=key[0], variant=key[1].__dict__, device=str(device), dtype=dtype,
+                            batch_size=args.batch_size, img_size=args.img_size)
+                results[key].update(memory_in_subprocess(spec))
+        for (path, variant), res in results.items():
+            case = cases[(path, variant)]
+            first = results[(args.configs[0], variant)]
+            row = dict(config=path, model=case['cfg'].MODEL.NAME, variant=variant.name, dtype=dtype,
+                       img_size=case['cfg'].DATA.IMG_SIZE, batch_size=args.batch_size, gmacs=case['macs'] / 1e9, **res)
+            if 'infer' in res:
+                row['vs_first'] = res['infer'] / first['infer']
+                row['pct_matmul'] = 100 * 2 * case['macs'] * res['infer'] / (mm * 1e9)
+            rows.append(row)
+        del cases
+    return dict(machine=machine_info(device), matmul_gflops=mm, args=vars(args), rows=rows)
+
+
+def print_table(payload: dict) -> None:
+    columns = [('model', '{}', 'model'), ('variant', '{}', 'variant'), ('dtype', '{}', 'dtype'),
+               ('infer', '{:.1f}', 'infer img/s'), ('vs_first', '{:.2f}x', 'vs'), ('pct_matmul', '{:.0f}%', '%mm'),
+               ('train', '{:.1f}', 'train img/s'), ('latency', '{:.1f}', 'b=1 ms'),
+               ('train_mb', '{:.0f}', 'train MiB'), ('infer_mb', '{:.0f}', 'infer MiB')]
+    columns = [c for c in columns if any(c[0] in row for row in payload['rows'])]
+    cells = [[c[2] for c in columns]] + [[c[1].format(row[c[0]]) if c[0] in row else '-' for c in columns]
+                                         for row in payload['rows']]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    for j, r in enumerate(cells):
+        print(' | '.join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True))))
+        if j == 0:
+            print('-+-'.join('-' * w for w in widths))
+    m = payload['machine']
+    print(f"\n{m['cpu'] if m['device'] == 'cpu' else m.get('gpu')}, torch {m['torch']}, {m['torch_threads']} threads, "
+          f"batch {payload['args']['batch_size']}, medians of {payload['args']['repeats']}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.probe:
+        print(json.dumps(probe_memory(json.loads(args.probe))))
+        return 0
+    try:
+        payload = run(args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f'ERROR {type(err).__name__}: {err}', file=sys.stderr)
+        return 2
+    print_table(payload)
+    write_json(args.json, payload)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""Resolution sweep: time vs number of tokens, focused linear vs softmax attention, with a log-log plot.
+
+    python -m bench.sweep --json bench/results/sweep.json --png bench/results/sweep.png
+
+Part 1, the attention module alone at batch 1 (dim 96, 3 heads, FLatten-Swin-T's stage-1 width):
+global focused linear attention (FocusedLinearAttention over the whole grid) against global softmax
+attention (SoftmaxAttention, PyTorch's fused SDPA kernel) on square grids of side 14 → 112
+(196 → 12,544 tokens; each step 4× the tokens). Part 2, whole models at batch 1 for image sizes
+224 → 896: FLatten-DeiT-T vs DeiT-T (global attention) and FLatten-Swin-T vs Swin-T (windows).
+At each size the candidates are timed interleaved (medians of --repeats).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from config import load_config  # noqa: E402
+from models import build_model  # noqa: E402
+from models.attention import AttentionOptions, FocusedLinearAttention, SoftmaxAttention  # noqa: E402
+from utils.benchmark import (  # noqa: E402
+    inference_step,
+    machine_info,
+    measure,
+    median,
+    random_images,
+    tune_cpu_allocator,
+    write_json,
+)
+
+MODEL_PAIRS = [('configs/flatten_deit_t.yaml', 'configs/deit_t.yaml'),
+               ('configs/flatten_swin_t.yaml', 'configs/swin_t.yaml')]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--sides', type=int, nargs='+', default=[14, 28, 56, 112],
+                        help='module part: grid sides (tokens = side²)')
+    parser.add_argument('--dim', type=int, default=96)
+    parser.add_argument('--heads', type=int, default=3)
+    parser.add_argument('--img-sizes', type=int, nargs='+', default=[224, 448, 896], help='model part: image sizes')
+    parser.add_argument('--skip-models', action='store_true')
+    parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--json', default=None, metavar='PATH')
+    parser.add_argument('--png', default=None, metavar='PATH', help='log-log plot of time vs tokens')
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error('--repeats must be at least 5')
+    return args
+
+
+def module_sweep(args, device: torch.device):
+    rows = []
+    for side in args.sides:
+        torch.manual_seed(0)
+        options = AttentionOptions()
+        modules = {'focused_linear': FocusedLinearAttention(args.dim, args.heads, (side, side), options=options),
+                   'softmax': SoftmaxAttention(args.dim, args.heads, (side, side), options=options)}
+        x = torch.randn(1, side * side, args.dim, device=device)
+        fns = {name: inference_step(module.to(device), x) for name, module in modules.items()}
+        times = measure(fns, device, repeats=args.repeats, warmup=1)
+        for name in modules:
+            rows.append(dict(part='module', attention=name, tokens=side * side, ms=1000 * median(times[name]),
+                             runs=times[name]))
+        print(f'module  {side * side:>6} tokens: ' + '  '.join(
+            f'{name} {1000 * median(times[name]):8.2f} ms' for name in modules), flush=True)
+    return rows
+
+
+def model_sweep(args, device: torch.device):
+    rows = []
+    for img_size in args.img_sizes:
+        fns, labels = {}, {}
+        for pair in MODEL_PAIRS:
+            for path in pair:
+                cfg = load_config(path, ['DATA.IMG_SIZE', str(img_size)])
+                try:
+                    model = build_model(cfg).to(device)
+                except ValueError as err:  # a size the windows do not tile
+                    print(f'skip {path} at {img_size}: {err}')
+                    continue
+                patch = cfg.MODEL.SWIN.PATCH_SIZE if 'swin' in cfg.MODEL.TYPE else cfg.MODEL.DEIT.PATCH_SIZE
+                fns[path] = inference_step(model, random_images(1, img_size, device))
+                labels[path] = (cfg.MODEL.NAME, (img_size // patch) ** 2)
+        times = measure(fns, device, repeats=args.repeats, warmup=1)
+        for path, (name, tokens) in labels.items():
+            rows.append(dict(part='model', model=name, config=path, img_size=img_size, tokens=tokens,
+                             ms=1000 * median(times[path]), runs=times[path]))
+        print(f'models {img_size}²: ' + '  '.join(f'{labels[p][0]} {1000 * median(times[p]):.1f} ms' for p in labels),
+              flush=True)
+    return rows
+
+
+def growth(rows, key: str):
+    """For each series, time(next size) / time(size) and tokens(next) / tokens(size)."""
+    series = {}
+    for row in rows:
+        series.setdefault(row[key], []).append(row)
+    out = {}
+    for name, points in series.items():
+        points = sorted(points, key=lambda r: r['tokens'])
+        out[name] = [dict(tokens=(a['tokens'], b['tokens']), token_ratio=b['tokens'] / a['tokens'],
+                          time_ratio=b['ms'] / a['ms']) for a, b in zip(points, points[1:], strict=False)]
+    return out
+
+
+def plot(rows, path: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    parts = [p for p in ('module', 'model') if any(r['part'] == p for r in rows)]
+    fig, axes = plt.subplots(1, len(parts), figsize=(6 * len(parts), 4.5), squeeze=False)
+    for ax, part in zip(axes[0], parts, strict=True):
+        key = 'attention' if part == 'module' else 'model'
+        for name in dict.fromkeys(r[key] for r in rows if r['part'] == part):
+            points = sorted((r['tokens'], r['ms']) for r in rows if r['part'] == part and r[key] == name)
+            style = '-' if ('flatten' in name or name == 'focused_linear') else '--'
+            ax.plot(*zip(*points, strict=True), style, marker='o', label=name)
+        ax.set_xscale('log')
+        ax.set_yscale('log')
+        ax.set_xlabel('tokens (first stage)' if part == 'model' else 'tokens')
+        ax.set_ylabel('ms per image (batch 1)')
+        ax.set_title('attention module alone' if part == 'module' else 'whole models')
+        ax.grid(True, which='both', alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f'wrote {path}')
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    if device.type == 'cpu':
+        tune_cpu_allocator()
+    rows = module_sweep(args, device)
+    if not args.skip_models:
+        rows += model_sweep(args, device)
+    ratios = {'module': growth([r for r in rows if r['part'] == 'module'], 'attention'),
+              'model': growth([r for r in rows if r['part'] == 'model'], 'model')}
+    print('\ntime growth per step (tokens ×k → time ×t):')
+    for part, series in ratios.items():
+        for name, steps in series.items():
+            print(f'  {part:<6} {name:<32} ' + '  '.join(
+                f'{s["tokens"][0]}→{s["tokens"][1]}: ×{s["time_ratio"]:.2f}' for s in steps))
+    write_json(args.json, dict(machine=machine_info(device), args=vars(args), rows=rows, growth=ratios))
+    if args.png:
+        plot(rows, args.png)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
