@@ -31,9 +31,18 @@ def count_macs(
     """
     was_training = model.training
     model.eval()
+    # count the reference formulation of focused attention (the paper's operations), not the fused
+    # path's: it reorders the same work (e.g. the normaliser as an extra KᵀV column) into other matmuls
+    fused = {m: m.fused for m in model.modules() if isinstance(getattr(m, 'fused', None), bool)}
+    for m in fused:
+        m.fused = False
     device = next(model.parameters()).device
-    with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(batch_size, *input_size, device=device))
-    model.train(was_training)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            model(torch.zeros(batch_size, *input_size, device=device))
+    finally:
+        for m, flag in fused.items():
+            m.fused = flag
+        model.train(was_training)
     per_op = {str(op): flops / 2 / batch_size for op, flops in counter.get_flop_counts()['Global'].items()}
     return counter.get_total_flops() / 2 / batch_size, per_op

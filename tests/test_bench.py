@@ -1,0 +1,69 @@
+"""bench/ and utils/benchmark.py: the timer interleaves, memory probes see allocations, the scripts
+write the tables and files they promise (on micro sizes: speed itself is measured in bench/, not here)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import MICRO_YAML
+
+from bench import models as bench_models
+from bench import sweep as bench_sweep
+from utils.benchmark import exact_cpu_memory_accounting, measure, peak_memory_mb
+
+
+def test_measure_interleaves_candidates_and_reports_each_repeat():
+    calls = []
+    times = measure({'a': lambda: calls.append('a'), 'b': lambda: calls.append('b')}, torch.device('cpu'),
+                    repeats=5, warmup=1, min_repeat_s=0.0)
+    assert set(times) == {'a', 'b'} and all(len(v) == 5 for v in times.values())
+    timed = calls[4:]  # 1 warm-up + 1 calibration call each
+    assert timed == ['a', 'b'] * 5
+
+
+def test_peak_memory_sees_a_transient_allocation():
+    exact_cpu_memory_accounting()
+
+    def allocate():
+        x = torch.ones(50 * 2 ** 20)  # 200 MiB, freed on return
+        return float(x[0])
+
+    peak = peak_memory_mb(allocate, torch.device('cpu'))
+    assert 150 < peak < 280, peak
+
+
+def test_models_bench_writes_one_row_per_case(tmp_path, capsys):
+    cfg = tmp_path / 'micro.yaml'
+    cfg.write_text(MICRO_YAML)
+    out = tmp_path / 'models.json'
+    assert bench_models.main(['--configs', str(cfg), 'configs/demo/flatten_swin_fmnist.yaml', '--batch-size', '2',
+                              '--reference', '--repeats', '5', '--json', str(out)]) == 0
+    payload = json.loads(out.read_text())
+    rows = payload['rows']
+    assert [(r['model'], r['variant']) for r in rows] == [
+        ('micro', 'eager'), ('micro', 'eager+reference'),
+        ('flatten_swin_micro_fmnist', 'eager'), ('flatten_swin_micro_fmnist', 'eager+reference')]
+    for row in rows:
+        assert row['infer'] > 0 and row['train'] > 0 and row['latency'] > 0 and len(row['infer_runs']) == 5
+        assert row['gmacs'] > 0 and row['pct_matmul'] > 0
+    assert rows[0]['vs_first'] == 1.0
+    assert payload['matmul_gflops'] > 0 and payload['machine']['torch'] == torch.__version__
+    table = capsys.readouterr().out
+    assert 'infer img/s' in table and 'flatten_swin_micro_fmnist' in table
+
+
+def test_models_bench_rejects_too_few_repeats():
+    with pytest.raises(SystemExit):
+        bench_models.parse_args(['--repeats', '3'])
+
+
+def test_sweep_writes_growth_ratios_and_a_plot(tmp_path):
+    out, png = tmp_path / 'sweep.json', tmp_path / 'sweep.png'
+    assert bench_sweep.main(['--sides', '4', '8', '--dim', '16', '--heads', '2', '--skip-models', '--repeats', '5',
+                             '--json', str(out), '--png', str(png)]) == 0
+    payload = json.loads(out.read_text())
+    assert {r['attention'] for r in payload['rows']} == {'focused_linear', 'softmax'}
+    steps = payload['growth']['module']['focused_linear']
+    assert steps[0]['tokens'] == [16, 64] and steps[0]['token_ratio'] == 4.0 and steps[0]['time_ratio'] > 0
+    assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
