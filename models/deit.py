@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
 
-from .attention import AttentionOptions, block_kinds
+from .attention import LINEAR_KINDS, AttentionOptions, block_kinds
 from .grid import GridSpec
 from .layers import Backbone, Block, run_blocks
 from .registry import register_model, register_model_type, variant_kwargs
@@ -92,6 +92,7 @@ class FLattenDeiT(Backbone):
             attn_drop_rate: float = 0.,
             drop_path_rate: float = 0.1,
             attn_type: str = 'L',
+            linear_kind: str = 'focused_linear',
             focusing_factor: int = 3,
             kernel_size: int = 5,
             global_pool: Optional[str] = None,
@@ -104,8 +105,10 @@ class FLattenDeiT(Backbone):
             raise ValueError(
                 f'DeiT: image size {img_size[0]}x{img_size[1]} is not divisible by patch size {patch_size}: '
                 f'choose DATA.IMG_SIZE as a multiple of MODEL.DEIT.PATCH_SIZE')
-        kinds = block_kinds(attn_type, (depth,), DEIT_LETTER_KINDS)[0]
-        has_linear = DEIT_LETTER_KINDS['L'] in kinds
+        if linear_kind not in LINEAR_KINDS:
+            raise ValueError(f'MODEL.LA.LINEAR_KIND={linear_kind!r} is not one of {list(LINEAR_KINDS)}')
+        kinds = block_kinds(attn_type, (depth,), dict(DEIT_LETTER_KINDS, L=linear_kind))[0]
+        has_linear = linear_kind in kinds
         if global_pool is None:
             global_pool = 'avg' if has_linear else 'token'
         if global_pool not in GLOBAL_POOLS:
@@ -240,7 +243,7 @@ def build_flatten_deit(cfg) -> FLattenDeiT:
     """MODEL.TYPE 'flatten_deit': block kinds from the one-letter MODEL.LA.ATTN_TYPE ('L', 'S', 'M6', ...)."""
     return FLattenDeiT(
         **_deit_kwargs(cfg), attn_type=cfg.MODEL.LA.ATTN_TYPE, focusing_factor=cfg.MODEL.LA.FOCUSING_FACTOR,
-        kernel_size=cfg.MODEL.LA.KERNEL_SIZE)
+        kernel_size=cfg.MODEL.LA.KERNEL_SIZE, linear_kind=cfg.MODEL.LA.LINEAR_KIND)
 
 
 @register_model_type('deit')

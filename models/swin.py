@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 
-from .attention import AttentionOptions, block_kinds, create_attention
+from .attention import LINEAR_KINDS, AttentionOptions, block_kinds, create_attention
 from .grid import GridSpec
 from .layers import Backbone, run_blocks
 from .registry import register_model, register_model_type, variant_kwargs
@@ -30,6 +30,13 @@ __all__ = ['FLattenSwinTransformer', 'window_partition', 'window_reverse', 'shif
 
 # Stage letters of MODEL.LA.ATTN_TYPE understood by Swin, and the attention kind each one builds.
 SWIN_LETTER_KINDS = {'L': 'focused_linear', 'S': 'window_softmax'}
+
+
+def swin_letter_kinds(linear_kind: str) -> dict:
+    """The letter map with ``L`` set to `linear_kind` (``MODEL.LA.LINEAR_KIND``, the ablation zoo)."""
+    if linear_kind not in LINEAR_KINDS:
+        raise ValueError(f'MODEL.LA.LINEAR_KIND={linear_kind!r} is not one of {list(LINEAR_KINDS)}')
+    return dict(SWIN_LETTER_KINDS, L=linear_kind)
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -222,6 +229,7 @@ class FLattenSwinTransformer(Backbone):
             ape: bool = False,
             patch_norm: bool = True,
             attn_type: str = 'LLLL',
+            linear_kind: str = 'focused_linear',
             focusing_factor: int = 3,
             kernel_size: int = 5,
             use_checkpoint: bool = False,
@@ -252,7 +260,7 @@ class FLattenSwinTransformer(Backbone):
             trunc_normal_(self.absolute_pos_embed, std=.02)
         self.pos_drop = nn.Dropout(p=drop_rate)
 
-        kinds = block_kinds(attn_type, depths, SWIN_LETTER_KINDS)
+        kinds = block_kinds(attn_type, depths, swin_letter_kinds(linear_kind))
         options = AttentionOptions(focusing_factor=focusing_factor, kernel_size=kernel_size, qk_scale=qk_scale)
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.layers = nn.ModuleList()
@@ -263,7 +271,7 @@ class FLattenSwinTransformer(Backbone):
                 raise ValueError(
                     f'Swin: stage {i} map {resolution[0]}x{resolution[1]} cannot be patch-merged (odd size); '
                     f'DATA.IMG_SIZE must be divisible by PATCH_SIZE·2^{self.num_layers - 1}')
-            windows = [window_size if kind == SWIN_LETTER_KINDS['L'] else softmax_window_size for kind in kinds[i]]
+            windows = [softmax_window_size if kind == SWIN_LETTER_KINDS['S'] else window_size for kind in kinds[i]]
             self.layers.append(BasicLayer(
                 dim=embed_dim * 2 ** i, input_resolution=resolution, num_heads=num_heads[i], attn_kinds=kinds[i],
                 window_sizes=windows, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
@@ -386,7 +394,7 @@ def _swin_kwargs(cfg) -> dict:
 def build_flatten_swin(cfg) -> FLattenSwinTransformer:
     """MODEL.TYPE 'flatten_swin': stages from MODEL.LA.ATTN_TYPE, L window MODEL.SWIN.WINDOW_SIZE."""
     return FLattenSwinTransformer(
-        **_swin_kwargs(cfg), attn_type=cfg.MODEL.LA.ATTN_TYPE,
+        **_swin_kwargs(cfg), attn_type=cfg.MODEL.LA.ATTN_TYPE, linear_kind=cfg.MODEL.LA.LINEAR_KIND,
         softmax_window_size=cfg.MODEL.SWIN.SOFTMAX_WINDOW_SIZE or None)
 
 

@@ -122,3 +122,38 @@ def run_main(args: List[str], launcher: List[str] | None = None, timeout: float 
         env['OMP_NUM_THREADS'] = str(threads)
     command = (launcher or [sys.executable]) + [str(REPO / 'main.py')] + [str(a) for a in args]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_model_contract(make, size: int, num_classes: int = 10) -> None:
+    """The registry-wide model checks (timm tests/test_models.py style) for the model `make()` builds
+    with `num_classes` classes, at batch 1 and ``size``² input: shape and finite output; a finite
+    gradient for every parameter except those the model declares unused; strict state-dict round trip
+    to an identical output; pre-logits features; reset_classifier to 3 and to 0 classes."""
+    model = make()
+    x = torch.randn(1, 3, size, size)
+    out = model(x)
+    assert out.shape == (1, num_classes) and model.num_classes == num_classes
+    assert torch.isfinite(out).all()
+    out.square().sum().backward()
+    # only parameters a model declares unused may lack a gradient (PVT v1's final norm, spec §2.2)
+    skipped = model.unused_parameters()
+    for param_name, param in model.named_parameters():
+        if param_name in skipped:
+            assert param.grad is None, f'{param_name} is expected to be unused'
+        else:
+            assert param.grad is not None, f'{param_name} receives no gradient'
+            assert torch.isfinite(param.grad).all(), param_name
+
+    model.eval()
+    clone = make().eval()
+    clone.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        reference = model(x)
+        torch.testing.assert_close(clone(x), reference)
+        features = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert features.shape == (1, model.num_features)
+        model.reset_classifier(3)
+        assert model(x).shape == (1, 3) and model.num_classes == 3
+        model.reset_classifier(0)
+        assert model(x).shape == (1, model.num_features)
+    assert isinstance(model.no_weight_decay(), set) and isinstance(model.no_weight_decay_keywords(), set)

@@ -1,0 +1,93 @@
+"""Rank of the equivalent N×N attention matrix of every block (paper Fig. 5, Eq. 11).
+
+    python -m tools.attention_rank --cfg configs/flatten_deit_t.yaml [--resume CKPT] [--image FILE] \\
+        [--json ranks.json] [--png ranks.png]
+
+For each attention block (Swin: its first window; DeiT: the whole grid) the block's own q, k, v on
+the image give three N×N matrices (models/attention/analysis.py): softmax, vanilla linear (rank
+≤ head dim d) and focused linear with the DWC folded in. Their numerical ranks (float64,
+torch.linalg.matrix_rank), min and max over the heads, are printed as a table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional, Sequence
+
+from models.attention.analysis import FORMS, equivalent_matrices, head_ranks
+from tools.common import attention_inputs, load_image, load_model
+
+
+def block_ranks(model, image) -> List[dict]:
+    rows = []
+    for name, module, tokens in attention_inputs(model, image):
+        matrices = equivalent_matrices(module, tokens)
+        row = dict(block=name, kind=type(module).kind, tokens=tokens.shape[0],
+                   head_dim=tokens.shape[1] // module.num_heads)
+        for form in FORMS:
+            ranks = head_ranks(matrices[form]).tolist()
+            row[form] = dict(min=min(ranks), max=max(ranks), heads=ranks)
+        rows.append(row)
+    return rows
+
+
+def print_table(rows: List[dict]) -> None:
+    width = max(len(r['block']) for r in rows)
+    print(f'{"block":<{width}}  {"N":>5}  {"d":>4}  {"softmax":>9}  {"linear":>9}  {"focused+DWC":>11}')
+    for r in rows:
+        cells = [f'{r[f]["min"]}' if r[f]['min'] == r[f]['max'] else f'{r[f]["min"]}-{r[f]["max"]}' for f in FORMS]
+        print(f'{r["block"]:<{width}}  {r["tokens"]:>5}  {r["head_dim"]:>4}  {cells[0]:>9}  {cells[1]:>9}  '
+              f'{cells[2]:>11}')
+
+
+def plot(rows: List[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(rows) + 2), 4))
+    index = range(len(rows))
+    for offset, form in zip((-0.27, 0, 0.27), FORMS, strict=True):
+        ax.bar([i + offset for i in index], [r[form]['min'] for r in rows], width=0.27, label=form)
+    ax.plot(index, [r['tokens'] for r in rows], 'k_', markersize=18, label='N (full rank)')
+    ax.set_xticks(list(index), [r['block'] for r in rows], rotation=60, ha='right', fontsize=7)
+    ax.set_ylabel('rank of the N×N attention matrix (min over heads)')
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f'wrote {path}')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--cfg', required=True, help='config of a Swin or DeiT model')
+    parser.add_argument('--opts', nargs='+', default=None, metavar='KEY VALUE')
+    parser.add_argument('--resume', default=None, help='checkpoint with the weights (default: random init)')
+    parser.add_argument('--image', default=None,
+                        help="image file (default: tools/assets/fashion_mnist_test_0.png), or 'noise'")
+    parser.add_argument('--seed', type=int, default=0, help='seed of the random initialisation')
+    parser.add_argument('--json', default=None, metavar='PATH')
+    parser.add_argument('--png', default=None, metavar='PATH')
+    args = parser.parse_args(argv)
+    import torch
+    torch.manual_seed(args.seed)
+    try:
+        model, cfg = load_model(args.cfg, args.opts, args.resume)
+        rows = block_ranks(model, load_image(cfg, args.image, args.seed))
+    except (ValueError, TypeError, FileNotFoundError, OSError) as err:
+        print(f'ERROR {type(err).__name__}: {err}', file=sys.stderr)
+        return 2
+    print_table(rows)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(rows, f, indent=1)
+        print(f'wrote {args.json}')
+    if args.png:
+        plot(rows, args.png)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

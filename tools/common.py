@@ -1,0 +1,67 @@
+"""Shared set-up of the analysis tools: a model from a config (and optional checkpoint), an image,
+and the input tokens of each attention module on that image."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # allow `python tools/x.py` as well as `python -m tools.x`
+    sys.path.insert(0, str(REPO))
+
+from config import load_config  # noqa: E402
+from data.build import build_transform  # noqa: E402
+from models import build_model  # noqa: E402
+from models.attention.analysis import supports_analysis  # noqa: E402
+from utils.checkpoint import load_checkpoint  # noqa: E402
+
+# A Fashion-MNIST test image (index 0, an ankle boot) shipped with the repository
+DEFAULT_IMAGE = REPO / 'tools' / 'assets' / 'fashion_mnist_test_0.png'
+
+
+def load_model(cfg_path: str, opts: Optional[Sequence[str]] = None, checkpoint: Optional[str] = None):
+    """(model in eval mode, config); `checkpoint` is one of ours or an official .pth (its 'model')."""
+    cfg = load_config(cfg_path, list(opts or []))
+    model = build_model(cfg)
+    if checkpoint:
+        load_checkpoint(checkpoint, model)
+    return model.eval(), cfg
+
+
+def load_image(cfg, path: Optional[str] = None, seed: int = 0) -> torch.Tensor:
+    """(1, 3, IMG, IMG): `path` (default: the shipped sample) through the config's eval transform, or
+    for ``path='noise'`` a seeded standard-normal image (every token distinct, unlike the flat
+    background of a Fashion-MNIST image, whose identical patches make identical attention rows)."""
+    from PIL import Image
+    if path == 'noise':
+        gen = torch.Generator().manual_seed(seed)
+        return torch.randn(1, 3, cfg.DATA.IMG_SIZE, cfg.DATA.IMG_SIZE, generator=gen)
+    path = str(path or DEFAULT_IMAGE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'image {path!r} does not exist')
+    with Image.open(path) as img:
+        return build_transform(False, cfg)(img.convert('RGB')).unsqueeze(0)
+
+
+@torch.no_grad()
+def attention_inputs(model: nn.Module, image: torch.Tensor) -> List[Tuple[str, nn.Module, torch.Tensor]]:
+    """Run `image` and return, for every analysable attention module in forward order, its name,
+    the module and its input tokens (N, C) for the first window (Swin) or the whole grid (DeiT)."""
+    captured = []
+    hooks = [module.register_forward_pre_hook(
+        lambda mod, args, name=name: captured.append((name, mod, args[0][0].detach().clone())))
+        for name, module in model.named_modules() if supports_analysis(module)]
+    try:
+        model(image)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if not captured:
+        raise ValueError(f'{type(model).__name__} has no attention module with a fused qkv projection over one grid; '
+                         f'the analysis tools cover Swin and DeiT configs')
+    return captured
