@@ -157,3 +157,13 @@ def assert_model_contract(make, size: int, num_classes: int = 10) -> None:
         model.reset_classifier(0)
         assert model(x).shape == (1, model.num_features)
     assert isinstance(model.no_weight_decay(), set) and isinstance(model.no_weight_decay_keywords(), set)
+
+
+def randomize(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
+    """Overwrite every parameter with seeded N(0, std²) values: non-zero temperatures, positional
+    encodings and tokens and O(1) weights, so every term of a formula matters in a comparison."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=gen) * std)
+    return module

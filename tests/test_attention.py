@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import load_golden
+from conftest import load_golden, randomize
 
 from models.attention import (
     AttentionOptions,
@@ -17,15 +17,6 @@ from models.attention import (
     parse_attn_type,
     rank_restore_dwc,
 )
-
-
-def _randomize(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
-    """Non-zero scale / positional encoding and O(1) weights, so every term matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * std)
-    return module
 
 
 def explicit_focused_attention(module: FocusedLinearAttention, x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +53,7 @@ def explicit_focused_attention(module: FocusedLinearAttention, x: torch.Tensor) 
 @pytest.mark.parametrize('grid', [(7, 7), (4, 6), (1, 5)])
 def test_linear_order_equals_explicit_quadratic_form(grid):
     dim, heads = 24, 3
-    module = _randomize(FocusedLinearAttention(dim, heads, grid_size=grid)).double().eval()
+    module = randomize(FocusedLinearAttention(dim, heads, grid_size=grid)).double().eval()
     x = torch.randn(2, grid[0] * grid[1], dim, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(module(x), explicit_focused_attention(module, x), rtol=1e-10, atol=1e-10)
@@ -72,7 +63,7 @@ def test_linear_order_equals_explicit_quadratic_form(grid):
 def test_dwc_matrix_matches_the_convolution(grid):
     """The DWC shares one kernel set over heads and zero-pads at the grid border (also H ≠ W)."""
     heads, d, k = 2, 4, 5
-    conv = _randomize(torch.nn.Conv2d(d, d, k, padding=k // 2, groups=d)).double()
+    conv = randomize(torch.nn.Conv2d(d, d, k, padding=k // 2, groups=d)).double()
     v = torch.randn(3, grid[0] * grid[1], heads * d, dtype=torch.float64)
     m = dwc_matrix(conv.weight, grid)
     explicit = torch.stack([v[..., c] @ m[c % d].T + conv.bias[c % d] for c in range(heads * d)], dim=-1)
@@ -103,7 +94,7 @@ def test_matches_official_module_golden():
 
 
 def test_mask_is_ignored_like_the_official_module():
-    module = _randomize(FocusedLinearAttention(16, 2, grid_size=(4, 4))).eval()
+    module = randomize(FocusedLinearAttention(16, 2, grid_size=(4, 4))).eval()
     x = torch.randn(4, 16, 16)
     mask = torch.full((2, 16, 16), -100.0)
     with torch.no_grad():
@@ -114,7 +105,7 @@ def test_mask_is_ignored_like_the_official_module():
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize('magnitude', [1.0, 1e2])
 def test_outputs_finite_under_autocast(kind, dtype, magnitude):
-    module = _randomize(create_attention(kind, 32, 2, grid_size=(7, 7)), std=0.2).eval()
+    module = randomize(create_attention(kind, 32, 2, grid_size=(7, 7)), std=0.2).eval()
     x = torch.randn(3, 49, 32) * magnitude
     with torch.autocast('cpu', dtype=dtype), torch.no_grad():
         out = module(x)
@@ -129,7 +120,7 @@ def test_outputs_finite_under_autocast(kind, dtype, magnitude):
 
 @pytest.mark.parametrize('kind', list_attention_kinds())
 def test_gradients_reach_every_parameter(kind):
-    module = _randomize(create_attention(kind, 16, 2, grid_size=(4, 5)))
+    module = randomize(create_attention(kind, 16, 2, grid_size=(4, 5)))
     # token kinds take (B, N, C); qkv kinds (CSwin) take the block's stacked projections (3, B, N, C)
     shape = (3, 2, 20, 16) if getattr(module, 'input_is_qkv', False) else (2, 20, 16)
     module(torch.randn(shape)).square().mean().backward()
@@ -138,7 +129,7 @@ def test_gradients_reach_every_parameter(kind):
 
 
 def test_window_attention_matches_explicit_softmax_with_bias_and_mask():
-    module = _randomize(WindowAttention(16, 2, grid_size=(3, 4)), std=0.2).double().eval()
+    module = randomize(WindowAttention(16, 2, grid_size=(3, 4)), std=0.2).double().eval()
     B_, N, C = 4, 12, 16
     x = torch.randn(B_, N, C, dtype=torch.float64)
     mask = torch.zeros(2, N, N, dtype=torch.float64)
@@ -215,7 +206,7 @@ def test_fused_path_equals_the_reference_in_float64(kind, options, grid, chunk, 
     one chunk and with many (batch groups and token slices, as at large resolutions)."""
     from models.attention import core, set_fused_attention
     monkeypatch.setattr(core, 'FUSED_CHUNK_ELEMENTS', chunk)
-    module = _randomize(create_attention(kind, 24, 3, grid_size=grid, options=options)).double()
+    module = randomize(create_attention(kind, 24, 3, grid_size=grid, options=options)).double()
     x = _kind_input(module, (2, grid[0] * grid[1], 24)).requires_grad_()
     results = []
     for fused in (False, True):

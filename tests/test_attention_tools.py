@@ -88,3 +88,5 @@ def test_tools_name_bad_input(capsys, tmp_path):
     assert 'cover Swin and DeiT configs' in capsys.readouterr().err
     assert attention_rank.main(['--cfg', 'configs/flatten_deit_t.yaml', '--image', str(tmp_path / 'none.png')]) == 2
     assert 'none.png' in capsys.readouterr().err
+    assert attention_rank.main(['--cfg', 'configs/flatten_deit_t.yaml', '--resume', str(tmp_path / 'no.pth')]) == 2
+    assert "checkpoint '" in capsys.readouterr().err

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from conftest import ASSETS, REPO, load_golden, read_inventory
+from conftest import ASSETS, REPO, load_golden, randomize, read_inventory
 
 import models
 from config import config_to_yaml, load_config
@@ -47,14 +47,6 @@ def _params(model: torch.nn.Module) -> int:
 def _inventory(model: torch.nn.Module) -> list:
     return [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
 
-
-def _randomize(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
-    """Non-zero scale / positional encoding and O(1) weights, so every term matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * std)
-    return module
 
 
 def _official_kwargs(kwargs: dict) -> dict:
@@ -224,7 +216,7 @@ GEOMETRIES = [  # (grid, window): global, non-square global, vertical / horizont
 @pytest.mark.parametrize('grid, window', GEOMETRIES)
 def test_focused_attention_equals_explicit_quadratic_form(grid, window):
     dim, heads = 24, 3
-    module = _randomize(create_attention(
+    module = randomize(create_attention(
         'cswin_focused_linear', dim, heads, grid_size=grid, options=AttentionOptions(window=window)))
     module = module.double().eval()
     qkv = torch.randn(3, 2, grid[0] * grid[1], dim, dtype=torch.float64)
@@ -234,7 +226,7 @@ def test_focused_attention_equals_explicit_quadratic_form(grid, window):
 
 @pytest.mark.parametrize('grid, window', GEOMETRIES)
 def test_lepe_softmax_equals_explicit_form(grid, window):
-    module = _randomize(create_attention(
+    module = randomize(create_attention(
         'cswin_lepe_softmax', 16, 2, grid_size=grid, options=AttentionOptions(window=window)), std=0.2)
     module = module.double().eval()
     assert [name for name, _ in module.named_parameters()] == ['get_v.weight', 'get_v.bias']
@@ -248,7 +240,7 @@ def test_windowed_focused_attention_is_the_global_module_on_each_window(window):
     """split < resolution: every stripe is attended on its own, exactly as a global module built for
     the stripe's shape and run on that stripe alone (sums, normaliser, DWC border, positional encoding)."""
     grid, dim, heads = (8, 6), 16, 2
-    windowed = _randomize(CSwinFocusedLinearAttention(dim, heads, grid, options=AttentionOptions(window=window)))
+    windowed = randomize(CSwinFocusedLinearAttention(dim, heads, grid, options=AttentionOptions(window=window)))
     single = CSwinFocusedLinearAttention(dim, heads, window)
     single.load_state_dict(windowed.state_dict(), strict=True)
     qkv = torch.randn(3, 2, grid[0] * grid[1], dim)
@@ -260,7 +252,7 @@ def test_windowed_focused_attention_is_the_global_module_on_each_window(window):
 
 
 def test_windowed_focused_attention_trains():
-    module = _randomize(CSwinFocusedLinearAttention(16, 2, (8, 6), options=AttentionOptions(window=(8, 2))))
+    module = randomize(CSwinFocusedLinearAttention(16, 2, (8, 6), options=AttentionOptions(window=(8, 2))))
     assert module.positional_encoding.shape == (1, 16, 16)
     module(torch.randn(3, 2, 48, 16)).square().mean().backward()
     for name, param in module.named_parameters():
@@ -270,7 +262,7 @@ def test_windowed_focused_attention_trains():
 @pytest.mark.parametrize('kind', ['cswin_focused_linear', 'cswin_lepe_softmax'])
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_attention_finite_under_autocast(kind, dtype):
-    module = _randomize(create_attention(
+    module = randomize(create_attention(
         kind, 32, 2, grid_size=(8, 8), options=AttentionOptions(window=(8, 2))), std=0.2).eval()
     qkv = torch.randn(3, 2, 64, 32) * 100
     with torch.autocast('cpu', dtype=dtype), torch.no_grad():
@@ -430,7 +422,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_model_finite_under_autocast():
-    model = _randomize(_mini(la_split_size='8-4-2-2'), std=0.1).eval()
+    model = randomize(_mini(la_split_size='8-4-2-2'), std=0.1).eval()
     with torch.autocast('cpu', dtype=torch.bfloat16), torch.no_grad():
         out = model(torch.randn(2, 3, 64, 64))
     assert torch.isfinite(out).all()

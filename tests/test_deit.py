@@ -7,6 +7,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from conftest import randomize
 
 import models
 from config import load_config
@@ -33,14 +34,6 @@ PAPER = {
     'softmax_deit_base_patch16_224': (86.6, 17.6),
 }
 
-
-def _randomize(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
-    """Non-zero scale / positional encodings / tokens and O(1) weights, so every term matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * std)
-    return module
 
 
 def _micro(**kwargs) -> FLattenDeiT:
@@ -187,7 +180,7 @@ def explicit_forward(model: FLattenDeiT, images: torch.Tensor) -> torch.Tensor:
 def test_model_equals_explicit_quadratic_attention(attn_type):
     """FLatten blocks see exactly the 6×4 grid tokens, row-major, no class token: the DWC's zero
     padding and the positional encoding line up with the patches. Mixed and softmax models too."""
-    model = _randomize(_micro(attn_type=attn_type), std=0.2).double().eval()
+    model = randomize(_micro(attn_type=attn_type), std=0.2).double().eval()
     images = torch.randn(2, 3, 48, 32, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(model(images), explicit_forward(model, images), rtol=1e-9, atol=1e-9)
@@ -219,7 +212,7 @@ def test_softmax_kind_is_registered():
 @pytest.mark.parametrize('with_mask', [False, True])
 def test_softmax_kind_equals_explicit_softmax(with_mask):
     """T = 3·4 grid tokens plus a class token: softmax attends over whatever tokens it is given."""
-    module = _randomize(create_attention('softmax', 24, 3, grid_size=(3, 4)), std=0.3).double().eval()
+    module = randomize(create_attention('softmax', 24, 3, grid_size=(3, 4)), std=0.3).double().eval()
     x = torch.randn(2, 13, 24, dtype=torch.float64)
     mask = None
     if with_mask:
@@ -233,7 +226,7 @@ def test_softmax_kind_equals_explicit_softmax(with_mask):
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize('magnitude', [1.0, 1e2])
 def test_softmax_kind_finite_under_autocast(device, dtype, magnitude):
-    module = _randomize(create_attention('softmax', 32, 2, grid_size=(7, 7)), std=0.2).to(device).eval()
+    module = randomize(create_attention('softmax', 32, 2, grid_size=(7, 7)), std=0.2).to(device).eval()
     x = torch.randn(3, 50, 32, device=device) * magnitude
     with torch.autocast(device, dtype=dtype), torch.no_grad():
         out = module(x)
@@ -249,7 +242,7 @@ def test_softmax_kind_finite_under_autocast(device, dtype, magnitude):
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])
 def test_models_finite_under_autocast(dtype):
     for attn_type in ('L', 'S'):
-        model = _randomize(_micro(attn_type=attn_type), std=0.2).eval()
+        model = randomize(_micro(attn_type=attn_type), std=0.2).eval()
         with torch.autocast('cpu', dtype=dtype), torch.no_grad():
             out = model(torch.randn(2, 3, 48, 32) * 1e2)
         assert torch.isfinite(out).all(), attn_type
@@ -299,7 +292,7 @@ def test_forward_backward_shapes(variant, img_size):
     dict(attn_type='L', use_abs_pos=True), dict(attn_type='S', use_abs_pos=False),
 ])
 def test_every_parameter_receives_a_gradient(kwargs):
-    model = _randomize(_micro(**kwargs), std=0.2)
+    model = randomize(_micro(**kwargs), std=0.2)
     model(torch.randn(2, 3, 48, 32)).logsumexp(-1).mean().backward()
     for name, param in model.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
@@ -331,7 +324,7 @@ def test_drop_path_rule_and_layer_norm_eps():
 
 @pytest.mark.parametrize('attn_type', ['L', 'S'])
 def test_state_dict_round_trip(attn_type):
-    model = _randomize(_micro(attn_type=attn_type))
+    model = randomize(_micro(attn_type=attn_type))
     clone = _micro(attn_type=attn_type)
     clone.load_state_dict(model.state_dict(), strict=True)
     x = torch.randn(2, 3, 48, 32)

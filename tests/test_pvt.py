@@ -11,7 +11,7 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from conftest import ASSETS, REPO, load_golden, read_inventory
+from conftest import ASSETS, REPO, load_golden, randomize, read_inventory
 
 import models
 from config import config_to_yaml, load_config
@@ -62,14 +62,6 @@ def _params(model: nn.Module) -> int:
 def _layout(model: nn.Module) -> list:
     return [(k, tuple(v.shape)) for k, v in model.state_dict().items()]
 
-
-def _randomize(module: nn.Module, std: float = 0.3, seed: int = 0) -> nn.Module:
-    """Non-zero scale / positional encoding and O(1) weights, so every term matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * std)
-    return module
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,7 +210,7 @@ def explicit_reduced_focused_attention(module: PvtFocusedLinearAttention, x: tor
 ])
 def test_reduced_focused_attention_equals_explicit_quadratic_form(grid, options):
     dim, heads = 12, 3
-    module = _randomize(PvtFocusedLinearAttention(dim, heads, grid_size=grid, options=options)).double().eval()
+    module = randomize(PvtFocusedLinearAttention(dim, heads, grid_size=grid, options=options)).double().eval()
     x = torch.randn(2, grid[0] * grid[1], dim, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(module(x), explicit_reduced_focused_attention(module, x), rtol=1e-10, atol=1e-10)
@@ -244,7 +236,7 @@ def test_value_resampling_is_one_dimensional_along_the_sequence():
 ])
 def test_spatial_reduction_attention_equals_explicit_softmax(grid, options):
     dim, heads = 12, 3
-    module = _randomize(SpatialReductionAttention(dim, heads, grid_size=grid, options=options), std=0.2)
+    module = randomize(SpatialReductionAttention(dim, heads, grid_size=grid, options=options), std=0.2)
     module = module.double().eval()
     B, N, C = 2, grid[0] * grid[1], dim
     x = torch.randn(B, N, C, dtype=torch.float64)
@@ -268,7 +260,7 @@ def test_spatial_reduction_attention_equals_explicit_softmax(grid, options):
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize('magnitude', [1.0, 1e2])
 def test_outputs_finite_under_autocast(kind, options, dtype, magnitude):
-    module = _randomize(create_attention(kind, 32, 2, grid_size=(8, 8), options=options), std=0.2).eval()
+    module = randomize(create_attention(kind, 32, 2, grid_size=(8, 8), options=options), std=0.2).eval()
     x = torch.randn(2, 64, 32) * magnitude
     with torch.autocast('cpu', dtype=dtype), torch.no_grad():
         out = module(x)

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_model_contract
+from conftest import assert_model_contract, randomize
 
 from config import load_config
 from models import build_model
@@ -15,13 +15,6 @@ from models.attention import LINEAR_KINDS, AttentionOptions, create_attention, d
 ZOO = [kind for kind in LINEAR_KINDS if kind != 'focused_linear']  # FLatten's own tests are in test_attention.py
 GRID = (5, 6)  # non-square on purpose
 
-
-def _randomize(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.randn(param.shape, generator=gen) * std)
-    return module
 
 
 def _dwc(module, v: torch.Tensor) -> torch.Tensor:
@@ -98,7 +91,7 @@ def explicit(module, q, k, v):
 @pytest.mark.parametrize('kind', ZOO)
 def test_linear_order_equals_explicit_quadratic_form(kind):
     torch.manual_seed(0)
-    module = _randomize(create_attention(kind, 12, 3, GRID, options=AttentionOptions(kernel_size=3))).double()
+    module = randomize(create_attention(kind, 12, 3, GRID, options=AttentionOptions(kernel_size=3))).double()
     x = torch.randn(2, GRID[0] * GRID[1], 12, dtype=torch.float64)
     q, k, v = module.qkv(x).unflatten(-1, (3, 12)).unbind(dim=2)
     torch.testing.assert_close(module.attend(q, k, v), explicit(module, q, k, v), rtol=1e-10, atol=1e-10)
@@ -152,6 +145,6 @@ def test_unknown_linear_kind_names_the_key_and_the_choices():
 def test_relu_linear_doubles_proj_input_and_hydra_ignores_heads():
     relu = create_attention('relu_linear', 16, 2, GRID)
     assert relu.proj.in_features == 32
-    hydra2, hydra4 = (_randomize(create_attention('hydra', 16, h, GRID)) for h in (2, 4))
+    hydra2, hydra4 = (randomize(create_attention('hydra', 16, h, GRID)) for h in (2, 4))
     x = torch.randn(1, 30, 16)
     torch.testing.assert_close(hydra2(x), hydra4(x))

@@ -17,7 +17,7 @@ import sys
 from typing import Optional, Sequence
 
 from models.attention.analysis import FORMS, entropy, query_distributions, token_projections
-from tools.common import attention_inputs, load_image, load_model
+from tools.common import TOOL_ERRORS, add_model_arguments, attention_inputs, load_image, load_model
 
 TITLES = {'softmax': 'Softmax', 'linear': 'Linear (ReLU)', 'focused': 'Focused linear'}
 
@@ -70,15 +70,10 @@ def plot(image, grid, query, maps, entropies, block: str, path: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--cfg', required=True, help='config of a Swin or DeiT model')
-    parser.add_argument('--opts', nargs='+', default=None, metavar='KEY VALUE')
-    parser.add_argument('--resume', default=None, help='checkpoint with the weights (default: random init)')
-    parser.add_argument('--image', default=None,
-                        help="image file (default: tools/assets/fashion_mnist_test_0.png), or 'noise'")
+    add_model_arguments(parser)
     parser.add_argument('--block', default=None, help='attention module name (default: the last analysable one)')
     parser.add_argument('--query', type=int, nargs=2, default=None, metavar=('ROW', 'COL'),
                         help='query token on the block grid (default: the centre)')
-    parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--png', default='attention_maps.png', metavar='PATH')
     args = parser.parse_args(argv)
     import torch
@@ -87,7 +82,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         model, cfg = load_model(args.cfg, args.opts, args.resume)
         image = load_image(cfg, args.image, args.seed)
         block, grid, query, maps, entropies = maps_for(model, image, args.block, args.query)
-    except (ValueError, TypeError, FileNotFoundError, OSError) as err:
+    except TOOL_ERRORS as err:
         print(f'ERROR {type(err).__name__}: {err}', file=sys.stderr)
         return 2
     print(f'{block}: query {query} on a {grid[0]}x{grid[1]} grid (uniform entropy {math.log(grid[0] * grid[1]):.3f})')

@@ -17,7 +17,7 @@ import sys
 from typing import List, Optional, Sequence
 
 from models.attention.analysis import FORMS, equivalent_matrices, head_ranks
-from tools.common import attention_inputs, load_image, load_model
+from tools.common import TOOL_ERRORS, add_model_arguments, attention_inputs, load_image, load_model
 
 
 def block_ranks(model, image) -> List[dict]:
@@ -62,12 +62,7 @@ def plot(rows: List[dict], path: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--cfg', required=True, help='config of a Swin or DeiT model')
-    parser.add_argument('--opts', nargs='+', default=None, metavar='KEY VALUE')
-    parser.add_argument('--resume', default=None, help='checkpoint with the weights (default: random init)')
-    parser.add_argument('--image', default=None,
-                        help="image file (default: tools/assets/fashion_mnist_test_0.png), or 'noise'")
-    parser.add_argument('--seed', type=int, default=0, help='seed of the random initialisation')
+    add_model_arguments(parser)
     parser.add_argument('--json', default=None, metavar='PATH')
     parser.add_argument('--png', default=None, metavar='PATH')
     args = parser.parse_args(argv)
@@ -76,7 +71,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         model, cfg = load_model(args.cfg, args.opts, args.resume)
         rows = block_ranks(model, load_image(cfg, args.image, args.seed))
-    except (ValueError, TypeError, FileNotFoundError, OSError) as err:
+    except TOOL_ERRORS as err:
         print(f'ERROR {type(err).__name__}: {err}', file=sys.stderr)
         return 2
     print_table(rows)

@@ -18,10 +18,26 @@ from config import load_config  # noqa: E402
 from data.build import build_transform  # noqa: E402
 from models import build_model  # noqa: E402
 from models.attention.analysis import supports_analysis  # noqa: E402
-from utils.checkpoint import load_checkpoint  # noqa: E402
+from models.registry import UnknownModelError  # noqa: E402
+from utils.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 
 # A Fashion-MNIST test image (index 0, an ankle boot) shipped with the repository
 DEFAULT_IMAGE = REPO / 'tools' / 'assets' / 'fashion_mnist_test_0.png'
+
+
+def add_model_arguments(parser) -> None:
+    """The arguments every analysis tool takes: the model, its weights and the image."""
+    parser.add_argument('--cfg', required=True, help='config of a Swin or DeiT model')
+    parser.add_argument('--opts', nargs='+', default=None, metavar='KEY VALUE')
+    parser.add_argument('--resume', default=None, help='checkpoint with the weights (default: random init)')
+    parser.add_argument('--image', default=None,
+                        help="image file (default: tools/assets/fashion_mnist_test_0.png), or 'noise'")
+    parser.add_argument('--seed', type=int, default=0, help="seed of the random initialisation and of 'noise'")
+
+
+# what the tools report as one-line errors (exit status 2) instead of tracebacks: bad configs, model
+# names, checkpoints, image files, and models the analysis does not cover
+TOOL_ERRORS = (ValueError, TypeError, OSError, UnknownModelError, CheckpointError)
 
 
 def load_model(cfg_path: str, opts: Optional[Sequence[str]] = None, checkpoint: Optional[str] = None):
