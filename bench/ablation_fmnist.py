@@ -109,6 +109,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--out', default=str(REPO / 'docs' / 'ablation_fmnist'),
                         help='writes OUT.md and OUT.json')
     parser.add_argument('--work-dir', default=None, help='run folders (default: a temporary folder)')
+    parser.add_argument('--from-json', default=None, metavar='PATH',
+                        help="re-write the report from an earlier run's JSON instead of training")
     return parser.parse_args(argv)
 
 
@@ -183,7 +185,11 @@ def write_report(path: str, table, results, args, seconds: float) -> None:
               'dim 96, 4 blocks, 2 heads, all blocks take the rung; FLatten-DeiT design: average pooling, no class '
               'token, positional encoding inside the attention; the softmax DeiT has its class token and absolute '
               'position embedding). All linear rungs keep the learned key positional encoding.', '',
-              '## Does the paper\'s ordering hold at this scale?', ''] + verdict(table) + ['']
+              '## Does the paper\'s ordering hold at this scale?', ''] + verdict(table) + [
+              '', 'A caveat on the size of the gaps: a budget of minutes on a CPU (a few hundred updates on '
+              '28×28 images) rewards the locality the DWC adds and penalises a softmax ViT, which is known to '
+              'need long schedules, so the softmax DeiT gap here is far larger than the paper\'s ImageNet gap '
+              '(1.9 points, Table 4); the ordering, not the size of the steps, is what this study checks.', '']
     with open(path, 'w') as f:
         f.write('\n'.join(lines))
     print('\n'.join(lines))
@@ -192,6 +198,12 @@ def write_report(path: str, table, results, args, seconds: float) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        saved_args = argparse.Namespace(**{**saved['args'], 'out': args.out})
+        write_report(args.out + '.md', summarise(saved['runs'], saved_args.families), saved['runs'], saved_args,
+                     saved['seconds'])
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
         work.mkdir(parents=True, exist_ok=True)

@@ -24,5 +24,9 @@ def test_ablation_script_writes_the_table(tmp_path, fashion_mnist_dir, capsys):
         assert f'| {rung} |' in report
     assert len(re.findall(r'\d+\.\d+ ± \d+\.\d+', report)) == 2 * len(ablation_fmnist.RUNGS)
     assert "Does the paper's ordering hold" in report and ('holds' in report or 'does **not** hold' in report)
+    # the report can be re-written from the JSON alone, identically
+    again = tmp_path / 'again'
+    assert ablation_fmnist.main(['--from-json', str(tmp_path / 'ablation.json'), '--out', str(again)]) == 0
+    assert (tmp_path / 'again.md').read_text() == report
     table = payload['table']['swin']['softmax']
     assert len(table['runs']) == 1 and table['std'] == 0.0
