@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from typing import Optional, Sequence
 
 from models.attention.analysis import FORMS, entropy, query_distributions, token_projections
-from tools.common import TOOL_ERRORS, add_model_arguments, attention_inputs, load_image, load_model
+from tools.common import TOOL_ERRORS, add_model_arguments, attention_inputs, model_and_image, save_figure
 
 TITLES = {'softmax': 'Softmax', 'linear': 'Linear (ReLU)', 'focused': 'Focused linear'}
 
@@ -62,10 +61,7 @@ def plot(image, grid, query, maps, entropies, block: str, path: str) -> None:
     for ax in axes:
         ax.set_xticks([])
         ax.set_yticks([])
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f'wrote {path}')
+    save_figure(fig, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -76,11 +72,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help='query token on the block grid (default: the centre)')
     parser.add_argument('--png', default='attention_maps.png', metavar='PATH')
     args = parser.parse_args(argv)
-    import torch
-    torch.manual_seed(args.seed)
     try:
-        model, cfg = load_model(args.cfg, args.opts, args.resume)
-        image = load_image(cfg, args.image, args.seed)
+        model, _, image = model_and_image(args)
         block, grid, query, maps, entropies = maps_for(model, image, args.block, args.query)
     except TOOL_ERRORS as err:
         print(f'ERROR {type(err).__name__}: {err}', file=sys.stderr)

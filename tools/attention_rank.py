@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from typing import List, Optional, Sequence
 
 from models.attention.analysis import FORMS, equivalent_matrices, head_ranks
-from tools.common import TOOL_ERRORS, add_model_arguments, attention_inputs, load_image, load_model
+from tools.common import TOOL_ERRORS, add_model_arguments, attention_inputs, model_and_image, save_figure
 
 
 def block_ranks(model, image) -> List[dict]:
@@ -54,10 +53,7 @@ def plot(rows: List[dict], path: str) -> None:
     ax.set_xticks(list(index), [r['block'] for r in rows], rotation=60, ha='right', fontsize=7)
     ax.set_ylabel('rank of the N×N attention matrix (min over heads)')
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f'wrote {path}')
+    save_figure(fig, path)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -66,11 +62,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--json', default=None, metavar='PATH')
     parser.add_argument('--png', default=None, metavar='PATH')
     args = parser.parse_args(argv)
-    import torch
-    torch.manual_seed(args.seed)
     try:
-        model, cfg = load_model(args.cfg, args.opts, args.resume)
-        rows = block_ranks(model, load_image(cfg, args.image, args.seed))
+        model, _, image = model_and_image(args)
+        rows = block_ranks(model, image)
     except TOOL_ERRORS as err:
         print(f'ERROR {type(err).__name__}: {err}', file=sys.stderr)
         return 2

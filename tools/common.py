@@ -40,6 +40,21 @@ def add_model_arguments(parser) -> None:
 TOOL_ERRORS = (ValueError, TypeError, OSError, UnknownModelError, CheckpointError)
 
 
+def model_and_image(args):
+    """(model, config, image) for the parsed :func:`add_model_arguments`, seeded by ``args.seed``."""
+    torch.manual_seed(args.seed)
+    model, cfg = load_model(args.cfg, args.opts, args.resume)
+    return model, cfg, load_image(cfg, args.image, args.seed)
+
+
+def save_figure(fig, path: str) -> None:
+    """Lay out `fig` and write it to `path` as PNG, creating the folder."""
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f'wrote {path}')
+
+
 def load_model(cfg_path: str, opts: Optional[Sequence[str]] = None, checkpoint: Optional[str] = None):
     """(model in eval mode, config); `checkpoint` is one of ours or an official .pth (its 'model')."""
     cfg = load_config(cfg_path, list(opts or []))
