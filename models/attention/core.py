@@ -12,7 +12,9 @@ Two implementations of the same function, selected per module by its ``fused`` f
   applied to the value rows and the final normaliser instead of to whole tensors; the normaliser
   rides along as an extra column of KᵀV; heads are sliced instead of transposed; and the DWC runs
   as one grouped conv on the channels-last view of V (its d kernels repeated per head) instead of
-  through two permuted copies.
+  through two permuted copies. Under autograd its backward is written by hand (the same chunks, the
+  kernel recomputed from the saved inputs), so no (B, N, C) intermediate of the core is kept for
+  the backward and autograd does not replay each element-wise step.
 """
 from __future__ import annotations
 
@@ -21,7 +23,6 @@ from typing import Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torch.utils.checkpoint
 
 __all__ = ['KERNEL_EPS', 'NORMALIZER_EPS', 'focused_kernel', 'linear_attention', 'focused_linear_attention',
            'rank_restore_dwc', 'dwc_matrix', 'make_dwc', 'upcast', 'set_fused_attention']
@@ -79,10 +80,29 @@ def _focused_rows(x: torch.Tensor, inv_s: torch.Tensor, focusing_factor: int) ->
     return r_p, torch.linalg.vector_norm(r, dim=-1, keepdim=True) / torch.linalg.vector_norm(r_p, dim=-1, keepdim=True)
 
 
-def _recomputed_focused_rows(x: torch.Tensor, inv_s: torch.Tensor,
-                             focusing_factor: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_focused_rows` saving only its input for the backward (the element-wise chain is rerun)."""
-    return torch.utils.checkpoint.checkpoint(_focused_rows, x, inv_s, focusing_factor, use_reentrant=False)
+def _focused_rows_backward(x: torch.Tensor, inv_s: torch.Tensor, focusing_factor: int, grad_u: torch.Tensor,
+                           grad_c: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`_focused_rows` with respect to x and inv_s, given those of u = r^p and c.
+
+    With c = ‖r‖/‖u‖: ``dL/dr = p r^(p-1) ⊙ (g_u − g_c ‖r‖/‖u‖³ · u) + g_c / (‖r‖‖u‖) · r``, then
+    ``dL/dx = dL/dr ⊙ inv_s ⊙ [x > 0]`` and ``dL/d inv_s = Σ_tokens dL/dr ⊙ (ReLU(x) + eps)``.
+    The forward's element-wise chain is recomputed from x here instead of being saved.
+    """
+    relu_eps = F.relu(x) + KERNEL_EPS
+    r = relu_eps * inv_s
+    w = r.pow(focusing_factor - 1)
+    u = w * r
+    norm_r = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
+    norm_u = torch.linalg.vector_norm(u, dim=-1, keepdim=True)
+    # divide by one norm at a time: for an all-negative token r ≈ 1e-6 and ‖u‖³ underflows float32
+    g_over_u = grad_c / norm_u
+    grad_r = torch.addcmul(grad_u, u, g_over_u * (norm_r / norm_u) / norm_u, value=-1).mul_(w)
+    if focusing_factor != 1:
+        grad_r.mul_(focusing_factor)
+    grad_r.addcmul_(r, g_over_u / norm_r)
+    grad_inv_s = (grad_r * relu_eps).sum(dim=tuple(range(x.dim() - 1)))
+    grad_x = torch.ops.aten.threshold_backward(grad_r.mul_(inv_s), x, 0)  # ReLU's backward: zero where x <= 0
+    return grad_x, grad_inv_s
 
 
 def _chunks(batch: int, tokens: int, channels: int) -> Tuple[int, int]:
@@ -90,6 +110,138 @@ def _chunks(batch: int, tokens: int, channels: int) -> Tuple[int, int]:
     if tokens * channels >= FUSED_CHUNK_ELEMENTS:
         return 1, max(1, FUSED_CHUNK_ELEMENTS // channels)
     return max(1, FUSED_CHUNK_ELEMENTS // (tokens * channels)), tokens
+
+
+def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_s: torch.Tensor,
+                   positional_encoding: torch.Tensor, num_heads: int, focusing_factor: int,
+                   chunked: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The fused forward: (output (B, N, C), per-head summaries (B, h, d, d+1)).
+
+    Chunk by chunk (a few batch elements, or a slice of tokens of one) so that the intermediates
+    stay in cache: first the keys, accumulating per head the d×(d+1) summary
+    ``[Σ_j r^p(k_j)ᵀ (c_j/n) v_j | Σ_j (c_j/n) r^p(k_j)ᵀ]`` (the second column block is mean φ(K)),
+    then the queries, each chunk written into its slice of the output.
+    """
+    B, N, C = q.shape
+    n, d = k.shape[1], C // num_heads
+    out = q.new_empty(B, N, C)
+    summaries = []
+    if chunked:
+        group, key_rows = _chunks(B, n, C)
+        query_rows = _chunks(B, N, C)[1]
+    else:  # under torch.compile: inductor fuses the element-wise chain itself; chunks would unroll the graph
+        group, key_rows, query_rows = B, n, N
+    for b0 in range(0, B, group):
+        b1 = min(B, b0 + group)
+        # keys: phi(k_j) = c_j r^p(k_j); c_j and both n^-½ pre-scales ride on the value rows
+        summary = None
+        for t0 in range(0, n, key_rows):
+            keys = k[b0:b1, t0:t0 + key_rows] + positional_encoding[:, t0:t0 + key_rows]
+            rk_p, ck = _focused_rows(keys, inv_s, focusing_factor)
+            b, t = rk_p.shape[:2]
+            weights = (ck / n).unsqueeze(-1)  # (b, t, 1, 1)
+            values = torch.cat([v[b0:b1, t0:t0 + key_rows].view(b, t, num_heads, d) * weights,
+                                weights.expand(b, t, num_heads, 1)], dim=-1)  # (b, t, h, d+1)
+            part = rk_p.view(b, t, num_heads, d).permute(0, 2, 3, 1) @ values.transpose(1, 2)  # (b, h, d, d+1)
+            summary = part if summary is None else summary + part
+        summaries.append(summary)
+        # queries: phi(q) = cq r^p(q); (cq·num) / (cq·den + eps) is the reference's num / (phi(q)·k̄ + eps)
+        for t0 in range(0, N, query_rows):
+            rq_p, cq = _focused_rows(q[b0:b1, t0:t0 + query_rows], inv_s, focusing_factor)
+            b, t = rq_p.shape[:2]
+            num_den = rq_p.view(b, t, num_heads, d).transpose(1, 2) @ summary  # (b, h, t, d+1)
+            cq = cq.unsqueeze(1)  # (b, 1, t, 1)
+            result = num_den[..., :d] * (cq / (cq * num_den[..., d:] + NORMALIZER_EPS))
+            out[b0:b1, t0:t0 + query_rows].view(b, t, num_heads, d).copy_(result.transpose(1, 2))
+    return out, torch.cat(summaries)
+
+
+def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_s: torch.Tensor,
+                    positional_encoding: torch.Tensor, summaries: torch.Tensor, num_heads: int,
+                    focusing_factor: int) -> Tuple[torch.Tensor, ...]:
+    """Gradients of :func:`_fused_forward` for (q, k, v, inv_s, positional_encoding), in the same chunks.
+
+    Per batch group, the queries first: with S = [S_v | s_1] the saved summary, U = r^p(q) and
+    ``out = c·U S_v / (c·U s_1 + eps)``, the gradient G of the output gives
+    ``[dNum | dDen] = [G / D | −Σ(G ⊙ out) / D]`` (D = c·U s_1 + eps), then ``dΦq = [dNum | dDen] Sᵀ``
+    and ``dS = Σ_i Φq_iᵀ [dNum | dDen]_i``. Then the keys: with W_j = (c_j/n)[v_j | 1] the summary is
+    ``S = Σ_j U_jᵀ W_j``, so ``dU_j = W_j dSᵀ`` and ``dW_j = U_j dS``, which gives dv_j and dc_j.
+    """
+    B, N, C = q.shape
+    n, d = k.shape[1], C // num_heads
+    grad_q, grad_k, grad_v = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+    grad_pe = torch.zeros_like(positional_encoding)
+    grad_inv_s = torch.zeros(C, dtype=q.dtype, device=q.device)
+    group, key_rows = _chunks(B, n, C)
+    query_rows = _chunks(B, N, C)[1]
+    for b0 in range(0, B, group):
+        b1 = min(B, b0 + group)
+        summary = summaries[b0:b1]  # (b, h, d, d+1)
+        grad_summary = None
+        for t0 in range(0, N, query_rows):
+            x = q[b0:b1, t0:t0 + query_rows]
+            rq_p, cq = _focused_rows(x, inv_s, focusing_factor)
+            b, t = rq_p.shape[:2]
+            u = rq_p.view(b, t, num_heads, d).transpose(1, 2)  # (b, h, t, d)
+            num_den = u @ summary  # (b, h, t, d+1), before the factor c
+            c = cq.unsqueeze(1)  # (b, 1, t, 1)
+            inv_den = 1 / (c * num_den[..., d:] + NORMALIZER_EPS)  # (b, h, t, 1)
+            g = grad_out[b0:b1, t0:t0 + query_rows].reshape(b, t, num_heads, d).transpose(1, 2)
+            grad_num = g * inv_den
+            # dDen = −Σ_e G_e·out_e / D with out = c·num/D, i.e. −c·Σ_e(G_e·num_e)/D²
+            grad_den = -(g * num_den[..., :d]).sum(-1, keepdim=True) * c * inv_den * inv_den
+            grad_nd = torch.cat([grad_num, grad_den], dim=-1)  # (b, h, t, d+1) w.r.t. [Num | Den]
+            part = u.transpose(-2, -1) @ (grad_nd * c)  # (b, h, d, d+1)
+            grad_summary = part if grad_summary is None else grad_summary + part
+            grad_phi = grad_nd @ summary.transpose(-2, -1)  # (b, h, t, d) w.r.t. phi(q) = c·u
+            grad_u = (grad_phi * c).transpose(1, 2).reshape(b, t, C)
+            grad_c = (grad_phi * u).sum(dim=(1, 3)).unsqueeze(-1)  # (b, t, 1)
+            grad_x, grad_inv = _focused_rows_backward(x, inv_s, focusing_factor, grad_u, grad_c)
+            grad_q[b0:b1, t0:t0 + query_rows] = grad_x
+            grad_inv_s += grad_inv
+        for t0 in range(0, n, key_rows):
+            x = k[b0:b1, t0:t0 + key_rows] + positional_encoding[:, t0:t0 + key_rows]
+            rk_p, ck = _focused_rows(x, inv_s, focusing_factor)
+            b, t = rk_p.shape[:2]
+            u = rk_p.view(b, t, num_heads, d).transpose(1, 2)  # (b, h, t, d)
+            vals = v[b0:b1, t0:t0 + key_rows].view(b, t, num_heads, d).transpose(1, 2)
+            weights = (ck / n).unsqueeze(1)  # (b, 1, t, 1)
+            grad_w = u @ grad_summary  # (b, h, t, d+1) w.r.t. W = (c/n)[v | 1]
+            grad_u = (torch.cat([vals, torch.ones_like(vals[..., :1])], dim=-1) * weights
+                      ) @ grad_summary.transpose(-2, -1)  # (b, h, t, d)
+            grad_v[b0:b1, t0:t0 + key_rows].view(b, t, num_heads, d).copy_((grad_w[..., :d] * weights).transpose(1, 2))
+            grad_c = ((grad_w[..., :d] * vals).sum(-1, keepdim=True) + grad_w[..., d:]).sum(1) / n  # (b, t, 1)
+            grad_x, grad_inv = _focused_rows_backward(x, inv_s, focusing_factor,
+                                                      grad_u.transpose(1, 2).reshape(b, t, C), grad_c)
+            grad_k[b0:b1, t0:t0 + key_rows] = grad_x
+            grad_pe[:, t0:t0 + key_rows] += grad_x.sum(0, keepdim=True)
+            grad_inv_s += grad_inv
+    return grad_q, grad_k, grad_v, grad_inv_s.view_as(inv_s), grad_pe
+
+
+class _FusedFocusedLinearAttention(torch.autograd.Function):
+    """The fused path under autograd: chunked forward, hand-written chunked backward.
+
+    Saves only the inputs and the (B, h, d, d+1) summaries; the element-wise kernel is recomputed
+    in the backward, so no (B, N, C) intermediate outlives the forward.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, inv_s, positional_encoding, num_heads, focusing_factor):
+        out, summaries = _fused_forward(q, k, v, inv_s, positional_encoding, num_heads, focusing_factor)
+        ctx.save_for_backward(q, k, v, inv_s, positional_encoding, summaries)
+        ctx.num_heads, ctx.focusing_factor = num_heads, focusing_factor
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        q, k, v, inv_s, positional_encoding, summaries = ctx.saved_tensors
+        # in float32 like the forward, even if backward() is called inside an autocast region
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            grads = _fused_backward(grad_out.to(q.dtype), q, k, v, inv_s, positional_encoding, summaries,
+                                    ctx.num_heads, ctx.focusing_factor)
+        return grads + (None, None)
 
 
 def focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
@@ -100,56 +252,21 @@ def focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     q: (B, N, C) projected queries; k: (B, n, C) projected keys; v: (B, n, C) raw values;
     scale: (1, 1, C) temperature parameter; positional_encoding: (1, n, C), added to the keys.
     ``fused=False`` runs the reference; both give the same result up to float rounding (see the
-    module docstring).
-
-    Without autograd the fused path works chunk by chunk (a few batch elements, or a slice of tokens
-    of one) so that its intermediates stay in cache (under autograd it runs as one chunk): first the
-    keys, accumulating per head the d×(d+1) summary
-    ``[Σ_j r^p(k_j)ᵀ (c_j/n) v_j | Σ_j (c_j/n) r^p(k_j)ᵀ]`` (the second column block is mean φ(K)),
-    then the queries, each chunk written into its slice of the output.
+    module docstring). The fused path works in cache-sized chunks (:func:`_fused_forward`); under
+    autograd its backward is hand-written (:func:`_fused_backward`) and recomputes the kernel;
+    under torch.compile it runs as one chunk of plain tensor ops that inductor fuses and
+    differentiates itself.
     """
     if not fused:
         k = k + positional_encoding
         return linear_attention(focused_kernel(q, scale, focusing_factor), focused_kernel(k, scale, focusing_factor),
                                 v, num_heads)
-    B, N, C = q.shape
-    n, d = k.shape[1], C // num_heads
     inv_s = 1 / F.softplus(scale)
-    out = q.new_empty(B, N, C)
-    kernel = _focused_rows
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, scale, positional_encoding)):
-        # under autograd, chunking multiplies the saved tensors and the backward's small kernels: one chunk;
-        # the kernel's intermediates are recomputed in the backward instead of being saved
-        group, key_rows, query_rows = B, n, N
-        kernel = _recomputed_focused_rows
-    elif torch.compiler.is_compiling():
-        # inductor fuses the element-wise chain itself; chunking would only unroll the graph
-        group, key_rows, query_rows = B, n, N
-    else:
-        group, key_rows = _chunks(B, n, C)
-        query_rows = _chunks(B, N, C)[1]
-    for b0 in range(0, B, group):
-        b1 = min(B, b0 + group)
-        # keys: phi(k_j) = c_j r^p(k_j); c_j and both n^-½ pre-scales ride on the value rows
-        summary = None
-        for t0 in range(0, n, key_rows):
-            keys = k[b0:b1, t0:t0 + key_rows] + positional_encoding[:, t0:t0 + key_rows]
-            rk_p, ck = kernel(keys, inv_s, focusing_factor)
-            b, t = rk_p.shape[:2]
-            weights = (ck / n).unsqueeze(-1)  # (b, t, 1, 1)
-            values = torch.cat([v[b0:b1, t0:t0 + key_rows].view(b, t, num_heads, d) * weights,
-                                weights.expand(b, t, num_heads, 1)], dim=-1)  # (b, t, h, d+1)
-            part = rk_p.view(b, t, num_heads, d).permute(0, 2, 3, 1) @ values.transpose(1, 2)  # (b, h, d, d+1)
-            summary = part if summary is None else summary + part
-        # queries: phi(q) = cq r^p(q); (cq·num) / (cq·den + eps) is the reference's num / (phi(q)·k̄ + eps)
-        for t0 in range(0, N, query_rows):
-            rq_p, cq = kernel(q[b0:b1, t0:t0 + query_rows], inv_s, focusing_factor)
-            b, t = rq_p.shape[:2]
-            num_den = rq_p.view(b, t, num_heads, d).transpose(1, 2) @ summary  # (b, h, t, d+1)
-            cq = cq.unsqueeze(1)  # (b, 1, t, 1)
-            result = num_den[..., :d] * (cq / (cq * num_den[..., d:] + NORMALIZER_EPS))
-            out[b0:b1, t0:t0 + query_rows].view(b, t, num_heads, d).copy_(result.transpose(1, 2))
-    return out
+    if torch.compiler.is_compiling():
+        return _fused_forward(q, k, v, inv_s, positional_encoding, num_heads, focusing_factor, chunked=False)[0]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, inv_s, positional_encoding)):
+        return _FusedFocusedLinearAttention.apply(q, k, v, inv_s, positional_encoding, num_heads, focusing_factor)
+    return _fused_forward(q, k, v, inv_s, positional_encoding, num_heads, focusing_factor)[0]
 
 
 def rank_restore_dwc(dwc: nn.Conv2d, v: torch.Tensor, num_heads: int, grid_size: Tuple[int, int],
