@@ -6,8 +6,10 @@
 Every (config, variant) of one dtype and one task is timed interleaved (see utils/benchmark.py), so
 the ``vs`` column (inference img/s over the first config's, same variant and dtype) is a ratio from
 one run. ``%mm`` is the inference rate in FLOP/s (2 × the model table's MACs) over the fp32 matmul
-rate measured at start-up: how close a model gets to the machine's ceiling. Peak memory is measured
-in a fresh process per case (CPU resident-set high-water mark or the CUDA allocator's peak).
+rate measured at start-up: how close a model gets to the machine's ceiling. ``--gemm-bound`` times
+each config's linear layers alone at the shapes they see: ``%mm bound`` is the %mm the model would
+reach if everything else (norms, activations, attention cores, reshapes) cost nothing. Peak memory
+is measured in a fresh process per case (CPU resident-set high-water mark or the CUDA allocator's peak).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from utils.benchmark import (  # noqa: E402
     autocast_for,
     exact_cpu_memory_accounting,
     inference_step,
+    linear_layers_seconds,
     machine_info,
     matmul_gflops,
     measure,
@@ -75,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--reference', action='store_true',
                         help='also measure the reference focused-attention implementation (eager only)')
     parser.add_argument('--memory', action='store_true', help='peak training and inference memory (subprocesses)')
+    parser.add_argument('--gemm-bound', action='store_true',
+                        help="time each config's linear layers alone: the %%mm reached if nothing else cost time")
     parser.add_argument('--repeats', type=int, default=7, help='timed repeats per case (median reported)')
     parser.add_argument('--device', default=None, help="'cpu' or 'cuda' (default: cuda when available)")
     parser.add_argument('--json', default=None, metavar='PATH', help='write the results here')
@@ -164,6 +169,18 @@ def run(args) -> dict:
                 spec = dict(config=key[0], variant=key[1].__dict__, device=str(device), dtype=dtype,
                             batch_size=args.batch_size, img_size=args.img_size)
                 results[key].update(memory_in_subprocess(spec))
+        if args.gemm_bound:
+            # one eager model per config: its nn.Linear calls, each timed alone at the shape it saw
+            for path in args.configs:
+                model, cfg, macs = load_model(path, Variant(), device, args.img_size)
+                images = random_images(args.batch_size, cfg.DATA.IMG_SIZE, device)
+                seconds, linear_macs = linear_layers_seconds(model, images, autocast, repeats=args.repeats)
+                for key in results:
+                    if key[0] == path:
+                        results[key].update(linear_ms=1000 * seconds,
+                                            linear_share=linear_macs / (macs * args.batch_size),
+                                            gemm_bound_pct=100 * 2 * macs * args.batch_size / seconds / (mm * 1e9))
+                del model
         for (path, variant), res in results.items():
             case = cases[(path, variant)]
             first = results[(args.configs[0], variant)]
@@ -181,7 +198,9 @@ def print_table(payload: dict) -> None:
     columns = [('model', '{}', 'model'), ('variant', '{}', 'variant'), ('dtype', '{}', 'dtype'),
                ('infer', '{:.1f}', 'infer img/s'), ('vs_first', '{:.2f}x', 'vs'), ('pct_matmul', '{:.0f}%', '%mm'),
                ('train', '{:.1f}', 'train img/s'), ('latency', '{:.1f}', 'b=1 ms'),
-               ('train_mb', '{:.0f}', 'train MiB'), ('infer_mb', '{:.0f}', 'infer MiB')]
+               ('train_mb', '{:.0f}', 'train MiB'), ('infer_mb', '{:.0f}', 'infer MiB'),
+               ('linear_share', '{:.0%}', 'linear MACs'), ('linear_ms', '{:.1f}', 'linear ms'),
+               ('gemm_bound_pct', '{:.0f}%', '%mm bound')]
     columns = [c for c in columns if any(c[0] in row for row in payload['rows'])]
     cells = [[c[2] for c in columns]] + [[c[1].format(row[c[0]]) if c[0] in row else '-' for c in columns]
                                          for row in payload['rows']]

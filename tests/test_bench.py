@@ -38,13 +38,17 @@ def test_models_bench_writes_one_row_per_case(tmp_path, capsys):
     cfg.write_text(MICRO_YAML)
     out = tmp_path / 'models.json'
     assert bench_models.main(['--configs', str(cfg), '--batch-size', '2',
-                              '--reference', '--repeats', '5', '--json', str(out)]) == 0
+                              '--reference', '--gemm-bound', '--repeats', '5', '--json', str(out)]) == 0
     payload = json.loads(out.read_text())
     rows = payload['rows']
     assert [(r['model'], r['variant']) for r in rows] == [('micro', 'eager'), ('micro', 'eager+reference')]
     for row in rows:
         assert row['infer'] > 0 and row['train'] > 0 and row['latency'] > 0 and len(row['infer_runs']) == 5
         assert row['gmacs'] > 0 and row['pct_matmul'] > 0
+        # the linear layers are part of the model: their share of its MACs is in (0, 1], and the rate
+        # with everything else free is above the measured one (same MACs, less time)
+        assert 0 < row['linear_share'] <= 1 and row['linear_ms'] > 0
+        assert row['gemm_bound_pct'] > row['pct_matmul']
     assert rows[0]['vs_first'] == 1.0
     assert payload['matmul_gflops'] > 0 and payload['machine']['torch'] == torch.__version__
     table = capsys.readouterr().out

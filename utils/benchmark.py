@@ -11,19 +11,20 @@ import ctypes
 import ctypes.util
 import functools
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 __all__ = ['machine_info', 'measure', 'median', 'synchronize', 'peak_memory_mb', 'autocast_for', 'write_json',
            'matmul_gflops', 'tune_cpu_allocator', 'exact_cpu_memory_accounting', 'cpu_model_name', 'prepare_model',
-           'random_images', 'inference_step', 'training_step']
+           'random_images', 'inference_step', 'training_step', 'linear_layers_seconds']
 
 
 def synchronize(device: torch.device) -> None:
@@ -224,3 +225,34 @@ def training_step(model: torch.nn.Module, images: torch.Tensor, num_classes: int
         optimizer.zero_grad(set_to_none=True)
         return loss
     return step
+
+
+def linear_layers_seconds(model: torch.nn.Module, images: torch.Tensor,
+                          autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                          repeats: int = 5) -> Tuple[float, int]:
+    """(seconds, MACs) of one inference batch's ``nn.Linear`` calls, each timed alone at its shape.
+
+    The seconds are the sum over calls of the median time of that layer on a random input of the
+    shape it saw in the model's forward pass: how long the batch would take if everything but the
+    linear layers (norms, activations, attention cores, reshapes) cost nothing. `model` must be
+    eager (forward hooks see its layers).
+    """
+    shapes = []
+    hooks = [m.register_forward_hook(lambda mod, args, out: shapes.append((mod, args[0].shape)))
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    try:
+        inference_step(model, images, autocast)()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    calls, macs = {}, 0
+    for i, (layer, shape) in enumerate(shapes):
+        x = torch.randn(shape, device=images.device)
+
+        def call(layer=layer, x=x):
+            with torch.inference_mode(), autocast():
+                return layer(x)
+        calls[str(i)] = call
+        macs += math.prod(shape[:-1]) * layer.in_features * layer.out_features
+    times = measure(calls, images.device, repeats=repeats, warmup=1, min_repeat_s=0.05)
+    return sum(median(t) for t in times.values()), macs
