@@ -80,20 +80,28 @@ def _focused_rows(x: torch.Tensor, inv_s: torch.Tensor, focusing_factor: int) ->
     return r_p, torch.linalg.vector_norm(r, dim=-1, keepdim=True) / torch.linalg.vector_norm(r_p, dim=-1, keepdim=True)
 
 
-def _focused_rows_backward(x: torch.Tensor, inv_s: torch.Tensor, focusing_factor: int, grad_u: torch.Tensor,
-                           grad_c: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`_focused_rows` with respect to x and inv_s, given those of u = r^p and c.
-
-    With c = ‖r‖/‖u‖: ``dL/dr = p r^(p-1) ⊙ (g_u − g_c ‖r‖/‖u‖³ · u) + g_c / (‖r‖‖u‖) · r``, then
-    ``dL/dx = dL/dr ⊙ inv_s ⊙ [x > 0]`` and ``dL/d inv_s = Σ_tokens dL/dr ⊙ (ReLU(x) + eps)``.
-    The forward's element-wise chain is recomputed from x here instead of being saved.
-    """
+def _focused_rows_with_state(x: torch.Tensor, inv_s: torch.Tensor, focusing_factor: int):
+    """:func:`_focused_rows` for the backward: (u = r^p, c, state), where ``state`` holds what
+    :func:`_focused_rows_backward` needs, so the kernel is recomputed once per chunk, not twice."""
     relu_eps = F.relu(x) + KERNEL_EPS
     r = relu_eps * inv_s
     w = r.pow(focusing_factor - 1)
     u = w * r
     norm_r = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
     norm_u = torch.linalg.vector_norm(u, dim=-1, keepdim=True)
+    return u, norm_r / norm_u, (relu_eps, r, w, u, norm_r, norm_u)
+
+
+def _focused_rows_backward(x: torch.Tensor, inv_s: torch.Tensor, focusing_factor: int, state: tuple,
+                           grad_u: torch.Tensor, grad_c: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`_focused_rows` with respect to x and inv_s, given those of u = r^p and c.
+
+    With c = ‖r‖/‖u‖: ``dL/dr = p r^(p-1) ⊙ (g_u − g_c ‖r‖/‖u‖³ · u) + g_c / (‖r‖‖u‖) · r``, then
+    ``dL/dx = dL/dr ⊙ inv_s ⊙ [x > 0]`` and ``dL/d inv_s = Σ_tokens dL/dr ⊙ (ReLU(x) + eps)``.
+    ``state`` comes from :func:`_focused_rows_with_state` on the same x (the forward's element-wise
+    chain recomputed instead of saved).
+    """
+    relu_eps, r, w, u, norm_r, norm_u = state
     # divide by one norm at a time: for an all-negative token r ≈ 1e-6 and ‖u‖³ underflows float32
     g_over_u = grad_c / norm_u
     grad_r = torch.addcmul(grad_u, u, g_over_u * (norm_r / norm_u) / norm_u, value=-1).mul_(w)
@@ -180,7 +188,7 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
         grad_summary = None
         for t0 in range(0, N, query_rows):
             x = q[b0:b1, t0:t0 + query_rows]
-            rq_p, cq = _focused_rows(x, inv_s, focusing_factor)
+            rq_p, cq, state = _focused_rows_with_state(x, inv_s, focusing_factor)
             b, t = rq_p.shape[:2]
             u = rq_p.view(b, t, num_heads, d).transpose(1, 2)  # (b, h, t, d)
             num_den = u @ summary  # (b, h, t, d+1), before the factor c
@@ -196,12 +204,12 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
             grad_phi = grad_nd @ summary.transpose(-2, -1)  # (b, h, t, d) w.r.t. phi(q) = c·u
             grad_u = (grad_phi * c).transpose(1, 2).reshape(b, t, C)
             grad_c = (grad_phi * u).sum(dim=(1, 3)).unsqueeze(-1)  # (b, t, 1)
-            grad_x, grad_inv = _focused_rows_backward(x, inv_s, focusing_factor, grad_u, grad_c)
+            grad_x, grad_inv = _focused_rows_backward(x, inv_s, focusing_factor, state, grad_u, grad_c)
             grad_q[b0:b1, t0:t0 + query_rows] = grad_x
             grad_inv_s += grad_inv
         for t0 in range(0, n, key_rows):
             x = k[b0:b1, t0:t0 + key_rows] + positional_encoding[:, t0:t0 + key_rows]
-            rk_p, ck = _focused_rows(x, inv_s, focusing_factor)
+            rk_p, ck, state = _focused_rows_with_state(x, inv_s, focusing_factor)
             b, t = rk_p.shape[:2]
             u = rk_p.view(b, t, num_heads, d).transpose(1, 2)  # (b, h, t, d)
             vals = v[b0:b1, t0:t0 + key_rows].view(b, t, num_heads, d).transpose(1, 2)
@@ -211,7 +219,7 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
                       ) @ grad_summary.transpose(-2, -1)  # (b, h, t, d)
             grad_v[b0:b1, t0:t0 + key_rows].view(b, t, num_heads, d).copy_((grad_w[..., :d] * weights).transpose(1, 2))
             grad_c = ((grad_w[..., :d] * vals).sum(-1, keepdim=True) + grad_w[..., d:]).sum(1) / n  # (b, t, 1)
-            grad_x, grad_inv = _focused_rows_backward(x, inv_s, focusing_factor,
+            grad_x, grad_inv = _focused_rows_backward(x, inv_s, focusing_factor, state,
                                                       grad_u.transpose(1, 2).reshape(b, t, C), grad_c)
             grad_k[b0:b1, t0:t0 + key_rows] = grad_x
             grad_pe[:, t0:t0 + key_rows] += grad_x.sum(0, keepdim=True)
