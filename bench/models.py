@@ -170,17 +170,17 @@ def run(args) -> dict:
                             batch_size=args.batch_size, img_size=args.img_size)
                 results[key].update(memory_in_subprocess(spec))
         if args.gemm_bound:
-            # one eager model per config: its nn.Linear calls, each timed alone at the shape it saw
+            # each config's eager case (always measured): its nn.Linear calls, each timed alone at its shape
             for path in args.configs:
-                model, cfg, macs = load_model(path, Variant(), device, args.img_size)
-                images = random_images(args.batch_size, cfg.DATA.IMG_SIZE, device)
-                seconds, linear_macs = linear_layers_seconds(model, images, autocast, repeats=args.repeats)
+                case = cases[(path, Variant())]
+                macs = case['macs']
+                images = random_images(args.batch_size, case['cfg'].DATA.IMG_SIZE, device)
+                seconds, linear_macs = linear_layers_seconds(case['model'], images, autocast, repeats=args.repeats)
                 for key in results:
                     if key[0] == path:
                         results[key].update(linear_ms=1000 * seconds,
                                             linear_share=linear_macs / (macs * args.batch_size),
                                             gemm_bound_pct=100 * 2 * macs * args.batch_size / seconds / (mm * 1e9))
-                del model
         for (path, variant), res in results.items():
             case = cases[(path, variant)]
             first = results[(args.configs[0], variant)]
