@@ -3,8 +3,8 @@ from .build import DataBundle, build_dataset, build_loaders, build_mixup, build_
 from .datasets import CheckedImageFolder, SeededAugmentation
 from .errors import DataError, DatasetNotFoundError
 from .fashion_mnist import FashionMNIST
-from .samplers import ResumableDistributedSampler, ShardedEvalSampler
+from .samplers import ResumableDistributedSampler, ResumableRepeatAugSampler, ShardedEvalSampler
 
 __all__ = ['DataBundle', 'build_dataset', 'build_loaders', 'build_mixup', 'build_transform', 'CheckedImageFolder',
            'SeededAugmentation', 'DataError', 'DatasetNotFoundError', 'FashionMNIST', 'ResumableDistributedSampler',
-           'ShardedEvalSampler']
+           'ResumableRepeatAugSampler', 'ShardedEvalSampler']

@@ -24,7 +24,7 @@ from torchvision.transforms import InterpolationMode
 from .datasets import CheckedImageFolder, SeededAugmentation
 from .errors import DataError, DatasetNotFoundError
 from .fashion_mnist import FashionMNIST
-from .samplers import ResumableDistributedSampler, ShardedEvalSampler
+from .samplers import ResumableDistributedSampler, ResumableRepeatAugSampler, ShardedEvalSampler
 
 __all__ = ['DataBundle', 'build_dataset', 'build_transform', 'build_loaders', 'build_mixup']
 
@@ -154,8 +154,12 @@ def build_loaders(cfg, rank: int = 0, world_size: int = 1, train: bool = True, p
         if cfg.DATA.TRAIN_SUBSET:
             dataset_train = _subset(dataset_train, cfg.DATA.TRAIN_SUBSET, cfg.SEED)
         dataset_train = SeededAugmentation(dataset_train, cfg.SEED)
-        sampler = ResumableDistributedSampler(
-            dataset_train, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.SEED)
+        if cfg.DATA.REPEATED_AUG:
+            sampler = ResumableRepeatAugSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
+                                                seed=cfg.SEED, num_repeats=cfg.DATA.REPEATED_AUG_COUNT)
+        else:
+            sampler = ResumableDistributedSampler(
+                dataset_train, num_replicas=world_size, rank=rank, shuffle=True, seed=cfg.SEED)
         if len(sampler) < cfg.DATA.BATCH_SIZE:
             raise DataError(
                 f'DATA.BATCH_SIZE={cfg.DATA.BATCH_SIZE} is larger than the {len(sampler)} training images of each '

@@ -30,6 +30,10 @@ class SeededAugmentation(torch.utils.data.Dataset):
     with another number of workers or ranks, sees exactly the same images. In the main process
     (``num_workers = 0``) the global RNG states are restored afterwards, so training randomness
     (drop path, Mixup) is untouched.
+
+    An index ``copy * N + i`` (N = ``len(dataset)``, from :class:`data.samplers.ResumableRepeatAugSampler`)
+    loads sample i with the seed of that encoded index: the copies of a repeated sample are augmented
+    differently, and copy 0 (every index a plain sampler yields) keeps the seed of i.
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
@@ -45,13 +49,14 @@ class SeededAugmentation(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> Any:
         seed = sample_seed(self.seed, self.epoch, index)
+        sample_index = index % len(self.dataset)  # the repeat copy only changes the seed
         in_worker = torch.utils.data.get_worker_info() is not None
         saved = None if in_worker else (torch.get_rng_state(), random.getstate(), np.random.get_state())
         torch.manual_seed(seed)
         random.seed(seed)
         np.random.seed(seed % 2 ** 32)
         try:
-            return self.dataset[index]
+            return self.dataset[sample_index]
         finally:
             if saved is not None:
                 torch.set_rng_state(saved[0])

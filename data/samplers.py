@@ -1,11 +1,12 @@
-"""Samplers: exact distributed evaluation, and a training sampler that can resume mid-epoch."""
+"""Samplers: exact distributed evaluation, and training samplers that can resume mid-epoch."""
 from __future__ import annotations
 
-from typing import Iterator
+import math
+from typing import Iterator, Sized
 
 import torch
 
-__all__ = ['ShardedEvalSampler', 'ResumableDistributedSampler']
+__all__ = ['ShardedEvalSampler', 'ResumableDistributedSampler', 'ResumableRepeatAugSampler']
 
 
 class ShardedEvalSampler(torch.utils.data.Sampler):
@@ -52,6 +53,66 @@ class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class ResumableRepeatAugSampler(torch.utils.data.Sampler):
+    """Repeated augmentation (DeiT): each image drawn in an epoch is drawn ``num_repeats`` = k times,
+    each copy augmented differently and, when the world size W >= k, on k different ranks.
+
+    Epoch e shuffles the N indices by ``seed + e`` (the same order on every rank), repeats each one k
+    times in a row and deals the list round-robin to the ranks. Every rank takes the same number of
+    samples, the largest multiple of g = k / gcd(k, W) that is at most N / W::
+
+        num_samples = g * floor(N / (W * g))
+
+    so the ranks jointly take a whole number, ``num_samples * W / k``, of k-copy groups: every index
+    drawn appears exactly k times. The epoch keeps its length (about N / W per rank, as without
+    repeats), so it covers about N / k distinct images. With k = 1 the order is that of
+    ``DistributedSampler(drop_last=True)``.
+
+    The sampler yields ``copy * N + index`` (copy in [0, k)); :class:`data.datasets.SeededAugmentation`
+    decodes it, so copy 0 keeps the seed a plain sampler gives ``index``. ``set_epoch`` and ``skip``
+    behave as in :class:`ResumableDistributedSampler`.
+    """
+
+    def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0,
+                 num_repeats: int = 3):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f'rank {rank} is outside [0, {num_replicas})')
+        if num_repeats < 1:
+            raise ValueError(f'num_repeats={num_repeats} must be at least 1')
+        self.dataset_len = len(dataset)
+        self.num_replicas, self.rank = num_replicas, rank
+        self.shuffle, self.seed, self.num_repeats = shuffle, seed, num_repeats
+        group = num_repeats // math.gcd(num_repeats, num_replicas)
+        self.num_samples = group * (self.dataset_len // (num_replicas * group))
+        # indices drawn per epoch, each num_repeats times over all ranks
+        self.num_selected = self.num_samples * num_replicas // num_repeats
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.start = 0
+
+    def skip(self, num_indices: int) -> None:
+        if not 0 <= num_indices <= self.num_samples:
+            raise ValueError(f'cannot skip {num_indices} of the {self.num_samples} indices of an epoch')
+        self.start = num_indices
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.dataset_len, generator=generator)
+        else:
+            order = torch.arange(self.dataset_len)
+        # position p of the repeated list holds copy p % k of order[p // k]; rank r takes p = r, r + W, ...
+        positions = torch.arange(self.rank, self.num_samples * self.num_replicas, self.num_replicas)
+        encoded = (positions % self.num_repeats) * self.dataset_len + order[positions // self.num_repeats]
+        return iter(encoded[self.start:].tolist())
 
     def __len__(self) -> int:
         return self.num_samples - self.start
