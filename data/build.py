@@ -21,6 +21,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from .augment import use_stable_posterize
 from .datasets import CheckedImageFolder, SeededAugmentation
 from .errors import DataError, DatasetNotFoundError
 from .fashion_mnist import FashionMNIST
@@ -42,7 +43,8 @@ def build_transform(is_train: bool, cfg) -> transforms.Compose:
                          f'{sorted(_INTERPOLATIONS) + ["random"]}')
     if is_train:
         auto_augment = cfg.AUG.AUTO_AUGMENT
-        return create_transform(
+        # timm's posterize fails on Pillow 13 when RandAugment asks for 0 bits (data/augment.py)
+        return use_stable_posterize(create_transform(
             input_size=img_size,
             is_training=True,
             scale=tuple(cfg.AUG.SCALE),
@@ -54,7 +56,7 @@ def build_transform(is_train: bool, cfg) -> transforms.Compose:
             re_mode=cfg.AUG.REMODE,
             re_count=cfg.AUG.RECOUNT,
             interpolation=cfg.DATA.INTERPOLATION,
-        )
+        ))
     # 'random' only makes sense for training; evaluate with bicubic as the official code
     interpolation = _INTERPOLATIONS.get(cfg.DATA.INTERPOLATION, InterpolationMode.BICUBIC)
     if cfg.TEST.CROP:
