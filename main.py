@@ -42,11 +42,12 @@ from utils.checkpoint import (
     save_checkpoint,
     torch_load,
 )
-from utils.distributed import DeviceError, cleanup, init_distributed
+from utils.distributed import DeviceError, barrier, cleanup, init_distributed
 from utils.engine import NonFiniteLossError, evaluate, format_eta, throughput, train_one_epoch
 from utils.lr_scheduler import build_scheduler
 from utils.misc import count_parameters, seed_everything
 from utils.optimizer import build_optimizer
+from utils.preemption import EXIT_PREEMPTED, Preempted, StopSignal
 
 logger = logging.getLogger('flatten')
 
@@ -59,6 +60,7 @@ FLAG_TO_KEY = {
     'batch_size': ('DATA.BATCH_SIZE', int),
     'data_path': ('DATA.DATA_PATH', str),
     'zip': ('DATA.ZIP_MODE', bool),
+    'repeated_aug': ('DATA.REPEATED_AUG', bool),
     'cache_mode': ('DATA.CACHE_MODE', str),
     'pretrained': ('MODEL.PRETRAINED', str),
     'resume': ('MODEL.RESUME', str),
@@ -88,6 +90,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--batch-size', type=int, help='batch size for a single GPU / process')
     parser.add_argument('--data-path', type=str, help='path to dataset')
     parser.add_argument('--zip', action='store_true', default=None, help='zipped dataset (not supported)')
+    parser.add_argument('--repeated-aug', action='store_true', default=None,
+                        help='repeated augmentation (DeiT): each sampled image appears DATA.REPEATED_AUG_COUNT (3) '
+                             'times per epoch')
     parser.add_argument('--cache-mode', type=str, choices=['no', 'full', 'part'], help='zip cache mode')
     parser.add_argument('--pretrained', type=str, help='initialise from these weights, adapting resolution/classes')
     parser.add_argument('--resume', type=str, help='resume from checkpoint')
@@ -276,8 +281,12 @@ def prepare_metrics(output_dir: str, start_epoch: int, resuming: bool) -> None:
 
 
 def train(cfg, ctx, data, model, model_without_ddp, ema, mixup_fn, resume: Optional[str], ckpt, autocast,
-          output_dir: str, config_yaml: str) -> int:
-    """Build optimizer and schedule, restore the run state, then per epoch: train, evaluate, save."""
+          output_dir: str, config_yaml: str, stop: StopSignal) -> int:
+    """Build optimizer and schedule, restore the run state, then per epoch: train, evaluate, save.
+
+    After every update the ranks ask `stop` whether any of them received SIGTERM / SIGUSR1; if so
+    they save a checkpoint at that update and raise Preempted (exit code 75).
+    """
     accumulation = cfg.TRAIN.ACCUMULATION_STEPS
     optimizer = build_optimizer(cfg, model_without_ddp)
     updates_per_epoch = len(data.loader_train) // accumulation
@@ -325,68 +334,90 @@ def train(cfg, ctx, data, model, model_without_ddp, ema, mixup_fn, resume: Optio
                                 rng=rng)
             prune_checkpoints(output_dir, cfg.TRAIN.KEEP_CKPTS)
             logger.info(f'saved {", ".join(names)} in {output_dir}')
+        barrier()  # no rank may exit (and so have torchrun stop the others) while rank 0 writes
+
+    def stop_here(epoch_done: int, step: int, names: List[str], where: str) -> None:
+        """Save the stop checkpoint(s) and raise Preempted; every rank calls it at the same point."""
+        if names:
+            save(epoch_done, step, names)
+        saved = f'saved {names[0]} in {output_dir}' if names else 'nothing new to save'
+        raise Preempted(f'stopped by {stop.describe()} {where}; {saved}. Run the same command again to continue '
+                        f'exactly from there')
 
     max_accuracy, max_accuracy_ema = state['max_accuracy'], state['max_accuracy_ema']
     start_epoch, start_update = state['epoch'], state['step']
     logger.info(f'start training: epoch {start_epoch} update {start_update} of {total_epochs} epochs x '
                 f'{updates_per_epoch} updates')
     start_time = time.time()
-    for epoch in range(start_epoch, total_epochs):
-        # every sample's order and augmentation depend on (SEED, epoch, index) only
-        data.dataset_train.set_epoch(epoch)
-        data.loader_train.sampler.set_epoch(epoch)
-        first_update = start_update if epoch == start_epoch else 0
-        data.loader_train.sampler.skip(first_update * accumulation * cfg.DATA.BATCH_SIZE)
+    if stop.should_stop(ctx.device):
+        stop_here(start_epoch, start_update, [], 'before the first update')
+    try:
+        for epoch in range(start_epoch, total_epochs):
+            # every sample's order and augmentation depend on (SEED, epoch, index) only
+            data.dataset_train.set_epoch(epoch)
+            data.loader_train.sampler.set_epoch(epoch)
+            first_update = start_update if epoch == start_epoch else 0
+            data.loader_train.sampler.skip(first_update * accumulation * cfg.DATA.BATCH_SIZE)
 
-        def save_mid_epoch(updates_done: int, epoch: int = epoch) -> None:
-            if cfg.TRAIN.CKPT_STEPS and (updates_done % cfg.TRAIN.CKPT_STEPS == 0) and updates_done < updates_per_epoch:
-                save(epoch, updates_done, [periodic_checkpoint_name(epoch, updates_done)])
+            def save_mid_epoch(updates_done: int, epoch: int = epoch) -> None:
+                if updates_done >= updates_per_epoch:
+                    return  # the epoch end evaluates, saves and (when asked to) stops
+                if stop.should_stop(ctx.device):
+                    stop_here(epoch, updates_done, [periodic_checkpoint_name(epoch, updates_done)],
+                              f'after update {updates_done} of {updates_per_epoch} of epoch {epoch}')
+                if cfg.TRAIN.CKPT_STEPS and (updates_done % cfg.TRAIN.CKPT_STEPS == 0):
+                    save(epoch, updates_done, [periodic_checkpoint_name(epoch, updates_done)])
 
-        train_stats = train_one_epoch(
-            model, criterion, data.loader_train, optimizer, lr_scheduler, epoch, device=ctx.device,
-            total_epochs=total_epochs, updates_per_epoch=updates_per_epoch, start_update=first_update,
-            accumulation_steps=accumulation, clip_grad=cfg.TRAIN.CLIP_GRAD, mixup_fn=mixup_fn, autocast=autocast,
-            scaler=scaler, ema=ema, print_freq=cfg.PRINT_FREQ, tb_writer=tb_writer,
-            max_nonfinite=cfg.TRAIN.MAX_NONFINITE_STEPS, after_update=save_mid_epoch,
-            memory_format=memory_format(cfg))
-        val_stats = evaluate(model_without_ddp, data.loader_val, **eval_kwargs)
-        is_best = val_stats['acc1'] >= max_accuracy
-        max_accuracy = max(max_accuracy, val_stats['acc1'])
-        logger.info(f'Accuracy of the network on the {val_stats["count"]} test images: {val_stats["acc1"]:.1f}%; '
-                    f'max accuracy: {max_accuracy:.2f}%')
-        ema_stats, is_best_ema = None, False
-        if ema is not None:
-            ema_stats = evaluate(ema.module, data.loader_val, name=' EMA', **eval_kwargs)
-            is_best_ema = ema_stats['acc1'] >= max_accuracy_ema
-            max_accuracy_ema = max(max_accuracy_ema, ema_stats['acc1'])
+            train_stats = train_one_epoch(
+                model, criterion, data.loader_train, optimizer, lr_scheduler, epoch, device=ctx.device,
+                total_epochs=total_epochs, updates_per_epoch=updates_per_epoch, start_update=first_update,
+                accumulation_steps=accumulation, clip_grad=cfg.TRAIN.CLIP_GRAD, mixup_fn=mixup_fn, autocast=autocast,
+                scaler=scaler, ema=ema, print_freq=cfg.PRINT_FREQ, tb_writer=tb_writer,
+                max_nonfinite=cfg.TRAIN.MAX_NONFINITE_STEPS, after_update=save_mid_epoch,
+                memory_format=memory_format(cfg))
+            val_stats = evaluate(model_without_ddp, data.loader_val, **eval_kwargs)
+            is_best = val_stats['acc1'] >= max_accuracy
+            max_accuracy = max(max_accuracy, val_stats['acc1'])
+            logger.info(f'Accuracy of the network on the {val_stats["count"]} test images: {val_stats["acc1"]:.1f}%; '
+                        f'max accuracy: {max_accuracy:.2f}%')
+            ema_stats, is_best_ema = None, False
+            if ema is not None:
+                ema_stats = evaluate(ema.module, data.loader_val, name=' EMA', **eval_kwargs)
+                is_best_ema = ema_stats['acc1'] >= max_accuracy_ema
+                max_accuracy_ema = max(max_accuracy_ema, ema_stats['acc1'])
 
-        if ctx.is_main:
-            record = {'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
-                      **{f'val_{k}': v for k, v in val_stats.items()}, 'max_accuracy': max_accuracy}
-            if ema_stats is not None:
-                record.update({f'ema_{k}': v for k, v in ema_stats.items()}, max_accuracy_ema=max_accuracy_ema)
-            with open(os.path.join(output_dir, 'metrics.jsonl'), 'a') as f:
-                f.write(json.dumps(record) + '\n')
-            step = (epoch + 1) * batches_per_epoch
-            for key in ('loss', 'lr', 'grad_norm', 'skipped_updates'):
-                tb_writer.add_scalar(f'epoch/train_{key}', train_stats[key], step)
-            for key in ('acc1', 'acc5', 'loss'):
-                tb_writer.add_scalar(f'epoch/val_{key}', val_stats[key], step)
+            if ctx.is_main:
+                record = {'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
+                          **{f'val_{k}': v for k, v in val_stats.items()}, 'max_accuracy': max_accuracy}
                 if ema_stats is not None:
-                    tb_writer.add_scalar(f'epoch/ema_{key}', ema_stats[key], step)
-            tb_writer.flush()
-        names = [periodic_checkpoint_name(epoch)] if (epoch % cfg.SAVE_FREQ == 0 or epoch == total_epochs - 1) else []
-        names += ['max_acc.pth'] if is_best else []
-        names += ['max_ema_acc.pth'] if is_best_ema else []
-        if names:
-            save(epoch + 1, 0, names)
-    if tb_writer is not None:
-        tb_writer.close()
+                    record.update({f'ema_{k}': v for k, v in ema_stats.items()}, max_accuracy_ema=max_accuracy_ema)
+                with open(os.path.join(output_dir, 'metrics.jsonl'), 'a') as f:
+                    f.write(json.dumps(record) + '\n')
+                step = (epoch + 1) * batches_per_epoch
+                for key in ('loss', 'lr', 'grad_norm', 'skipped_updates'):
+                    tb_writer.add_scalar(f'epoch/train_{key}', train_stats[key], step)
+                for key in ('acc1', 'acc5', 'loss'):
+                    tb_writer.add_scalar(f'epoch/val_{key}', val_stats[key], step)
+                    if ema_stats is not None:
+                        tb_writer.add_scalar(f'epoch/ema_{key}', ema_stats[key], step)
+                tb_writer.flush()
+            stopping = stop.should_stop(ctx.device)  # a signal during the evaluation stops here
+            periodic = (epoch % cfg.SAVE_FREQ == 0) or (epoch == total_epochs - 1) or stopping
+            names = [periodic_checkpoint_name(epoch)] if periodic else []
+            names += ['max_acc.pth'] if is_best else []
+            names += ['max_ema_acc.pth'] if is_best_ema else []
+            if stopping and (epoch < total_epochs - 1):
+                stop_here(epoch + 1, 0, names, f'at the end of epoch {epoch}')
+            if names:
+                save(epoch + 1, 0, names)
+    finally:
+        if tb_writer is not None:
+            tb_writer.close()
     logger.info(f'training time {format_eta(time.time() - start_time)}; max accuracy {max_accuracy:.2f}%')
     return 0
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, stop: StopSignal) -> int:
     # 1. flags → config; device and (optional) process group; run folder and logs
     create_logger(None, int(os.environ.get('RANK', '0')))
     cfg = load_config(args.cfg, flags_to_opts(args) + list(args.opts or []))
@@ -395,7 +426,9 @@ def run(args: argparse.Namespace) -> int:
     output_dir = prepare_output_dir(cfg)
     create_logger(output_dir, ctx.rank)
     train_mode = not (cfg.EVAL_MODE or cfg.THROUGHPUT_MODE)
-    logger.info(f'rank {ctx.rank}/{ctx.world_size} on {ctx.device}; output {output_dir}')
+    if train_mode:
+        stop.install()  # from here on SIGTERM / SIGUSR1 stop the run with a checkpoint
+    logger.info(f'rank {ctx.rank}/{ctx.world_size} (pid {os.getpid()}) on {ctx.device}; output {output_dir}')
     seed_everything(cfg.SEED + ctx.rank)
     if ctx.device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
@@ -444,7 +477,7 @@ def run(args: argparse.Namespace) -> int:
         write_config(output_dir, 'config_eval.yaml', config_yaml, ctx.is_main)
         return result
     return train(cfg, ctx, data, model, model_without_ddp, ema, mixup_fn, resume, ckpt, autocast, output_dir,
-                 config_yaml)
+                 config_yaml, stop)
 
 
 def error_message(err: BaseException) -> str:
@@ -459,12 +492,17 @@ def error_message(err: BaseException) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
+    stop = StopSignal()
     try:
-        return run(args)
+        return run(args, stop)
     except USER_ERRORS as err:
         logger.error(error_message(err))
         return 2
+    except Preempted as err:
+        logger.warning(f'{err} (exit code {EXIT_PREEMPTED})')
+        return EXIT_PREEMPTED
     finally:
+        stop.restore()
         cleanup()
 
 

@@ -21,6 +21,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from utils.preemption import ignore_stop_signals
+
 from .augment import use_stable_posterize
 from .datasets import CheckedImageFolder, SeededAugmentation
 from .errors import DataError, DatasetNotFoundError
@@ -142,7 +144,7 @@ def build_loaders(cfg, rank: int = 0, world_size: int = 1, train: bool = True, p
     loader_val = torch.utils.data.DataLoader(
         dataset_val, sampler=ShardedEvalSampler(len(dataset_val), rank, world_size),
         batch_size=cfg.DATA.BATCH_SIZE, num_workers=cfg.DATA.NUM_WORKERS, pin_memory=pin_memory, drop_last=False,
-        generator=torch.Generator().manual_seed(cfg.SEED))
+        generator=torch.Generator().manual_seed(cfg.SEED), worker_init_fn=ignore_stop_signals)
     dataset_train = loader_train = None
     if train:
         dataset_train, train_classes = build_dataset(True, cfg)
@@ -169,5 +171,5 @@ def build_loaders(cfg, rank: int = 0, world_size: int = 1, train: bool = True, p
         loader_train = torch.utils.data.DataLoader(
             dataset_train, sampler=sampler, batch_size=cfg.DATA.BATCH_SIZE, num_workers=cfg.DATA.NUM_WORKERS,
             pin_memory=pin_memory, drop_last=True, persistent_workers=False,
-            generator=torch.Generator().manual_seed(cfg.SEED))
+            generator=torch.Generator().manual_seed(cfg.SEED), worker_init_fn=ignore_stop_signals)
     return DataBundle(dataset_train, dataset_val, loader_train, loader_val, num_classes)
