@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: the Python packages (requirements-dev.txt: runtime + pytest/ruff) and the
-# Fashion-MNIST files of the demo (Debian package dataset-fashion-mnist). Safe to re-run.
+# Set up a fresh machine: the Python packages (requirements-dev.txt: runtime + pytest/ruff, at the
+# exact versions of requirements-lock.txt) and the Fashion-MNIST files of the demo (Debian package
+# dataset-fashion-mnist). Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore -r requirements-dev.txt
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    -r requirements-dev.txt -c requirements-lock.txt
 
 FMNIST=/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 if [ ! -f "$FMNIST" ]; then
