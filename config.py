@@ -3,7 +3,8 @@
 Every key of the official code base is declared here with its official default and type, so
 the authors' yaml files load unchanged (spec §3). Keys this project adds are marked *new*.
 Keys the official code declares but never reads are kept, marked *unused*, so that yaml files
-that mention them still load; they have no effect.
+that mention them still load; they have no effect. Every numeric key has a valid range in
+:data:`RANGES` (or a reason for having none in :data:`NO_RANGE`), rendered in ``docs/config.md``.
 
 Use :func:`load_config` from Python and tests; ``main.py`` calls it with the command-line
 flags already turned into ``KEY VALUE`` pairs (see ``FLAG_TO_KEY`` in ``main.py``).
@@ -11,17 +12,125 @@ flags already turned into ``KEY VALUE`` pairs (see ``FLAG_TO_KEY`` in ``main.py`
 from __future__ import annotations
 
 import difflib
+import math
 import os
-from typing import Iterable, Optional, Sequence
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, Optional, Sequence
 
 import yaml
 from yacs.config import CfgNode as CN
 
-__all__ = ['ConfigError', 'get_default_config', 'load_config', 'scale_lr', 'config_to_yaml']
+__all__ = ['ConfigError', 'Range', 'RANGES', 'NO_RANGE', 'get_default_config', 'load_config', 'scale_lr',
+           'config_to_yaml', 'ranges_markdown']
 
 
 class ConfigError(ValueError):
     """A bad config file, key or value. The message names the file and/or the key."""
+
+
+_NUMBER = r'[-+]?[0-9.]+(?:e[-+]?[0-9]+)?'
+_INTERVAL = re.compile(rf'^([\[(])\s*(-inf|{_NUMBER})\s*,\s*(inf|{_NUMBER})\s*([\])])$')
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of one numeric key, checked by :func:`load_config`.
+
+    `interval` is written in the usual notation: ``'[0, 1)'`` includes 0 and excludes 1; ``inf``
+    stands for "no bound" and is always excluded, so inf and nan are never valid. `form` says what
+    the interval applies to: the value itself (``'value'``), every item of a non-empty list
+    (``'list'``), both items of a pair (``'pair'``, with `order` ``'<='`` or ``'<'`` between the
+    first and the second, or ``''`` when they are independent), or every decimal digit of a positive
+    integer (``'digits'``). `integer` refuses non-integers (bools are never numbers here), `odd`
+    even numbers, and `none_ok` allows None as well (the key's "off" or "automatic" value). `why`
+    says what the key means and where the bounds come from; it is part of the error message.
+    `bounds` is the parsed interval: (low, low included, high, high included).
+    """
+    interval: str
+    why: str
+    integer: bool = False
+    odd: bool = False
+    form: str = 'value'
+    order: str = ''
+    none_ok: bool = False
+    bounds: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # a malformed table entry fails at import, not when some user's value happens to reach it
+        match = _INTERVAL.match(self.interval)
+        if match is None:
+            raise ValueError(f'Range interval {self.interval!r} is not of the form [lo, hi), (lo, hi], ...')
+        lo, hi = float(match.group(2)), float(match.group(3))
+        if (match.group(2) == '-inf' and match.group(1) == '[') or (match.group(3) == 'inf' and match.group(4) == ']'):
+            raise ValueError(f'Range interval {self.interval!r}: an infinite bound is never included')
+        if self.integer and ((match.group(1) == '(' and lo != -math.inf) or (match.group(4) == ')' and hi != math.inf)):
+            raise ValueError(f'Range interval {self.interval!r}: write integer bounds as included ones')
+        if (self.form not in ('value', 'list', 'pair', 'digits')) or (self.order not in ('', '<=', '<')):
+            raise ValueError(f'Range form {self.form!r} / order {self.order!r} is not known')
+        object.__setattr__(self, 'bounds', (lo, match.group(1) == '[', hi, match.group(4) == ']'))
+
+    def _in_interval(self, number) -> bool:
+        lo, lo_closed, hi, hi_closed = self.bounds
+        if isinstance(number, float) and not math.isfinite(number):
+            return False
+        above = (number >= lo) if lo_closed else (number > lo)
+        below = (number <= hi) if hi_closed else (number < hi)
+        return above and below
+
+    def _item_ok(self, item) -> bool:
+        if isinstance(item, bool) or not isinstance(item, (int, float)):
+            return False
+        if self.integer and not isinstance(item, int):
+            return False
+        if self.odd and (item % 2 == 0):
+            return False
+        return self._in_interval(item)
+
+    def accepts(self, value) -> bool:
+        """Whether `value` (as yacs parsed it) is valid for this key."""
+        if value is None:
+            return self.none_ok
+        if self.form == 'value':
+            return self._item_ok(value)
+        if self.form == 'digits':
+            return (isinstance(value, int) and not isinstance(value, bool) and value > 0
+                    and all(self._in_interval(int(digit)) for digit in str(value)))
+        if not isinstance(value, (list, tuple)):
+            return False
+        if self.form == 'list':
+            return (len(value) >= 1) and all(self._item_ok(item) for item in value)
+        if (len(value) != 2) or not all(self._item_ok(item) for item in value):
+            return False
+        if self.order == '<=':
+            return value[0] <= value[1]
+        if self.order == '<':
+            return value[0] < value[1]
+        return True
+
+    def describe(self) -> str:
+        """The range in words, e.g. 'an integer >= 1', 'a number in [0, 1)', 'None or a number > 0'."""
+        lo, lo_closed, hi, hi_closed = self.bounds
+        low_text, high_text = self.interval[1:-1].split(',')
+        if hi == math.inf and lo == -math.inf:
+            bound = ''
+        elif hi == math.inf:
+            bound = f' {">=" if lo_closed else ">"} {low_text.strip()}'
+        elif lo == -math.inf:
+            bound = f' {"<=" if hi_closed else "<"} {high_text.strip()}'
+        else:
+            bound = f' in {self.interval}'
+        noun = 'odd integer' if self.odd else ('integer' if self.integer else 'number')
+        if self.form == 'value':
+            text = f'{"an" if noun[0] in "aeiou" else "a"} {noun}{bound}'
+        elif self.form == 'list':
+            text = f'a non-empty list of {noun}s{bound}'
+        elif self.form == 'pair':
+            names = '(min, max)' if self.order else '(first, second)'
+            text = f'a pair {names} of {noun}s{bound}' + (f' with min {self.order} max' if self.order else '')
+        else:
+            text = f'a positive integer whose decimal digits are each{bound}'
+        return f'None or {text}' if self.none_ok else text
 
 
 _C = CN()
@@ -60,6 +169,11 @@ _C.DATA.SKIP_CORRUPT = False
 # *new* Train on a fixed random subset of this many training images (drawn with SEED; 0 = all), for
 # quick experiments and tests. Validation always uses the whole split.
 _C.DATA.TRAIN_SUBSET = 0
+# *new* Repeated augmentation (DeiT's recipe, --repeated-aug): each epoch every sampled image appears
+# REPEATED_AUG_COUNT times, on different ranks and with different augmentations; the epoch keeps
+# its length, so it covers about 1/REPEATED_AUG_COUNT of the images
+_C.DATA.REPEATED_AUG = False
+_C.DATA.REPEATED_AUG_COUNT = 3
 
 # -----------------------------------------------------------------------------
 # Model settings
@@ -285,6 +399,116 @@ _C.LOCAL_RANK = 0
 # takes the job down instead of hanging it)
 _C.DIST_TIMEOUT = 30
 
+# -----------------------------------------------------------------------------
+# Valid ranges: every numeric key above has one here (or an entry in NO_RANGE), checked by
+# load_config before anything runs. How sizes fit together (image size vs patches, windows,
+# stripes; heads vs width; one entry per stage) is checked when the model is built.
+# -----------------------------------------------------------------------------
+RANGES: Dict[str, Range] = {
+    # data
+    'DATA.BATCH_SIZE': Range('[1, inf)', 'images per process and step', integer=True),
+    'DATA.IMG_SIZE': Range('[1, inf)', 'side of the square input in pixels; whether the model can tile it is '
+                                       'checked when the model is built', integer=True),
+    'DATA.NUM_WORKERS': Range('[0, inf)', 'loader processes per process; 0 loads in the main process', integer=True),
+    'DATA.TRAIN_SUBSET': Range('[0, inf)', 'training images to keep, 0 = all; more than the split holds is refused '
+                                           'when it is loaded', integer=True),
+    'DATA.REPEATED_AUG_COUNT': Range('[1, inf)', 'copies of each sampled image per epoch; 1 = no repetition',
+                                     integer=True),
+    # model
+    'MODEL.NUM_CLASSES': Range('[1, inf)', "classifier outputs; a training run uses the dataset's class count",
+                               integer=True),
+    'MODEL.DROP_RATE': Range('[0, 1)', 'dropout probability; at 1 every activation would be zeroed'),
+    'MODEL.DROP_PATH_RATE': Range('[0, 1)', 'stochastic-depth probability of the last block, rising linearly '
+                                            'from 0 at the first; at 1 DropPath divides by a keep probability of 0'),
+    'MODEL.LABEL_SMOOTHING': Range('[0, 1)', 'share of the target spread evenly over the classes; at 1 the '
+                                             'target would no longer carry the label'),
+    'MODEL.SWIN.PATCH_SIZE': Range('[1, inf)', 'pixels per patch side', integer=True),
+    'MODEL.SWIN.IN_CHANS': Range('[1, inf)', 'input image channels, Swin and CSwin', integer=True),
+    'MODEL.SWIN.EMBED_DIM': Range('[1, inf)', 'channels of stage 1', integer=True),
+    'MODEL.SWIN.DEPTHS': Range('[1, inf)', 'blocks per stage, one item per stage', form='list', integer=True),
+    'MODEL.SWIN.NUM_HEADS': Range('[1, inf)', 'attention heads per stage, one item per stage', form='list',
+                                  integer=True),
+    'MODEL.SWIN.WINDOW_SIZE': Range('[1, inf)', 'window side in tokens, clamped to the stage map', integer=True),
+    'MODEL.SWIN.SOFTMAX_WINDOW_SIZE': Range('[0, inf)', 'window side of the softmax blocks; 0 = the official rule',
+                                            integer=True),
+    'MODEL.SWIN.MLP_RATIO': Range('(0, inf)', 'MLP hidden width over block width'),
+    'MODEL.SWIN.QK_SCALE': Range('(0, inf)', 'softmax logit scale; None means head_dim^-0.5, and so would 0, '
+                                             'silently', none_ok=True),
+    'MODEL.LA.FOCUSING_FACTOR': Range('[1, inf)', 'power p of the focusing function: p = 1 does not focus, and p = 0 '
+                                                  'would make every attention weight equal', integer=True),
+    'MODEL.LA.KERNEL_SIZE': Range('[1, inf)', 'side of the depthwise rank-restoration conv; odd, so that its '
+                                              'zero padding keeps the token map size', odd=True, integer=True),
+    'MODEL.LA.PVT_LA_SR_RATIOS': Range('[1, 9]', 'PVT key/value reduction ratio of the L blocks, one digit per '
+                                                 'stage, e.g. 1111 or 8421', form='digits', integer=True),
+    'MODEL.DEIT.PATCH_SIZE': Range('[1, inf)', 'pixels per patch side', integer=True),
+    'MODEL.DEIT.IN_CHANS': Range('[1, inf)', 'input image channels', integer=True),
+    'MODEL.DEIT.EMBED_DIM': Range('[1, inf)', 'token width', integer=True),
+    'MODEL.DEIT.DEPTH': Range('[1, inf)', 'number of blocks', integer=True),
+    'MODEL.DEIT.NUM_HEADS': Range('[1, inf)', 'attention heads', integer=True),
+    'MODEL.DEIT.MLP_RATIO': Range('(0, inf)', 'MLP hidden width over token width'),
+    # training
+    'TRAIN.START_EPOCH': Range('[0, inf)', "first epoch of a fresh run; a resumed run takes its checkpoint's",
+                               integer=True),
+    'TRAIN.EPOCHS': Range('[1, inf)', 'length of the LR schedule in epochs', integer=True),
+    'TRAIN.WARMUP_EPOCHS': Range('[0, inf)', 'epochs of linear warm-up, 0 = none', integer=True),
+    'TRAIN.COOLDOWN_EPOCHS': Range('[0, inf)', 'epochs at MIN_LR after the schedule, 0 = none', integer=True),
+    'TRAIN.WEIGHT_DECAY': Range('[0, inf)', 'weight decay; a negative one would push the weights away from 0'),
+    'TRAIN.BASE_LR': Range('(0, inf)', 'peak LR for a global batch of 512; at 0 the weights would never move'),
+    'TRAIN.WARMUP_LR': Range('[0, inf)', 'LR at the first update'),
+    'TRAIN.MIN_LR': Range('[0, inf)', 'LR at the end of the schedule'),
+    'TRAIN.CLIP_GRAD': Range('[0, inf)', 'largest global gradient norm; None or 0 = no clipping', none_ok=True),
+    'TRAIN.ACCUMULATION_STEPS': Range('[1, inf)', 'batches per optimizer update', integer=True),
+    'TRAIN.KEEP_CKPTS': Range('[1, inf)', 'newest epoch checkpoints kept: at least the one to resume from',
+                              integer=True),
+    'TRAIN.CKPT_STEPS': Range('[0, inf)', 'updates between mid-epoch checkpoints, 0 = only at epoch ends',
+                              integer=True),
+    'TRAIN.MAX_NONFINITE_STEPS': Range('[1, inf)', 'consecutive skipped non-finite updates that stop the run',
+                                       integer=True),
+    'TRAIN.LR_SCHEDULER.DECAY_EPOCHS': Range('[1, inf)', 'epochs between decays of the step schedule; 0 would '
+                                                         'divide by zero', integer=True),
+    'TRAIN.LR_SCHEDULER.DECAY_RATE': Range('(0, 1]', 'factor of each decay of the step schedule: it lowers the LR; '
+                                                     '1 keeps it, 0 would stop training'),
+    'TRAIN.OPTIMIZER.EPS': Range('(0, inf)', "term in AdamW's denominator that keeps it from dividing by zero"),
+    'TRAIN.OPTIMIZER.BETAS': Range('[0, 1)', 'AdamW decay rates of the gradient mean and of its square; '
+                                             'independent, each below 1 as torch requires', form='pair'),
+    'TRAIN.OPTIMIZER.MOMENTUM': Range('(0, 1)', 'SGD momentum; Nesterov SGD needs it above 0, and at 1 it never '
+                                                'forgets'),
+    'TRAIN.EMA.DECAY': Range('[0, 1]', 'weight of the old average at each update: 0 copies the model, 1 keeps '
+                                       'the initial weights'),
+    # augmentation
+    'AUG.COLOR_JITTER': Range('[0, inf)', 'brightness/contrast/saturation jitter strength, 0 = off'),
+    'AUG.REPROB': Range('[0, 1]', 'probability of random erasing'),
+    'AUG.RECOUNT': Range('[1, inf)', 'most boxes erased per image', integer=True),
+    'AUG.MIXUP': Range('[0, inf)', 'alpha of the Beta distribution of the mixing weight, 0 = off'),
+    'AUG.CUTMIX': Range('[0, inf)', 'alpha of the Beta distribution of the box area, 0 = off'),
+    'AUG.CUTMIX_MINMAX': Range('[0, 1]', 'smallest and largest CutMix box side as fractions of the image side; '
+                                         'the side is drawn at least min and below max; None = use CUTMIX',
+                               form='pair', order='<', none_ok=True),
+    'AUG.MIXUP_PROB': Range('[0, 1]', 'probability of mixing a batch'),
+    'AUG.MIXUP_SWITCH_PROB': Range('[0, 1]', 'probability of CutMix instead of Mixup when both are on'),
+    'AUG.SCALE': Range('(0, 1]', 'RandomResizedCrop area as a fraction of the image', form='pair', order='<='),
+    'AUG.RATIO': Range('(0, inf)', 'RandomResizedCrop aspect ratio, width over height', form='pair', order='<='),
+    'AUG.HFLIP': Range('[0, 1]', 'probability of a horizontal flip'),
+    # misc
+    'SAVE_FREQ': Range('[1, inf)', 'epochs between periodic checkpoints', integer=True),
+    'PRINT_FREQ': Range('[1, inf)', 'iterations between progress lines', integer=True),
+    'SEED': Range('[0, 4294967295]', 'seeds every RNG, rank r with SEED + r; numpy takes 32-bit seeds',
+                  integer=True),
+    'LOCAL_RANK': Range('[0, inf)', 'process index on this machine', integer=True),
+    'DIST_TIMEOUT': Range('[1, inf)', 'minutes a collective waits for the other ranks', integer=True),
+}
+
+# Keys that yacs would let take a number but that need no range, and why.
+_UNUSED = '*unused*: accepted for the official yaml files and ignored'
+NO_RANGE: Dict[str, str] = {
+    **{f'MODEL.SWIN.{key}': _UNUSED for key in (
+        'KA', 'DIM_REDUCTION', 'STAGES', 'STAGES_NUM', 'RPB', 'PADDING_MODE', 'SHARE_DWC_KERNEL', 'SHARE_QKV',
+        'LR_FACTOR', 'DEPTHS_LR', 'FUSION_TYPE', 'STAGE_CFG')},
+    **{f'MODEL.{node}': '*unused* sub-config: any keys accepted, none read'
+       for node in ('SWIN_HR', 'SWIN_LRVIT', 'PVD')},
+    'MODEL.DEIT.ABS_POS_EMBED': 'a switch, not a number: True, False or None (automatic)',
+}
+
 
 def get_default_config() -> CN:
     """A mutable copy of the defaults."""
@@ -319,7 +543,8 @@ def _explain_yacs_error(err: Exception, where: str) -> ConfigError:
         return ConfigError(f'{where}: unknown config key {key!r}.{hint}')
     if 'Type mismatch' in text:
         key = text.rsplit('config key:', 1)[-1].strip()
-        return ConfigError(f'{where}: wrong value type for {key!r}: {text}')
+        valid = f'; expected {RANGES[key].describe()}' if key in RANGES else ''
+        return ConfigError(f'{where}: wrong value type for {key!r}: {text}{valid}')
     return ConfigError(f'{where}: {text}')
 
 
@@ -338,8 +563,18 @@ def _quote_string_values(opts: list[str]) -> list[str]:
     return out
 
 
-def _merge_file(cfg: CN, path: str, seen: tuple[str, ...] = ()) -> None:
-    """Merge `path` into `cfg`, its BASE files first (paths relative to the file)."""
+def _leaf_keys(data: dict, prefix: str = '') -> Iterable[str]:
+    """Full names of the values a parsed yaml mapping sets (``{'A': {'B': 1}}`` -> ``A.B``)."""
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from _leaf_keys(value, f'{prefix}{key}.')
+        else:
+            yield f'{prefix}{key}'
+
+
+def _merge_file(cfg: CN, path: str, seen: tuple[str, ...] = (), sources: Optional[Dict[str, str]] = None) -> None:
+    """Merge `path` into `cfg`, its BASE files first (paths relative to the file). `sources`, when
+    given, records for every key the file sets that it came from this file (a later file wins)."""
     path = os.path.abspath(path)
     if path in seen:
         raise ConfigError(f'config {path}: BASE inheritance cycle: {" -> ".join(seen + (path,))}')
@@ -356,22 +591,26 @@ def _merge_file(cfg: CN, path: str, seen: tuple[str, ...] = ()) -> None:
         raise ConfigError(f'config {path} must be a YAML mapping of keys, got {type(data).__name__}')
     for base in data.get('BASE', ['']) or ['']:
         if base:
-            _merge_file(cfg, os.path.join(os.path.dirname(path), base), seen + (path,))
+            _merge_file(cfg, os.path.join(os.path.dirname(path), base), seen + (path,), sources)
     try:
         cfg.merge_from_other_cfg(CN(data))
     except (KeyError, ValueError, AssertionError) as err:
         raise _explain_yacs_error(err, f'config {path}') from None
+    if sources is not None:
+        sources.update((key, f'config {path}') for key in _leaf_keys(data) if key != 'BASE')
 
 
 def load_config(path: Optional[str] = None, opts: Optional[Sequence[str]] = None) -> CN:
     """Defaults ← yaml `path` (with its BASE chain) ← `opts` (``['KEY', 'VALUE', ...]``); frozen.
 
-    Raises :class:`ConfigError` for a missing file, bad YAML, an unknown key (with close matches)
-    or a value of the wrong type, always naming the file or key.
+    Raises :class:`ConfigError` for a missing file, bad YAML, an unknown key (with close matches),
+    a value of the wrong type or a value outside its :data:`RANGES` entry, always naming the key
+    and the file (or ``--opts``) it came from.
     """
     cfg = get_default_config()
+    sources: Dict[str, str] = {}
     if path:
-        _merge_file(cfg, path)
+        _merge_file(cfg, path, sources=sources)
     if opts:
         opts = list(opts)
         if len(opts) % 2:
@@ -380,40 +619,59 @@ def load_config(path: Optional[str] = None, opts: Optional[Sequence[str]] = None
             cfg.merge_from_list(_quote_string_values(opts))
         except (KeyError, ValueError, AssertionError) as err:
             raise _explain_yacs_error(err, '--opts') from None
-    _validate(cfg)
+        sources.update((key, '--opts') for key in opts[::2])
+    _validate(cfg, sources)
     cfg.freeze()
     return cfg
 
 
-def _validate(cfg: CN) -> None:
-    """Checks that yacs' type system cannot express."""
+def _value_of(cfg: CN, key: str):
+    node = cfg
+    for part in key.split('.'):
+        node = node[part]
+    return node
+
+
+def _validate(cfg: CN, sources: Optional[Dict[str, str]] = None) -> None:
+    """The checks yacs' type system cannot express: every :data:`RANGES` entry, and AMP_DTYPE.
+
+    Raises one :class:`ConfigError` listing every bad value with its key, its range and, from
+    `sources` (key -> 'config FILE' or '--opts'), where the value was set.
+    """
+    sources = sources or {}
+    problems = []
+    for key, valid in RANGES.items():
+        value = _value_of(cfg, key)
+        if not valid.accepts(value):
+            origin = f' (from {sources[key]})' if key in sources else ''
+            problems.append(f'{key}={value!r}{origin} is out of range: expected {valid.describe()} ({valid.why})')
     if cfg.AMP_DTYPE not in ('fp16', 'bf16'):
-        raise ConfigError(f"AMP_DTYPE must be 'fp16' or 'bf16', got {cfg.AMP_DTYPE!r}")
-    if cfg.TRAIN.ACCUMULATION_STEPS < 1:
-        raise ConfigError(f'TRAIN.ACCUMULATION_STEPS must be >= 1, got {cfg.TRAIN.ACCUMULATION_STEPS}')
-    if cfg.DATA.BATCH_SIZE < 1:
-        raise ConfigError(f'DATA.BATCH_SIZE must be >= 1, got {cfg.DATA.BATCH_SIZE}')
-    if cfg.SAVE_FREQ < 1:
-        raise ConfigError(f'SAVE_FREQ must be >= 1, got {cfg.SAVE_FREQ}')
-    if cfg.TRAIN.KEEP_CKPTS < 1:
-        raise ConfigError(f'TRAIN.KEEP_CKPTS must be >= 1, got {cfg.TRAIN.KEEP_CKPTS}')
-    if (cfg.TRAIN.CKPT_STEPS < 0) or (cfg.TRAIN.MAX_NONFINITE_STEPS < 1) or (cfg.DIST_TIMEOUT <= 0):
-        raise ConfigError(f'TRAIN.CKPT_STEPS must be >= 0 (got {cfg.TRAIN.CKPT_STEPS}), TRAIN.MAX_NONFINITE_STEPS >= 1 '
-                          f'(got {cfg.TRAIN.MAX_NONFINITE_STEPS}) and DIST_TIMEOUT > 0 (got {cfg.DIST_TIMEOUT})')
+        origin = f' (from {sources["AMP_DTYPE"]})' if 'AMP_DTYPE' in sources else ''
+        problems.append(f"AMP_DTYPE must be 'fp16' or 'bf16', got {cfg.AMP_DTYPE!r}{origin}")
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f'{len(problems)} config values are not valid: ' + '; '.join(problems))
 
 
 def scale_lr(cfg: CN, world_size: int) -> CN:
     """Linear LR scaling (spec §5.1): lr · BATCH_SIZE · world_size · ACCUMULATION_STEPS / 512.
 
     Returns a frozen copy; the run folder's config.yaml records the scaled values, as the
-    official code does.
+    official code does. The factor is positive (BATCH_SIZE, ACCUMULATION_STEPS >= 1), so the
+    scaled rates keep their ranges; they are checked again all the same, since a huge rate could
+    overflow to inf.
     """
+    if world_size < 1:
+        raise ValueError(f'world_size must be >= 1, got {world_size}')
     factor = cfg.DATA.BATCH_SIZE * world_size * cfg.TRAIN.ACCUMULATION_STEPS / 512.0
     cfg = cfg.clone()
     cfg.defrost()
     cfg.TRAIN.BASE_LR = cfg.TRAIN.BASE_LR * factor
     cfg.TRAIN.WARMUP_LR = cfg.TRAIN.WARMUP_LR * factor
     cfg.TRAIN.MIN_LR = cfg.TRAIN.MIN_LR * factor
+    _validate(cfg, {key: f'linear LR scaling by {factor:g}' for key in ('TRAIN.BASE_LR', 'TRAIN.WARMUP_LR',
+                                                                        'TRAIN.MIN_LR')})
     cfg.freeze()
     return cfg
 
@@ -424,7 +682,12 @@ def config_to_yaml(cfg: CN) -> str:
 
 
 def config_from_yaml_text(text: str) -> CN:
-    """Rebuild a frozen config from :func:`config_to_yaml` output, checked against the defaults."""
+    """Rebuild a frozen config from :func:`config_to_yaml` output, checked against the defaults.
+
+    Keys and types are checked, ranges are not: this is the record of a run that has already
+    happened (a checkpoint's config), whose values were checked when that run started; checking
+    them against today's ranges would make a checkpoint unreadable whenever a range is tightened.
+    """
     cfg = get_default_config()
     try:
         cfg.merge_from_other_cfg(CN.load_cfg(text))
@@ -437,3 +700,25 @@ def config_from_yaml_text(text: str) -> CN:
 def iter_keys(cfg: CN) -> Iterable[str]:
     """Every full key name of `cfg` (used for close-match suggestions and tests)."""
     return _all_keys(cfg)
+
+
+def ranges_markdown() -> str:
+    """:data:`RANGES` and :data:`NO_RANGE` as the Markdown of ``docs/config.md``."""
+    defaults = get_default_config()
+    lines = ['# Valid ranges of the numeric config keys', '',
+             'Generated from `RANGES` and `NO_RANGE` in `config.py` by `python -m config > docs/config.md`.',
+             '`load_config` refuses a value outside its range before anything runs, with a `ConfigError`',
+             'that names the key, the value, the range and the yaml file or `--opts` that set it.',
+             'In an interval, `[` and `]` include the bound, `(` and `)` exclude it; `inf` is no bound',
+             '(inf and nan are never valid). Whether sizes fit together (image size vs patch, window and',
+             'stripe sizes; width vs heads; one entry per stage) is checked when the model is built.', '',
+             '| key | default | valid | meaning and reason |', '|---|---|---|---|']
+    for key, valid in RANGES.items():
+        lines.append(f'| `{key}` | `{_value_of(defaults, key)!r}` | {valid.describe()} | {valid.why} |')
+    lines += ['', 'Keys without a range:', '', '| key | why |', '|---|---|']
+    lines += [f'| `{key}` | {why} |' for key, why in NO_RANGE.items()]
+    return '\n'.join(lines) + '\n'
+
+
+if __name__ == '__main__':
+    print(ranges_markdown(), end='')
