@@ -169,9 +169,10 @@ _C.DATA.SKIP_CORRUPT = False
 # *new* Train on a fixed random subset of this many training images (drawn with SEED; 0 = all), for
 # quick experiments and tests. Validation always uses the whole split.
 _C.DATA.TRAIN_SUBSET = 0
-# *new* Repeated augmentation (DeiT's recipe, --repeated-aug): each epoch every sampled image appears
-# REPEATED_AUG_COUNT times, on different ranks and with different augmentations; the epoch keeps
-# its length, so it covers about 1/REPEATED_AUG_COUNT of the images
+# *new* Repeated augmentation (DeiT's recipe, --repeated-aug): each image drawn in an epoch appears
+# REPEATED_AUG_COUNT = k times, on different ranks (when the world size W >= k), each augmented
+# differently. The epoch keeps its length: every rank takes g*floor(N/(W*g)) samples, g = k/gcd(k, W),
+# so an epoch covers about 1/k of the N training images (data/samplers.py, ResumableRepeatAugSampler)
 _C.DATA.REPEATED_AUG = False
 _C.DATA.REPEATED_AUG_COUNT = 3
 

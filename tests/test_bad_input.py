@@ -61,6 +61,8 @@ CASES = {
                                          'Swin stage resolution 20x20 is not divisible by window 16'),
     '--resume of a missing file': (['--resume', 'missing.pth'], None, "checkpoint 'missing.pth' does not exist"),
     'output folder not writable': ([], _output_is_a_file, 'cannot be created or written'),
+    'value out of range': (['--opts', 'TRAIN.EPOCHS', '-1'], None,
+                           'TRAIN.EPOCHS=-1 (from --opts) is out of range: expected an integer >= 1'),
 }
 
 
@@ -128,4 +130,4 @@ def test_readme_table_lists_every_case():
     rows = re.findall(r'^\| ([^|]+?) \|', section, flags=re.MULTILINE)
     listed = {row.strip() for row in rows} - {'input', '---'}
     assert set(CASES) | {'more processes than GPUs (CUDA)', 'a rank crashes in DDP',
-                         'non-finite loss'} == listed
+                         'non-finite loss', 'SIGTERM or SIGUSR1 (pre-emption)'} == listed
