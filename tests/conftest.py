@@ -167,3 +167,47 @@ def randomize(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch
         for param in module.parameters():
             param.copy_(torch.randn(param.shape, generator=gen) * std)
     return module
+
+
+def fashion_mnist_samples(per_class: int, train: bool = False, root: str = FASHION_MNIST_DIR):
+    """The first `per_class` real images of each of the 10 classes of a Fashion-MNIST split, class by
+    class: ``(uint8 array (10·per_class, 28, 28), int labels)``. Skips the test when the files are missing."""
+    if not os.path.isdir(root):
+        pytest.skip('Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)')
+    from data import FashionMNIST
+    dataset = FashionMNIST(root, train=train)
+    indices = [int(i) for c in range(10) for i in np.flatnonzero(dataset.targets == c)[:per_class]]
+    return dataset.images[indices], dataset.targets[indices]
+
+
+def render_rgb_jpeg(image: np.ndarray, size: int, quality: int = 90) -> bytes:
+    """A 28×28 grayscale image as the JPEG bytes of a size×size RGB picture (bicubic upscale), the
+    kind of file an ImageFolder of photographs holds; decode with :func:`decode_rgb`."""
+    import io
+
+    from PIL import Image
+    picture = Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC).convert('RGB')
+    buffer = io.BytesIO()
+    picture.save(buffer, format='JPEG', quality=quality)
+    return buffer.getvalue()
+
+
+def decode_rgb(jpeg: bytes):
+    """JPEG bytes as an RGB PIL image, as torchvision's ImageFolder loader opens a file."""
+    import io
+
+    from PIL import Image
+    with Image.open(io.BytesIO(jpeg)) as image:
+        return image.convert('RGB')
+
+
+def make_fashion_mnist_image_folder(root: Path, size: int, train_per_class: int, val_per_class: int) -> Path:
+    """An ImageFolder tree root/{train,val}/<class>/<n>.jpg of real Fashion-MNIST images rendered as
+    size×size RGB JPEGs: train from the training split, val from the test split (10 classes)."""
+    for split, per_class, train in (('train', train_per_class, True), ('val', val_per_class, False)):
+        images, labels = fashion_mnist_samples(per_class, train=train)
+        for n, (image, label) in enumerate(zip(images, labels, strict=True)):
+            folder = root / split / f'class_{int(label)}'
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f'{n}.jpg').write_bytes(render_rgb_jpeg(image, size))
+    return root
