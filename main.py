@@ -14,40 +14,47 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
-import json
 import logging
 import os
 import sys
 import time
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
+from yacs.config import CfgNode as CN
 
 from config import ConfigError, config_to_yaml, load_config, scale_lr
-from data import DataError, DatasetNotFoundError, build_loaders, build_mixup
+from data import DataBundle, DataError, DatasetNotFoundError, build_loaders, build_mixup
 from logger import create_logger
 from models import UnknownModelError, build_model
 from utils.checkpoint import (
     CheckpointError,
-    gather_rng_states,
     latest_valid_checkpoint,
     load_checkpoint,
     load_pretrained,
     model_state_dict,
-    periodic_checkpoint_name,
-    prune_checkpoints,
-    remove_partial_writes,
-    save_checkpoint,
     torch_load,
 )
-from utils.distributed import DeviceError, barrier, cleanup, init_distributed
-from utils.engine import NonFiniteLossError, evaluate, format_eta, throughput, train_one_epoch
+from utils.distributed import DeviceError, DistContext, cleanup, init_distributed
+from utils.engine import (
+    EpochLog,
+    NonFiniteGuard,
+    NonFiniteLossError,
+    RunState,
+    StepSettings,
+    evaluate,
+    format_eta,
+    throughput,
+    train_one_epoch,
+)
 from utils.lr_scheduler import build_scheduler
 from utils.misc import count_parameters, seed_everything
 from utils.optimizer import build_optimizer
 from utils.preemption import EXIT_PREEMPTED, Preempted, StopSignal
+from utils.run_folder import CheckpointTriggers, RunFolder, write_config
 
 logger = logging.getLogger('flatten')
 
@@ -210,21 +217,6 @@ def choose_num_classes(dataset_classes: int, eval_ckpt, path: Optional[str], ema
     return int(head.shape[0])
 
 
-def write_config(output_dir: str, name: str, config_yaml: str, is_main: bool) -> None:
-    """Save the full resolved config beside the run, once everything it names has loaded. A
-    different config already there (a resumed run with changed settings) is kept as name.1, .2, …"""
-    if not is_main:
-        return
-    path = os.path.join(output_dir, name)
-    if os.path.exists(path):
-        with open(path) as f:
-            if f.read() == config_yaml:
-                return
-        logger.info(f'{name} differs from the one already in {output_dir}: kept the old one as {keep_aside(path)}')
-    with open(path, 'w') as f:
-        f.write(config_yaml)
-
-
 def build_model_for(cfg, source: str) -> torch.nn.Module:
     try:
         return build_model(cfg)
@@ -232,8 +224,9 @@ def build_model_for(cfg, source: str) -> torch.nn.Module:
         raise ConfigError(f'cannot build MODEL.TYPE={cfg.MODEL.TYPE!r} from {source}: {err}') from None
 
 
-def evaluate_only(cfg, ctx, data, model, ema, resume: Optional[str], ckpt, autocast) -> int:
+def evaluate_only(job, model, ema, resume: Optional[str], ckpt) -> int:
     """--eval / --eval-ema / --throughput: load the weights to judge, then measure them."""
+    cfg = job.cfg
     if resume:
         logger.info(f'loading {"EMA " if cfg.EVAL_EMA else ""}weights from {resume}')
         load_checkpoint(resume, model, ema=ema, weights='ema' if cfg.EVAL_EMA else 'model', loaded=ckpt)
@@ -242,183 +235,124 @@ def evaluate_only(cfg, ctx, data, model, ema, resume: Optional[str], ckpt, autoc
     elif not cfg.MODEL.PRETRAINED:
         logger.warning('no --resume or --pretrained checkpoint: evaluating randomly initialised weights')
     if cfg.THROUGHPUT_MODE:
-        throughput(model, data.loader_val, device=ctx.device, autocast=autocast, memory_format=memory_format(cfg))
+        throughput(model, job.data.loader_val, device=job.ctx.device, autocast=job.autocast,
+                   memory_format=memory_format(cfg))
         return 0
-    eval_kwargs = dict(device=ctx.device, autocast=autocast, print_freq=cfg.PRINT_FREQ,
-                       memory_format=memory_format(cfg))
-    stats = evaluate(model, data.loader_val, **eval_kwargs)
+    stats = evaluate(model, job.data.loader_val, **job.eval_kwargs())
     logger.info(f'Accuracy of the network on the {stats["count"]} test images: {stats["acc1"]:.1f}%')
     if ema is not None:
-        evaluate(ema.module, data.loader_val, name=' EMA', **eval_kwargs)
+        evaluate(ema.module, job.data.loader_val, name=' EMA', **job.eval_kwargs())
     return 0
 
 
-def keep_aside(path: str) -> Optional[str]:
-    """Rename an existing `path` to the first free ``path.1``, ``path.2``, …; returns the new name."""
-    if not os.path.exists(path):
-        return None
-    index = 1
-    while os.path.exists(f'{path}.{index}'):
-        index += 1
-    os.replace(path, f'{path}.{index}')
-    return f'{path}.{index}'
+@dataclass
+class Job:
+    """What run() has set up, shared by evaluation and training."""
+    cfg: CN
+    ctx: DistContext
+    data: DataBundle
+    output_dir: str
+    config_yaml: str
+    autocast: Callable
+    stop: StopSignal
+
+    def eval_kwargs(self) -> dict:
+        return dict(device=self.ctx.device, autocast=self.autocast, print_freq=self.cfg.PRINT_FREQ,
+                    memory_format=memory_format(self.cfg))
 
 
-def prepare_metrics(output_dir: str, start_epoch: int, resuming: bool) -> None:
-    """A resumed run drops the metrics lines of the epochs it repeats (a kill after logging, before
-    saving); a fresh run in a folder with another run's metrics keeps those aside."""
-    path = os.path.join(output_dir, 'metrics.jsonl')
-    if not os.path.exists(path):
-        return
-    if not resuming:
-        logger.info(f'metrics.jsonl of an earlier run kept as {keep_aside(path)}')
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line).get('epoch', -1) < start_epoch]
-    with open(path + '.tmp', 'w') as f:
-        f.writelines(lines)
-    os.replace(path + '.tmp', path)
-
-
-def train(cfg, ctx, data, model, model_without_ddp, ema, mixup_fn, resume: Optional[str], ckpt, autocast,
-          output_dir: str, config_yaml: str, stop: StopSignal) -> int:
-    """Build optimizer and schedule, restore the run state, then per epoch: train, evaluate, save.
-
-    After every update the ranks ask `stop` whether any of them received SIGTERM / SIGUSR1; if so
-    they save a checkpoint at that update and raise Preempted (exit code 75).
-    """
+def build_run_state(job: Job, model, model_without_ddp, ema, resume: Optional[str], ckpt) -> RunState:
+    """Optimizer, schedule and scaler for `model`, with the state of `resume` restored into them."""
+    cfg = job.cfg
     accumulation = cfg.TRAIN.ACCUMULATION_STEPS
-    optimizer = build_optimizer(cfg, model_without_ddp)
-    updates_per_epoch = len(data.loader_train) // accumulation
+    updates_per_epoch = len(job.data.loader_train) // accumulation
     if updates_per_epoch == 0:
-        raise ConfigError(f'TRAIN.ACCUMULATION_STEPS={accumulation} exceeds the {len(data.loader_train)} batches of '
-                          f'an epoch')
-    lr_scheduler = build_scheduler(cfg, optimizer, updates_per_epoch)
-    scaler = torch.amp.GradScaler(ctx.device.type) if (cfg.AMP and cfg.AMP_DTYPE == 'fp16') else None
-    criterion = build_criterion(cfg, mixup_fn is not None)
-
-    state = {'epoch': cfg.TRAIN.START_EPOCH, 'step': 0, 'max_accuracy': 0.0, 'max_accuracy_ema': 0.0}
+        raise ConfigError(f'TRAIN.ACCUMULATION_STEPS={accumulation} exceeds the {len(job.data.loader_train)} batches '
+                          f'of an epoch')
+    optimizer = build_optimizer(cfg, model_without_ddp)
+    state = RunState(
+        model=model_without_ddp, train_model=model, optimizer=optimizer,
+        lr_scheduler=build_scheduler(cfg, optimizer, updates_per_epoch), updates_per_epoch=updates_per_epoch,
+        total_epochs=cfg.TRAIN.EPOCHS + cfg.TRAIN.COOLDOWN_EPOCHS, accumulation_steps=accumulation,
+        scaler=torch.amp.GradScaler(job.ctx.device.type) if (cfg.AMP and cfg.AMP_DTYPE == 'fp16') else None,
+        ema=ema, epoch=cfg.TRAIN.START_EPOCH)
     if resume:
         logger.info(f'resuming from {resume}')
-        state = load_checkpoint(resume, model_without_ddp, optimizer, lr_scheduler, scaler, ema, loaded=ckpt)
-    write_config(output_dir, 'config.yaml', config_yaml, ctx.is_main)
-    total_epochs = cfg.TRAIN.EPOCHS + cfg.TRAIN.COOLDOWN_EPOCHS
-    eval_kwargs = dict(device=ctx.device, autocast=autocast, print_freq=cfg.PRINT_FREQ,
-                       memory_format=memory_format(cfg))
-    if state['epoch'] >= total_epochs:
-        logger.info(f'{resume} already completed all {total_epochs} epochs; evaluating it (raise TRAIN.EPOCHS to '
-                    f'train longer, or pick another --tag / --output for a new run)')
-        evaluate(model_without_ddp, data.loader_val, **eval_kwargs)
+        restored = load_checkpoint(resume, model_without_ddp, state.optimizer, state.lr_scheduler, state.scaler, ema,
+                                   loaded=ckpt)
+        state.epoch, state.step = restored['epoch'], restored['step']
+        state.max_accuracy, state.max_accuracy_ema = restored['max_accuracy'], restored['max_accuracy_ema']
+    return state
+
+
+def evaluate_epoch(job: Job, state: RunState) -> Tuple[dict, Optional[dict], bool, bool]:
+    """Evaluate the model (and its EMA) after an epoch: (val stats, EMA stats, is best, EMA is best)."""
+    val_stats = evaluate(state.model, job.data.loader_val, **job.eval_kwargs())
+    is_best = val_stats['acc1'] >= state.max_accuracy
+    state.max_accuracy = max(state.max_accuracy, val_stats['acc1'])
+    logger.info(f'Accuracy of the network on the {val_stats["count"]} test images: {val_stats["acc1"]:.1f}%; '
+                f'max accuracy: {state.max_accuracy:.2f}%')
+    if state.ema is None:
+        return val_stats, None, is_best, False
+    ema_stats = evaluate(state.ema.module, job.data.loader_val, name=' EMA', **job.eval_kwargs())
+    is_best_ema = ema_stats['acc1'] >= state.max_accuracy_ema
+    state.max_accuracy_ema = max(state.max_accuracy_ema, ema_stats['acc1'])
+    return val_stats, ema_stats, is_best, is_best_ema
+
+
+def run_epoch(job: Job, state: RunState, settings: StepSettings, folder: RunFolder,
+              triggers: CheckpointTriggers) -> None:
+    """Train the rest of epoch ``state.epoch``, evaluate, record, save (or stop, when asked to)."""
+    epoch = state.epoch
+    # every sample's order and augmentation depend on (SEED, epoch, index) only
+    job.data.dataset_train.set_epoch(epoch)
+    job.data.loader_train.sampler.set_epoch(epoch)
+    job.data.loader_train.sampler.skip(state.step * state.accumulation_steps * job.cfg.DATA.BATCH_SIZE)
+    train_stats = train_one_epoch(
+        state, job.data.loader_train, settings, log=EpochLog(state, job.cfg.PRINT_FREQ, folder.tb_writer),
+        guard=NonFiniteGuard(job.cfg.TRAIN.MAX_NONFINITE_STEPS), after_update=triggers.after_update)
+    val_stats, ema_stats, is_best, is_best_ema = evaluate_epoch(job, state)
+    folder.record_epoch(epoch, state, {'train': train_stats, 'val': val_stats, 'ema': ema_stats})
+    state.epoch, state.step = epoch + 1, 0
+    triggers.end_of_epoch(state, is_best, is_best_ema)
+
+
+def train(job: Job, model, model_without_ddp, ema, mixup_fn, resume: Optional[str], ckpt) -> int:
+    """Restore the run state, then per epoch: train, evaluate, save.
+
+    After every update the ranks ask `job.stop` whether any of them received SIGTERM / SIGUSR1; if
+    so they save a checkpoint at that update and raise Preempted (exit code 75).
+    """
+    cfg, ctx = job.cfg, job.ctx
+    state = build_run_state(job, model, model_without_ddp, ema, resume, ckpt)
+    write_config(job.output_dir, 'config.yaml', job.config_yaml, ctx.is_main)
+    if state.epoch >= state.total_epochs:
+        logger.info(f'{resume} already completed all {state.total_epochs} epochs; evaluating it (raise TRAIN.EPOCHS '
+                    f'to train longer, or pick another --tag / --output for a new run)')
+        evaluate(model_without_ddp, job.data.loader_val, **job.eval_kwargs())
         return 0
-
-    batches_per_epoch = updates_per_epoch * accumulation
-    if ctx.is_main:
-        for name in remove_partial_writes(output_dir):
-            logger.warning(f'removed {name}, the remains of a checkpoint write that was interrupted')
-        prepare_metrics(output_dir, state['epoch'], resuming=resume is not None)
-    tb_writer = None
-    if ctx.is_main:
-        from torch.utils.tensorboard import SummaryWriter  # slow import, rank 0 only
-        # when resuming, purge_step drops the events a killed run logged after its last checkpoint
-        purge = state['epoch'] * batches_per_epoch + state['step'] * accumulation if resume else None
-        tb_writer = SummaryWriter(log_dir=os.path.join(output_dir, 'tensorboard'), purge_step=purge)
-
-    def save(epoch_done: int, step: int, names: List[str]) -> None:
-        """Every rank hands over its RNG states; rank 0 writes each file in `names`."""
-        rng = gather_rng_states()
-        if ctx.is_main:
-            for name in names:
-                save_checkpoint(os.path.join(output_dir, name), model=model_without_ddp, epoch=epoch_done, step=step,
-                                max_accuracy=max_accuracy, config_yaml=config_yaml, optimizer=optimizer,
-                                lr_scheduler=lr_scheduler, scaler=scaler, ema=ema, max_accuracy_ema=max_accuracy_ema,
-                                rng=rng)
-            prune_checkpoints(output_dir, cfg.TRAIN.KEEP_CKPTS)
-            logger.info(f'saved {", ".join(names)} in {output_dir}')
-        barrier()  # no rank may exit (and so have torchrun stop the others) while rank 0 writes
-
-    def stop_here(epoch_done: int, step: int, names: List[str], where: str) -> None:
-        """Save the stop checkpoint(s) and raise Preempted; every rank calls it at the same point."""
-        if names:
-            save(epoch_done, step, names)
-        saved = f'saved {names[0]} in {output_dir}' if names else 'nothing new to save'
-        raise Preempted(f'stopped by {stop.describe()} {where}; {saved}. Run the same command again to continue '
-                        f'exactly from there')
-
-    max_accuracy, max_accuracy_ema = state['max_accuracy'], state['max_accuracy_ema']
-    start_epoch, start_update = state['epoch'], state['step']
-    logger.info(f'start training: epoch {start_epoch} update {start_update} of {total_epochs} epochs x '
-                f'{updates_per_epoch} updates')
+    settings = StepSettings(criterion=build_criterion(cfg, mixup_fn is not None), device=ctx.device,
+                            autocast=job.autocast, mixup_fn=mixup_fn, clip_grad=cfg.TRAIN.CLIP_GRAD,
+                            memory_format=memory_format(cfg))
+    folder = RunFolder(job.output_dir, job.config_yaml, cfg.TRAIN.KEEP_CKPTS, ctx.is_main, state,
+                       resuming=resume is not None)
+    triggers = CheckpointTriggers(folder, job.stop, ctx.device, cfg.TRAIN.CKPT_STEPS, cfg.SAVE_FREQ)
+    logger.info(f'start training: epoch {state.epoch} update {state.step} of {state.total_epochs} epochs x '
+                f'{state.updates_per_epoch} updates')
     start_time = time.time()
-    if stop.should_stop(ctx.device):
-        stop_here(start_epoch, start_update, [], 'before the first update')
     try:
-        for epoch in range(start_epoch, total_epochs):
-            # every sample's order and augmentation depend on (SEED, epoch, index) only
-            data.dataset_train.set_epoch(epoch)
-            data.loader_train.sampler.set_epoch(epoch)
-            first_update = start_update if epoch == start_epoch else 0
-            data.loader_train.sampler.skip(first_update * accumulation * cfg.DATA.BATCH_SIZE)
-
-            def save_mid_epoch(updates_done: int, epoch: int = epoch) -> None:
-                if updates_done >= updates_per_epoch:
-                    return  # the epoch end evaluates, saves and (when asked to) stops
-                if stop.should_stop(ctx.device):
-                    stop_here(epoch, updates_done, [periodic_checkpoint_name(epoch, updates_done)],
-                              f'after update {updates_done} of {updates_per_epoch} of epoch {epoch}')
-                if cfg.TRAIN.CKPT_STEPS and (updates_done % cfg.TRAIN.CKPT_STEPS == 0):
-                    save(epoch, updates_done, [periodic_checkpoint_name(epoch, updates_done)])
-
-            train_stats = train_one_epoch(
-                model, criterion, data.loader_train, optimizer, lr_scheduler, epoch, device=ctx.device,
-                total_epochs=total_epochs, updates_per_epoch=updates_per_epoch, start_update=first_update,
-                accumulation_steps=accumulation, clip_grad=cfg.TRAIN.CLIP_GRAD, mixup_fn=mixup_fn, autocast=autocast,
-                scaler=scaler, ema=ema, print_freq=cfg.PRINT_FREQ, tb_writer=tb_writer,
-                max_nonfinite=cfg.TRAIN.MAX_NONFINITE_STEPS, after_update=save_mid_epoch,
-                memory_format=memory_format(cfg))
-            val_stats = evaluate(model_without_ddp, data.loader_val, **eval_kwargs)
-            is_best = val_stats['acc1'] >= max_accuracy
-            max_accuracy = max(max_accuracy, val_stats['acc1'])
-            logger.info(f'Accuracy of the network on the {val_stats["count"]} test images: {val_stats["acc1"]:.1f}%; '
-                        f'max accuracy: {max_accuracy:.2f}%')
-            ema_stats, is_best_ema = None, False
-            if ema is not None:
-                ema_stats = evaluate(ema.module, data.loader_val, name=' EMA', **eval_kwargs)
-                is_best_ema = ema_stats['acc1'] >= max_accuracy_ema
-                max_accuracy_ema = max(max_accuracy_ema, ema_stats['acc1'])
-
-            if ctx.is_main:
-                record = {'epoch': epoch, **{f'train_{k}': v for k, v in train_stats.items()},
-                          **{f'val_{k}': v for k, v in val_stats.items()}, 'max_accuracy': max_accuracy}
-                if ema_stats is not None:
-                    record.update({f'ema_{k}': v for k, v in ema_stats.items()}, max_accuracy_ema=max_accuracy_ema)
-                with open(os.path.join(output_dir, 'metrics.jsonl'), 'a') as f:
-                    f.write(json.dumps(record) + '\n')
-                step = (epoch + 1) * batches_per_epoch
-                for key in ('loss', 'lr', 'grad_norm', 'skipped_updates'):
-                    tb_writer.add_scalar(f'epoch/train_{key}', train_stats[key], step)
-                for key in ('acc1', 'acc5', 'loss'):
-                    tb_writer.add_scalar(f'epoch/val_{key}', val_stats[key], step)
-                    if ema_stats is not None:
-                        tb_writer.add_scalar(f'epoch/ema_{key}', ema_stats[key], step)
-                tb_writer.flush()
-            stopping = stop.should_stop(ctx.device)  # a signal during the evaluation stops here
-            periodic = (epoch % cfg.SAVE_FREQ == 0) or (epoch == total_epochs - 1) or stopping
-            names = [periodic_checkpoint_name(epoch)] if periodic else []
-            names += ['max_acc.pth'] if is_best else []
-            names += ['max_ema_acc.pth'] if is_best_ema else []
-            if stopping and (epoch < total_epochs - 1):
-                stop_here(epoch + 1, 0, names, f'at the end of epoch {epoch}')
-            if names:
-                save(epoch + 1, 0, names)
+        triggers.stop_if_asked(state, [], 'before the first update')
+        while state.epoch < state.total_epochs:
+            run_epoch(job, state, settings, folder, triggers)
     finally:
-        if tb_writer is not None:
-            tb_writer.close()
-    logger.info(f'training time {format_eta(time.time() - start_time)}; max accuracy {max_accuracy:.2f}%')
+        folder.close()
+    logger.info(f'training time {format_eta(time.time() - start_time)}; max accuracy {state.max_accuracy:.2f}%')
     return 0
 
 
-def run(args: argparse.Namespace, stop: StopSignal) -> int:
-    # 1. flags → config; device and (optional) process group; run folder and logs
+def start(args: argparse.Namespace, stop: StopSignal) -> Tuple[CN, DistContext, str, bool]:
+    """Flags → config; device and (optional) process group; run folder and logs. Returns the config,
+    the process context, the run folder and whether this run trains."""
     create_logger(None, int(os.environ.get('RANK', '0')))
     cfg = load_config(args.cfg, flags_to_opts(args) + list(args.opts or []))
     ctx = init_distributed(cfg.DEVICE, timeout_minutes=cfg.DIST_TIMEOUT)
@@ -432,8 +366,13 @@ def run(args: argparse.Namespace, stop: StopSignal) -> int:
     seed_everything(cfg.SEED + ctx.rank)
     if ctx.device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
+    return cfg, ctx, output_dir, train_mode
 
-    # 2. data, and the checkpoint this run starts from (its head decides the classes of an evaluation)
+
+def load_data(cfg: CN, ctx: DistContext, output_dir: str, train_mode: bool):
+    """The loaders, the checkpoint this run starts from (its head decides the classes of an
+    evaluation) and Mixup. Returns (config with the class count, data, resume path, its content,
+    mixup_fn)."""
     data = build_loaders(cfg, ctx.rank, ctx.world_size, train=train_mode, pin_memory=ctx.device.type == 'cuda')
     resume, ckpt = checkpoint_to_resume(cfg, output_dir, train_mode)
     num_classes = choose_num_classes(data.num_classes, None if train_mode else ckpt, resume, cfg.EVAL_EMA)
@@ -447,10 +386,13 @@ def run(args: argparse.Namespace, stop: StopSignal) -> int:
     if (mixup_fn is not None) and (cfg.DATA.BATCH_SIZE % 2):
         raise ConfigError(f'DATA.BATCH_SIZE={cfg.DATA.BATCH_SIZE} is odd, but Mixup/CutMix pair up the samples of a '
                           f'batch: use an even batch size or set AUG.MIXUP 0.0 AUG.CUTMIX 0.0')
-    config_yaml = config_to_yaml(cfg)
+    return cfg, data, resume, ckpt, mixup_fn
 
-    # 3. model: pretrained weights (when not resuming), EMA, DDP
-    model = build_model_for(cfg, args.cfg)
+
+def build_models(cfg: CN, ctx: DistContext, source: str, resume: Optional[str]):
+    """The model (with --pretrained weights when not resuming), its EMA and, under torchrun, its DDP
+    wrapper. Returns (model to train, bare model, EMA or None)."""
+    model = build_model_for(cfg, source)
     n_parameters = count_parameters(model)
     logger.info(f'{cfg.MODEL.NAME}: {n_parameters:,} parameters ({n_parameters / 1e6:.2f}M)')
     model.to(ctx.device)
@@ -469,15 +411,19 @@ def run(args: argparse.Namespace, stop: StopSignal) -> int:
             broadcast_buffers=True,
             # PVT v1 keeps a final norm it never applies (official layout): DDP must know, flag or not
             find_unused_parameters=cfg.TRAIN.FIND_UNUSED_PARAMS or bool(model.unused_parameters()))
-    autocast = make_autocast(cfg, ctx.device)
+    return model, model_without_ddp, ema
 
-    # 4. evaluate, or train
+
+def run(args: argparse.Namespace, stop: StopSignal) -> int:
+    cfg, ctx, output_dir, train_mode = start(args, stop)
+    cfg, data, resume, ckpt, mixup_fn = load_data(cfg, ctx, output_dir, train_mode)
+    job = Job(cfg, ctx, data, output_dir, config_to_yaml(cfg), make_autocast(cfg, ctx.device), stop)
+    model, model_without_ddp, ema = build_models(cfg, ctx, args.cfg, resume)
     if not train_mode:
-        result = evaluate_only(cfg, ctx, data, model_without_ddp, ema, resume, ckpt, autocast)
-        write_config(output_dir, 'config_eval.yaml', config_yaml, ctx.is_main)
+        result = evaluate_only(job, model_without_ddp, ema, resume, ckpt)
+        write_config(output_dir, 'config_eval.yaml', job.config_yaml, ctx.is_main)
         return result
-    return train(cfg, ctx, data, model, model_without_ddp, ema, mixup_fn, resume, ckpt, autocast, output_dir,
-                 config_yaml, stop)
+    return train(job, model, model_without_ddp, ema, mixup_fn, resume, ckpt)
 
 
 def error_message(err: BaseException) -> str:

@@ -10,7 +10,7 @@ from conftest import MICRO_YAML, make_image_folder, run_main
 from timm.scheduler import CosineLRScheduler
 
 from models.swin import FLattenSwinTransformer
-from utils.engine import NonFiniteLossError, train_one_epoch
+from utils.engine import EpochLog, NonFiniteGuard, NonFiniteLossError, RunState, StepSettings, train_one_epoch
 
 
 def _micro() -> FLattenSwinTransformer:
@@ -24,9 +24,10 @@ def _train(model, batches, criterion=torch.nn.functional.cross_entropy, dtype=No
     scheduler = CosineLRScheduler(optimizer, t_initial=100, t_in_epochs=False)
     scaler = torch.amp.GradScaler('cpu') if dtype == torch.float16 else None
     autocast = functools.partial(torch.autocast, 'cpu', dtype=dtype) if dtype else contextlib.nullcontext
-    return train_one_epoch(model, criterion, batches, optimizer, scheduler, 0, device=torch.device('cpu'),
-                           total_epochs=1, updates_per_epoch=len(batches), autocast=autocast, scaler=scaler,
-                           clip_grad=5.0, max_nonfinite=max_nonfinite)
+    state = RunState(model=model, train_model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                     updates_per_epoch=len(batches), total_epochs=1, scaler=scaler)
+    settings = StepSettings(criterion=criterion, device=torch.device('cpu'), autocast=autocast, clip_grad=5.0)
+    return train_one_epoch(state, batches, settings, log=EpochLog(state), guard=NonFiniteGuard(max_nonfinite))
 
 
 @pytest.mark.parametrize('dtype', [torch.float16, torch.bfloat16])

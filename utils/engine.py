@@ -6,7 +6,8 @@ import datetime
 import logging
 import math
 import time
-from typing import Callable, Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -16,7 +17,8 @@ from timm.utils import AverageMeter
 from .benchmark import inference_step, measure, median
 from .distributed import all_reduce_sum
 
-__all__ = ['train_one_epoch', 'evaluate', 'throughput', 'NonFiniteLossError', 'format_eta']
+__all__ = ['RunState', 'StepSettings', 'NonFiniteGuard', 'EpochLog', 'train_one_epoch', 'evaluate', 'throughput',
+           'NonFiniteLossError', 'format_eta']
 
 logger = logging.getLogger('flatten.engine')
 
@@ -35,131 +37,203 @@ def _memory_mb(device: torch.device) -> float:
     return 0.0
 
 
-def train_one_epoch(
-        model: nn.Module,
-        criterion: Callable,
-        loader: torch.utils.data.DataLoader,
-        optimizer: torch.optim.Optimizer,
-        lr_scheduler,
-        epoch: int,
-        *,
-        device: torch.device,
-        total_epochs: int,
-        updates_per_epoch: int,
-        start_update: int = 0,
-        accumulation_steps: int = 1,
-        clip_grad: Optional[float] = None,
-        mixup_fn: Optional[Callable] = None,
-        autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-        scaler: Optional[torch.amp.GradScaler] = None,
-        ema=None,
-        print_freq: int = 100,
-        tb_writer=None,
-        max_nonfinite: int = 20,
-        after_update: Optional[Callable[[int], None]] = None,
-        memory_format: torch.memory_format = torch.contiguous_format,
-) -> Dict[str, float]:
-    """Train `model` for the rest of epoch `epoch`: updates ``start_update .. updates_per_epoch-1``.
+@dataclass
+class RunState:
+    """Everything a training run carries from update to update, and saves to resume.
 
-    `loader` yields the batches of those updates (its sampler already skipped the first
-    ``start_update · accumulation_steps`` batches when resuming mid-epoch). With
-    ``accumulation_steps = a`` the optimizer steps once per ``a`` batches (the others skip DDP's
-    all-reduce). The scheduler advances per update: ``step_update(epoch·I + u)`` after update ``u``
-    (spec §5.3), and ``after_update(u + 1)`` runs then (mid-epoch checkpoints).
-
-    An update whose gradients are not finite is skipped: under fp16 the GradScaler skips it and
-    lowers its scale; otherwise the optimizer step and the EMA update are left out. Skipped updates
-    are counted; `max_nonfinite` in a row raise NonFiniteLossError naming the step (nothing has
-    been saved since the last good checkpoint). Returns averages of the finite losses and grad
-    norms, the last LR, the skipped count and the time.
+    `model` is the bare model (its state dict is what checkpoints hold); `train_model` is what the
+    loop calls (the DDP wrapper, or `model` itself). `epoch` counts completed epochs and `step` the
+    optimizer updates already done in the current one, as checkpoints record them.
     """
-    model.train()
-    optimizer.zero_grad(set_to_none=True)
-    num_batches = (updates_per_epoch - start_update) * accumulation_steps
-    params = [p for p in model.parameters() if p.requires_grad]
-    loss_meter, norm_meter, batch_time = AverageMeter(), AverageMeter(), AverageMeter()
-    skipped = consecutive = 0
-    start = end = time.time()
-    lr = optimizer.param_groups[0]['lr']
-    for idx, (samples, targets) in enumerate(loader):
-        if idx >= num_batches:
-            break
-        targets = targets.to(device, non_blocking=True)
-        if mixup_fn is not None:
-            samples, targets = mixup_fn(samples.to(device, non_blocking=True), targets)
-        samples = samples.to(device, non_blocking=True, memory_format=memory_format)
-        is_update = (idx + 1) % accumulation_steps == 0
-        sync = contextlib.nullcontext() if (is_update or not hasattr(model, 'no_sync')) else model.no_sync()
-        with sync:
-            with autocast():
-                loss = criterion(model(samples), targets)
-            scaled = loss / accumulation_steps
-            if scaler is not None:
-                scaler.scale(scaled).backward()
-            else:
-                scaled.backward()
-        loss_value = loss.item()
+    model: nn.Module
+    train_model: nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    updates_per_epoch: int
+    total_epochs: int
+    accumulation_steps: int = 1
+    scaler: Optional[torch.amp.GradScaler] = None
+    ema: Any = None
+    epoch: int = 0
+    step: int = 0
+    max_accuracy: float = 0.0
+    max_accuracy_ema: float = 0.0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.updates_per_epoch * self.accumulation_steps
+
+    def checkpoint_fields(self) -> Dict[str, Any]:
+        """The keyword arguments of utils.checkpoint.save_checkpoint for this state."""
+        return dict(model=self.model, epoch=self.epoch, step=self.step, max_accuracy=self.max_accuracy,
+                    optimizer=self.optimizer, lr_scheduler=self.lr_scheduler, scaler=self.scaler, ema=self.ema,
+                    max_accuracy_ema=self.max_accuracy_ema)
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """How a batch becomes a loss and a loss an update: everything the step needs besides the state."""
+    criterion: Callable
+    device: torch.device
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    mixup_fn: Optional[Callable] = None
+    clip_grad: Optional[float] = None
+    memory_format: torch.memory_format = torch.contiguous_format
+
+
+class NonFiniteGuard:
+    """The non-finite policy: an update whose gradients are not finite is skipped and counted;
+    `max_in_row` skipped in a row raise NonFiniteLossError naming the step (nothing has been saved
+    since the last good checkpoint)."""
+
+    def __init__(self, max_in_row: int = 20):
+        self.max_in_row = max_in_row
+        self.in_row = 0
+
+    def record(self, applied: bool, epoch: int, update: int, loss_value: float) -> None:
+        if applied:
+            self.in_row = 0
+            return
+        self.in_row += 1
+        logger.warning(f'epoch {epoch} step {update}: non-finite gradients (loss {loss_value}), update skipped '
+                       f'({self.in_row} in a row)')
+        if self.in_row >= self.max_in_row:
+            raise NonFiniteLossError(
+                f'{self.in_row} consecutive updates with non-finite loss or gradients, the last at epoch {epoch} '
+                f'step {update} (loss {loss_value}): stopping. The last saved checkpoint is from before these '
+                f'steps; resume from it with a lower TRAIN.BASE_LR, TRAIN.CLIP_GRAD set, or --amp-dtype bf16 '
+                f'(TRAIN.MAX_NONFINITE_STEPS sets how many are tolerated)')
+
+
+class EpochLog:
+    """Averages, the progress line with its ETA (every `print_freq` batches and the last one) and
+    the per-batch TensorBoard scalars of one training epoch."""
+
+    def __init__(self, state: RunState, print_freq: int = 100, tb_writer=None):
+        self.state, self.print_freq, self.tb_writer = state, print_freq, tb_writer
+        # a mid-epoch resume starts at update state.step: batch indices continue from there
+        self.first_batch = state.step * state.accumulation_steps
+        self.num_batches = state.batches_per_epoch - self.first_batch
+        self.loss, self.grad_norm, self.batch_time = AverageMeter(), AverageMeter(), AverageMeter()
+        self.skipped = 0
+        self.start = self.end = time.time()
+
+    def batch(self, idx: int, loss_value: float, batch_size: int, device: torch.device) -> None:
         if math.isfinite(loss_value):
-            loss_meter.update(loss_value, targets.size(0))
+            self.loss.update(loss_value, batch_size)
+        self.batch_time.update(time.time() - self.end)
+        self.end = time.time()
+        if (idx % self.print_freq == 0) or (idx == self.num_batches - 1):
+            self._print(idx, loss_value, device)
+
+    def _print(self, idx: int, loss_value: float, device: torch.device) -> None:
+        state = self.state
+        lr = state.optimizer.param_groups[0]['lr']
+        step = self.first_batch + idx  # the batch index within the epoch
+        eta = self.batch_time.avg * (self.num_batches - idx - 1)
+        logger.info(
+            f'Train: [{state.epoch}/{state.total_epochs}][{step}/{state.batches_per_epoch}]\t'
+            f'eta {format_eta(eta)} lr {lr:.6f}\t'
+            f'time {self.batch_time.val:.4f} ({self.batch_time.avg:.4f})\t'
+            f'loss {loss_value:.4f} ({self.loss.avg:.4f})\t'
+            f'grad_norm {self.grad_norm.val:.4f} ({self.grad_norm.avg:.4f})'
+            + (f'\tskipped {self.skipped}' if self.skipped else '')
+            + (f'\tmem {_memory_mb(device):.0f}MB' if device.type == 'cuda' else ''))
+        if self.tb_writer is not None:
+            global_step = state.epoch * state.batches_per_epoch + step
+            self.tb_writer.add_scalar('train/loss', loss_value, global_step)
+            self.tb_writer.add_scalar('train/lr', lr, global_step)
+
+    def summary(self) -> Dict[str, float]:
+        seconds = time.time() - self.start
+        logger.info(f'EPOCH {self.state.epoch} training takes {format_eta(seconds)}'
+                    + (f'; {self.skipped} updates skipped for non-finite gradients' if self.skipped else ''))
+        return {'loss': self.loss.avg, 'grad_norm': self.grad_norm.avg,
+                'lr': self.state.optimizer.param_groups[0]['lr'], 'skipped_updates': self.skipped, 'time': seconds}
+
+
+def backward_batch(state: RunState, settings: StepSettings, samples: torch.Tensor, targets: torch.Tensor,
+                   is_update: bool) -> float:
+    """Forward and backward of one batch (``samples: (B, 3, H, W)``); returns the unscaled loss.
+
+    Mixup/CutMix mixes the batch first. Batches that do not end an update skip DDP's all-reduce.
+    """
+    targets = targets.to(settings.device, non_blocking=True)
+    if settings.mixup_fn is not None:
+        samples, targets = settings.mixup_fn(samples.to(settings.device, non_blocking=True), targets)
+    samples = samples.to(settings.device, non_blocking=True, memory_format=settings.memory_format)
+    model = state.train_model
+    sync = contextlib.nullcontext() if (is_update or not hasattr(model, 'no_sync')) else model.no_sync()
+    with sync:
+        with settings.autocast():
+            loss = settings.criterion(model(samples), targets)
+        scaled = loss / state.accumulation_steps
+        if state.scaler is not None:
+            state.scaler.scale(scaled).backward()
+        else:
+            scaled.backward()
+    return loss.item()
+
+
+def apply_update(state: RunState, params: List[torch.nn.Parameter], clip_grad: Optional[float]) -> Tuple[float, bool]:
+    """Clip, step the optimizer (unless the gradients are not finite), advance the schedule and the
+    EMA; returns (gradient norm, whether the update was applied).
+
+    Under fp16 the GradScaler skips a non-finite update and lowers its scale. The scheduler steps
+    per update, ``step_update(epoch · I + u)`` after update ``u`` (docs/training.md).
+    """
+    if state.scaler is not None:
+        state.scaler.unscale_(state.optimizer)
+    # max_norm=inf measures the norm without clipping, as the official code logs it; after DDP's
+    # all-reduce every rank sees the same norm, so all ranks skip the same updates
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else float('inf')))
+    if state.scaler is not None:
+        scale = state.scaler.get_scale()
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        applied = state.scaler.get_scale() >= scale  # the scaler lowers its scale when it skips
+    else:
+        applied = math.isfinite(grad_norm)
+        if applied:
+            state.optimizer.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.lr_scheduler.step_update(state.epoch * state.updates_per_epoch + state.step)
+    if applied and (state.ema is not None):
+        state.ema.update(state.model)
+    return grad_norm, applied
+
+
+def train_one_epoch(state: RunState, loader: Iterable, settings: StepSettings, *, log: EpochLog,
+                    guard: NonFiniteGuard, after_update: Optional[Callable[[RunState], None]] = None,
+                    ) -> Dict[str, float]:
+    """Train the rest of epoch ``state.epoch``: updates ``state.step .. updates_per_epoch - 1``.
+
+    `loader` yields the batches of those updates (its sampler already skipped the batches of the
+    ``state.step`` updates done before a mid-epoch resume). With ``accumulation_steps = a`` the
+    optimizer steps once per ``a`` batches. ``state.step`` counts the updates done; after each one
+    ``after_update(state)`` runs (mid-epoch checkpoints, the stop check). Returns averages of the
+    finite losses and grad norms, the last LR, the skipped count and the time.
+    """
+    state.train_model.train()
+    state.optimizer.zero_grad(set_to_none=True)
+    params = [p for p in state.train_model.parameters() if p.requires_grad]
+    for idx, (samples, targets) in enumerate(loader):
+        if idx >= log.num_batches:
+            break
+        is_update = (idx + 1) % state.accumulation_steps == 0
+        loss_value = backward_batch(state, settings, samples, targets, is_update)
         if is_update:
-            update = start_update + idx // accumulation_steps
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            # max_norm=inf measures the norm without clipping, as the official code logs it; after
-            # DDP's all-reduce every rank sees the same norm, so all ranks skip the same updates
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad if clip_grad else float('inf')))
-            if scaler is not None:
-                scale = scaler.get_scale()
-                scaler.step(optimizer)
-                scaler.update()
-                applied = scaler.get_scale() >= scale  # the scaler lowers its scale when it skips
-            else:
-                applied = math.isfinite(grad_norm)
-                if applied:
-                    optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            lr_scheduler.step_update(epoch * updates_per_epoch + update)
+            grad_norm, applied = apply_update(state, params, settings.clip_grad)
             if applied:
-                consecutive = 0
-                norm_meter.update(grad_norm)
-                if ema is not None:
-                    ema.update(model.module if hasattr(model, 'module') else model)
+                log.grad_norm.update(grad_norm)
             else:
-                skipped += 1
-                consecutive += 1
-                logger.warning(f'epoch {epoch} step {update}: non-finite gradients (loss {loss_value}), update '
-                               f'skipped ({consecutive} in a row)')
-                if consecutive >= max_nonfinite:
-                    raise NonFiniteLossError(
-                        f'{consecutive} consecutive updates with non-finite loss or gradients, the last at epoch '
-                        f'{epoch} step {update} (loss {loss_value}): stopping. The last saved checkpoint is from '
-                        f'before these steps; resume from it with a lower TRAIN.BASE_LR, TRAIN.CLIP_GRAD set, or '
-                        f'--amp-dtype bf16 (TRAIN.MAX_NONFINITE_STEPS sets how many are tolerated)')
+                log.skipped += 1
+            guard.record(applied, state.epoch, state.step, loss_value)
+            state.step += 1
             if after_update is not None:
-                after_update(update + 1)
-        batch_time.update(time.time() - end)
-        end = time.time()
-        lr = optimizer.param_groups[0]['lr']
-        if (idx % print_freq == 0) or (idx == num_batches - 1):
-            eta = batch_time.avg * (num_batches - idx - 1)
-            step = start_update * accumulation_steps + idx
-            logger.info(
-                f'Train: [{epoch}/{total_epochs}][{step}/{updates_per_epoch * accumulation_steps}]\t'
-                f'eta {format_eta(eta)} lr {lr:.6f}\t'
-                f'time {batch_time.val:.4f} ({batch_time.avg:.4f})\t'
-                f'loss {loss_value:.4f} ({loss_meter.avg:.4f})\t'
-                f'grad_norm {norm_meter.val:.4f} ({norm_meter.avg:.4f})'
-                + (f'\tskipped {skipped}' if skipped else '')
-                + (f'\tmem {_memory_mb(device):.0f}MB' if device.type == 'cuda' else ''))
-            if tb_writer is not None:
-                global_step = epoch * updates_per_epoch * accumulation_steps + step
-                tb_writer.add_scalar('train/loss', loss_value, global_step)
-                tb_writer.add_scalar('train/lr', lr, global_step)
-    epoch_time = time.time() - start
-    logger.info(f'EPOCH {epoch} training takes {format_eta(epoch_time)}'
-                + (f'; {skipped} updates skipped for non-finite gradients' if skipped else ''))
-    return {'loss': loss_meter.avg, 'grad_norm': norm_meter.avg, 'lr': lr, 'skipped_updates': skipped,
-            'time': epoch_time}
+                after_update(state)
+        log.batch(idx, loss_value, targets.size(0), settings.device)
+    return log.summary()
 
 
 @torch.no_grad()
