@@ -1,10 +1,11 @@
 """Configuration: commented, frozen YACS defaults with the official FLatten key names.
 
 Every key of the official code base is declared here with its official default and type, so
-the authors' yaml files load unchanged (spec §3). Keys this project adds are marked *new*.
-Keys the official code declares but never reads are kept, marked *unused*, so that yaml files
-that mention them still load; they have no effect. Every numeric key has a valid range in
-:data:`RANGES` (or a reason for having none in :data:`NO_RANGE`), rendered in ``docs/config.md``.
+the authors' yaml files load unchanged (docs/training.md, "Official configuration files"). Keys
+this project adds are marked *new*. Keys the official code declares but never reads are kept,
+marked *unused*, so that yaml files that mention them still load; they have no effect. Every
+numeric key has a valid range in :data:`RANGES` (or a reason for having none in :data:`NO_RANGE`),
+rendered in ``docs/config.md``.
 
 Use :func:`load_config` from Python and tests; ``main.py`` calls it with the command-line
 flags already turned into ``KEY VALUE`` pairs (see ``FLAG_TO_KEY`` in ``main.py``).
@@ -656,7 +657,8 @@ def _validate(cfg: CN, sources: Optional[Dict[str, str]] = None) -> None:
 
 
 def scale_lr(cfg: CN, world_size: int) -> CN:
-    """Linear LR scaling (spec §5.1): lr · BATCH_SIZE · world_size · ACCUMULATION_STEPS / 512.
+    """Linear LR scaling: lr · BATCH_SIZE · world_size · ACCUMULATION_STEPS / 512 (docs/training.md,
+    "Linear LR scaling").
 
     Returns a frozen copy; the run folder's config.yaml records the scaled values, as the
     official code does. The factor is positive (BATCH_SIZE, ACCUMULATION_STEPS >= 1), so the

@@ -1,4 +1,4 @@
-"""Datasets, transforms and loaders (spec §6).
+"""Datasets, transforms and loaders (docs/training.md, "Data pipeline").
 
 * ``imagenet`` / ``imagefolder``: torchvision ImageFolder trees ``<DATA_PATH>/train`` and ``/val``.
 * ``fashion_mnist``: the Debian IDX files (train 60k / test 10k as val).

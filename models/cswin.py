@@ -1,4 +1,5 @@
-"""FLatten-CSwin: CSWin Transformer with focused linear attention in chosen stages (spec §2.4).
+"""FLatten-CSwin: CSWin Transformer with focused linear attention in chosen stages
+(docs/numerics.md, "CSwin backbone").
 
 One class builds both FLatten-CSwin (``attn_type='LLSS'``: global focused linear attention in
 stages 1–2, LePE stripe softmax in stages 3–4) and the original CSWin baseline (``'SSSS'``).
@@ -19,7 +20,8 @@ Stripe rules (official, plus two extensions that the official code does not hand
   window; the official code crashes. ``la_split_size=None`` means "the whole map at every stage",
   which is the official setting at any resolution.
 * Extension 2: L blocks with a split *smaller* than the map run focused linear attention per stripe
-  window (see :mod:`models.attention.cswin`); the official code crashes (spec §7.10).
+  window (see :mod:`models.attention.cswin`); the official code crashes (docs/differences.md,
+  "CSwin with an LA split smaller than the map").
 * A split that does not divide the map raises ValueError at construction, naming the sizes.
 """
 from __future__ import annotations

@@ -5,10 +5,11 @@ and the DeiT baseline (``attn_type='S'``: global softmax attention, the model of
 The model is a single "stage" of ``depth`` blocks at the patch-grid resolution, so
 ``MODEL.LA.ATTN_TYPE`` is one letter: ``L``, ``S`` or ``M<k>`` (first k blocks L, the rest S).
 
-**Design of FLatten-DeiT** (no official code exists, spec §8 and §10). The paper's Table 9 runs
-focused linear attention over the 14×14 patch grid ("win 14×14"), and Fig. 5 shows its
-equivalent attention map as 196×196. The DWC (rank restoration) is a zero-padded 5×5 conv over
-that grid, so a class token, which has no grid position, cannot take part in it. Choices:
+**Design of FLatten-DeiT** (no official code exists: docs/numerics.md, "FLatten-DeiT (no official
+code)"). The paper's Table 9 runs focused linear attention over the 14×14 patch grid ("win 14×14"),
+and Fig. 5 shows its equivalent attention map as 196×196. The DWC (rank restoration) is a
+zero-padded 5×5 conv over that grid, so a class token, which has no grid position, cannot take part
+in it. Choices:
 
 * **No class token: classify from the mean of the final-normed patch tokens** (global average
   pooling, ``global_pool='avg'``). Every block then attends over exactly the H·W grid tokens

@@ -98,7 +98,7 @@ class Backbone(nn.Module):
     def no_weight_decay(self) -> set:
         """Parameter names exempt from weight decay besides 1-D tensors and biases. Empty by default:
         the focused attention's ``scale`` and ``positional_encoding`` are decayed, as in the official
-        recipe (spec §5.2)."""
+        recipe (docs/differences.md, "Weight decay on scale and positional encodings")."""
         return set()
 
     @torch.jit.ignore

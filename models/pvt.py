@@ -1,4 +1,5 @@
-"""FLatten-PVT: Pyramid Vision Transformer v1 with focused linear attention (spec §2.2).
+"""FLatten-PVT: Pyramid Vision Transformer v1 with focused linear attention
+(docs/numerics.md, "PVT v1 backbone").
 
 One class builds FLatten-PVT (``attn_type='LLLL'``: focused linear attention over the whole stage
 map in every block) and the PVT v1 baseline (``attn_type='SSSS'``, spatial-reduction softmax
@@ -81,8 +82,9 @@ class PyramidVisionTransformer(Backbone):
         class_token: the original PVT v1 head: a class token joins the tokens of the last stage,
             the final ``norm`` is applied and the head reads the class token. Off (the FLatten
             layout): the head averages the last stage's tokens and ``norm`` is **created but never
-            applied** (official FLatten-PVT quirk, spec §7.5), kept so official checkpoints load
-            strictly; it receives no gradient, so DDP needs ``find_unused_parameters``.
+            applied** (official FLatten-PVT quirk: docs/differences.md, "PVT v1's unused final norm"),
+            kept so official checkpoints load strictly; it receives no gradient, so DDP needs
+            ``find_unused_parameters``.
         norm_layer: norm of the blocks and of the final ``norm`` (official: LayerNorm eps 1e-6);
             the patch-embedding norms are LayerNorm eps 1e-5 as officially.
 
@@ -192,7 +194,7 @@ class PyramidVisionTransformer(Backbone):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
-        # the official set; pos_embed{i} are decayed (spec §5.2)
+        # the official set; pos_embed{i} are decayed (docs/training.md, "Optimizer and parameter groups")
         return {'cls_token'} if self.class_token else set()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -224,7 +226,8 @@ def _create(pretrained: bool, arch: dict, **kwargs) -> PyramidVisionTransformer:
     return PyramidVisionTransformer(**{**arch, **variant_kwargs(pretrained, kwargs)})
 
 
-# Widths, heads and MLP ratios are shared by every size (spec §2.2); sizes differ in depth only.
+# Widths, heads and MLP ratios are shared by every size (docs/numerics.md, "PVT v1 backbone"); sizes differ in
+# depth only.
 PVT_DEPTHS = {
     'tiny': (2, 2, 2, 2),
     'small': (3, 4, 6, 3),

@@ -1,4 +1,5 @@
-"""FLatten-PVTv2: Pyramid Vision Transformer v2 with focused linear attention (spec §2.3).
+"""FLatten-PVTv2: Pyramid Vision Transformer v2 with focused linear attention
+(docs/numerics.md, "PVT v2 backbone").
 
 One class builds FLatten-PVTv2 (``attn_type='LLLL'``: focused linear attention over the whole
 stage map in every block) and the PVTv2 baseline (``attn_type='SSSS'``, spatial-reduction
@@ -178,7 +179,7 @@ class PyramidVisionTransformerV2(Backbone):
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
-        """PVTv2 init (spec §1.4): every conv, the FLA ``dwc`` and ``sr`` included, is
+        """PVTv2 init (docs/numerics.md, "PVT v2 and linear mode"): every conv, the FLA ``dwc`` and ``sr`` included, is
         normal(0, √(2/fan_out)) with ``fan_out = k·k·out_channels / groups`` and bias 0."""
         Backbone._init_weights(m)
         if isinstance(m, nn.Conv2d):
@@ -218,7 +219,7 @@ def _create(pretrained: bool, arch: dict, **kwargs) -> PyramidVisionTransformerV
 
 
 _WIDE = dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8))
-# spec §2.3; B5 exists in the code only (no config, not in the paper)
+# docs/numerics.md, "PVT v2 backbone"; B5 exists in the code only (no config, not in the paper)
 PVT_V2_ARCHS = {
     'b0': dict(embed_dims=(32, 64, 160, 256), num_heads=(1, 2, 5, 8), mlp_ratios=(8, 8, 4, 4), depths=(2, 2, 2, 2)),
     'b1': dict(**_WIDE, mlp_ratios=(8, 8, 4, 4), depths=(2, 2, 2, 2)),

@@ -1,8 +1,9 @@
-"""FLatten-Swin: Swin Transformer v1 with focused linear attention in chosen stages (spec §2.1).
+"""FLatten-Swin: Swin Transformer v1 with focused linear attention in chosen stages
+(docs/numerics.md, "Swin backbone").
 
 One class builds both FLatten-Swin (``attn_type='LLSS'``, global L windows) and the plain Swin
 baseline (``attn_type='SSSS'``, window 7). State-dict names, shapes and order are those of the
-official ``FLattenSwinTransformer`` (``shared/spec/official_state_dicts/flatten_swin_*.txt``),
+official ``FLattenSwinTransformer`` (``tests/assets/official_state_dicts/flatten_swin_*.txt``),
 including the persistent buffers ``relative_position_index`` and ``attn_mask``.
 
 Window rules (official):
@@ -71,7 +72,8 @@ class SwinTransformerBlock(nn.Module):
     """Pre-norm block: (shifted) window attention of kind `attn_kind`, then the MLP.
 
     x: (B, H·W, C) -> (B, H·W, C). The shift mask is a persistent buffer on the block (official
-    layout); focused linear attention receives it and ignores it (spec §7.2).
+    layout); focused linear attention receives it and ignores it (docs/differences.md,
+    "Swin shift mask ignored by focused attention").
     """
 
     def __init__(

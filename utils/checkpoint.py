@@ -1,6 +1,6 @@
 """Checkpoints: atomic saves in the official layout, resume, and pretrained-weight adaptation.
 
-File layout (top-level keys; the official ones first, spec §4.1):
+File layout (top-level keys; the official ones first; docs/checkpoints.md, "File layout"):
 
 * ``model``, ``optimizer``, ``lr_scheduler``, ``max_accuracy``, ``epoch`` (completed epochs),
   ``config`` (the full config as a YAML string; official files hold a pickled CfgNode);
@@ -40,7 +40,8 @@ __all__ = [
 
 logger = logging.getLogger('flatten.checkpoint')
 
-# Buffers that are derived from the geometry and rebuilt by the model (spec §4.3 step 2).
+# Buffers that are derived from the geometry and rebuilt by the model (docs/checkpoints.md,
+# "Strict loading and derived buffers").
 DERIVED_BUFFERS = ('relative_position_index', 'relative_coords_table', 'attn_mask')
 _PERIODIC_CKPT = re.compile(r'^ckpt_epoch_(\d+)(?:_step_(\d+))?\.pth$')
 
@@ -284,7 +285,7 @@ def load_model_weights(model: nn.Module, state_dict: Dict[str, torch.Tensor], pa
 
     Derived buffers (``relative_position_index``, ``attn_mask``) are neither required nor taken
     from the file: the model's own, rebuilt from its geometry, are kept. Official files carry them
-    (and an official EMA averages the integer index, spec §4.4), files of other tools may not.
+    (and an official EMA averages the integer index: docs/checkpoints.md, "EMA"), files of other tools may not.
     """
     model = unwrap(model)
     own = model.state_dict()
@@ -412,7 +413,8 @@ def _restore_rng(states: Any, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Pretrained weights for another resolution or class count (spec §4.3)
+# Pretrained weights for another resolution or class count (docs/checkpoints.md, "Pretrained weights
+# (load_pretrained)")
 # ---------------------------------------------------------------------------------------------
 
 @dataclass
@@ -454,7 +456,8 @@ def infer_source_grid(length: int, target: GridSpec, key: str) -> Tuple[int, int
 
 def resize_grid_tensor(value: torch.Tensor, spec: GridSpec, source_grid: Tuple[int, int]) -> torch.Tensor:
     """Bicubic resize (``align_corners=False``, PyTorch's A = −0.75) of a parameter laid out on
-    `source_grid` to ``spec.grid``, as the official 224→384 fine-tuning does (spec §4.3).
+    `source_grid` to ``spec.grid``, as the official 224→384 fine-tuning does (docs/checkpoints.md, "Pretrained weights
+    (load_pretrained)").
 
     tokens: (1, prefix + h·w, C) -> (1, prefix + H·W, C), prefix tokens untouched;
     table: (h·w, K) -> (H·W, K). Same size in and out returns the values unchanged.

@@ -1,4 +1,4 @@
-"""Per-iteration LR schedules on timm's scheduler base (spec §5.3).
+"""Per-iteration LR schedules on timm's scheduler base (docs/training.md, "LR schedule").
 
 ``step_update(t)`` is called with the update counter ``t = epoch·I + idx`` after every optimizer
 step, ``I`` being the optimizer updates per epoch. The cosine spans ``EPOCHS`` only (``t`` is not

@@ -1,4 +1,4 @@
-"""AdamW/SGD with the official two parameter groups (spec §5.2)."""
+"""AdamW/SGD with the official two parameter groups (docs/training.md, "Optimizer and parameter groups")."""
 from __future__ import annotations
 
 from typing import Iterable, List
@@ -15,7 +15,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
     A parameter skips weight decay when it is 1-D, a ``.bias``, named in
     ``model.no_weight_decay()``, or contains a keyword of ``model.no_weight_decay_keywords()``.
     Multi-dimensional FLA ``scale`` and ``positional_encoding`` are therefore decayed, as in the
-    official runs (spec §7.12).
+    official runs (docs/differences.md, "Weight decay on scale and positional
+    encodings").
     """
     skip = model.no_weight_decay() if hasattr(model, 'no_weight_decay') else set()
     keywords: Iterable[str] = model.no_weight_decay_keywords() if hasattr(model, 'no_weight_decay_keywords') else ()

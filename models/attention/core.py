@@ -1,4 +1,5 @@
-"""Focused linear attention: the shared maths (spec §1.1), used by every focused kind.
+"""Focused linear attention: the shared maths (docs/numerics.md, "Common core"), used by every
+focused kind.
 
 Two implementations of the same function, selected per module by its ``fused`` flag:
 
@@ -38,7 +39,7 @@ def focused_kernel(x: torch.Tensor, scale: torch.Tensor, focusing_factor: int) -
     x: (B, N, C) projected queries or keys (keys already carry the positional encoding);
     scale: (1, 1, C) raw parameter, applied as ``softplus(scale)``. The focusing function
     ``f_p(r) = ‖r‖ · r^p / ‖r^p‖`` works on the full C channels of each token, before the head
-    split: the norms are never per head (spec §1.1 step 4).
+    split: the norms are never per head (docs/numerics.md, "Common core", step 4).
     """
     x = F.relu(x) + KERNEL_EPS
     x = x / F.softplus(scale)
@@ -53,8 +54,8 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_head
 
     q: (B, N, C) kernelised queries; k: (B, n, C) kernelised keys; v: (B, n, C) raw values.
     Returns (B, N, C), heads concatenated head-major. Kᵀ and V are both pre-scaled by n^-½ and the
-    normaliser uses the key *mean* (official HEAD, spec §1.1 steps 6–8), which keeps the d×d
-    summary and the denominator O(1) in magnitude whatever n is.
+    normaliser uses the key *mean* (official HEAD; docs/numerics.md, "Common core", steps 6–8),
+    which keeps the d×d summary and the denominator O(1) in magnitude whatever n is.
     """
     B, N, C = q.shape
     n = k.shape[1]
@@ -279,7 +280,8 @@ def focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 
 def rank_restore_dwc(dwc: nn.Conv2d, v: torch.Tensor, num_heads: int, grid_size: Tuple[int, int],
                      fused: bool = True) -> torch.Tensor:
-    """Depthwise conv over the value grid, one kernel set shared by all heads (spec §1.1 step 9).
+    """Depthwise conv over the value grid, one kernel set shared by all heads (docs/numerics.md, "Common core",
+    step 9).
 
     v: (B, H·W, C) raw values with tokens row-major on the ``grid_size = (H, W)`` grid;
     dwc: Conv2d(d, d, k, groups=d). Returns (B, H·W, C), head-major. The reference folds the heads

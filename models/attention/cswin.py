@@ -1,4 +1,5 @@
-"""CSwin's attention kinds: stripe windows, LePE, and projections owned by the block (spec §1.6, §2.4).
+"""CSwin's attention kinds: stripe windows, LePE, and projections owned by the block
+(docs/numerics.md, "CSwin stripes and LePE").
 
 In CSwin the ``qkv`` and ``proj`` Linears belong to the block (official state dict), so these kinds
 set ``input_is_qkv = True``: ``forward(qkv: (3, B, H·W, C)) -> (B, H·W, C)`` with Q, K and V the
@@ -15,14 +16,15 @@ each window, and :func:`stripe_reverse` (``windows2img``) puts the result back o
 **Stripe windows in the focused kind (a deliberate extension of the official code).** The official
 module builds its positional encoding and LePE per window but then runs the kernel sums, the
 normaliser and the DWC over all H·W tokens of the map, which only type-checks when the window is the
-whole map; with an LA split smaller than the stage resolution it crashes mid-forward (spec §1.6,
-§7.10). Here every step runs independently per stripe window: the key sums Σφ(K)ᵀV and the
-normaliser mean over the window's tokens, the DWC on the ``H_sp×W_sp`` window grid with zero padding
-at the window border (like LePE and like Swin's windowed FLA), and a positional encoding of the
-window shape ``(1, H_sp·W_sp, C)`` shared by all windows. This is the same windowed semantics as
-the softmax kind, the O(N²) form restricted to same-window pairs, and it reduces exactly to the
-official global computation when the window is the whole map, as in every official config (golden
-``module_cswin_fla_global`` and ``cswin_mini_LLSS``).
+whole map; with an LA split smaller than the stage resolution it crashes mid-forward
+(docs/differences.md, "CSwin with an LA split smaller than the map"). Here every step runs
+independently per stripe window: the key sums Σφ(K)ᵀV and the normaliser mean over the window's
+tokens, the DWC on the ``H_sp×W_sp`` window grid with zero padding at the window border (like LePE
+and like Swin's windowed FLA), and a positional encoding of the window shape ``(1, H_sp·W_sp, C)``
+shared by all windows. This is the same windowed semantics as the softmax kind, the O(N²) form
+restricted to same-window pairs, and it reduces exactly to the official global computation when the
+window is the whole map, as in every official config (golden ``module_cswin_fla_global`` and
+``cswin_mini_LLSS``).
 """
 from __future__ import annotations
 

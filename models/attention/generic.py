@@ -17,14 +17,16 @@ __all__ = ['FocusedLinearAttention', 'SoftmaxAttention', 'WindowAttention', 'rel
 
 @register_attention('focused_linear')
 class FocusedLinearAttention(nn.Module):
-    """Focused linear attention with a fused qkv projection (FLatten-Swin's module, spec §1.2).
+    """Focused linear attention with a fused qkv projection (FLatten-Swin's module;
+    docs/numerics.md, "Swin").
 
     ``Y = proj(phi_p(Q) phi_p(K+P)ᵀ V / Z + DWC(V))`` over the N = H·W tokens of one grid, in
     O(N·d²) per head. State-dict names as the official module: ``scale`` (1, 1, C) and
     ``positional_encoding`` (1, N, C), then ``qkv``, ``proj``, ``dwc``.
 
     The ``mask`` argument of shifted Swin windows is accepted and ignored, as in the official
-    code (spec §7.2): a linear-order attention cannot mask pairs without forming the N×N matrix.
+    code (docs/differences.md, "Swin shift mask ignored by focused attention"): a linear-order
+    attention cannot mask pairs without forming the N×N matrix.
     ``attn_drop`` is accepted for the common signature; the official module never applies it.
     """
 

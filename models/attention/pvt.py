@@ -6,8 +6,9 @@ Both kinds attend from the N = H·W tokens of a stage map to n key/value tokens 
 * a stride-``sr`` conv of the map then LN (``sr_ratio > 1``): n = (H/sr)·(W/sr);
 * PVTv2's "linear" mode: ``GELU(LN(Conv1x1(AdaptiveAvgPool2d(7)(map))))``: n = 49.
 
-``pvt_focused_linear`` is FLatten-PVT's focused linear attention (spec §1.3–1.4), ``pvt_softmax``
-PVT's spatial-reduction softmax attention. State-dict names and order are the official ones:
+``pvt_focused_linear`` is FLatten-PVT's focused linear attention (docs/numerics.md, "PVT v1 key/value
+reduction" and "PVT v2 and linear mode"), ``pvt_softmax`` PVT's spatial-reduction softmax attention.
+State-dict names and order are the official ones:
 ``[scale, positional_encoding,] q, kv, proj, [sr, norm | sr, norm], [dwc]``.
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ def resample_tokens(x: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
     Each channel's length-n sequence is resampled independently (``align_corners=False``), so rows
     of a small grid are smeared along the row-major sequence rather than upsampled in 2-D. That is
-    how the official FLatten-PVT feeds V of a reduced map to the DWC of the full map (spec §1.3).
+    how the official FLatten-PVT feeds V of a reduced map to the DWC of the full map
+    (docs/numerics.md, "PVT v1 key/value reduction").
     """
     if x.shape[1] == num_tokens:
         return x
@@ -87,7 +89,8 @@ class _KeyValueReduction(nn.Module):
 
 @register_attention('pvt_focused_linear')
 class PvtFocusedLinearAttention(_KeyValueReduction):
-    """FLatten-PVT's focused linear attention (spec §1.3, §1.4).
+    """FLatten-PVT's focused linear attention (docs/numerics.md, "PVT v1 key/value reduction" and
+    "PVT v2 and linear mode").
 
     ``Y = proj(phi_p(Q) phi_p(K+P)ᵀ V / Z + DWC(V↑))`` with Q from all N tokens and K, V from the n
     reduced tokens. ``positional_encoding`` is (1, n, C): one vector per key token, so (1, 49, C) in
