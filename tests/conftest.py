@@ -11,25 +11,25 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-# Copies of the spec's golden tensors (official code's outputs, spec §9.2) and state-dict
-# inventories (§9.1), so that every clone can check numerical identity.
+# Golden tensors (the official code's outputs, tests/assets/golden/README.md) and state-dict inventories
+# (docs/checkpoints.md, "State-dict inventories"), so that every clone can check numerical identity.
 ASSETS = REPO / 'tests' / 'assets'
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 
 
-def spec_path(*parts: str) -> Path:
+def asset_path(*parts: str) -> Path:
     return ASSETS.joinpath(*parts)
 
 
 def load_golden(name: str) -> dict:
-    return torch.load(spec_path('golden', f'{name}.pt'), weights_only=True)
+    return torch.load(asset_path('golden', f'{name}.pt'), weights_only=True)
 
 
 def read_inventory(name: str, with_dtype: bool = False) -> List[tuple]:
     """(key, shape) pairs of an official state-dict inventory, in file order; with `with_dtype`,
     (key, shape, dtype) where buffers carry their recorded dtype and parameters float32."""
     entries = []
-    for line in spec_path('official_state_dicts', f'{name}.txt').read_text().splitlines():
+    for line in asset_path('official_state_dicts', f'{name}.txt').read_text().splitlines():
         if line.startswith('#') or not line.strip():
             continue
         match = re.match(r'(\S+) \[([\d, ]*)\](?: BUFFER (\w+))?', line)
@@ -135,7 +135,8 @@ def assert_model_contract(make, size: int, num_classes: int = 10) -> None:
     assert out.shape == (1, num_classes) and model.num_classes == num_classes
     assert torch.isfinite(out).all()
     out.square().sum().backward()
-    # only parameters a model declares unused may lack a gradient (PVT v1's final norm, spec §2.2)
+    # only parameters a model declares unused may lack a gradient (PVT v1's final norm: docs/differences.md,
+    # "PVT v1's unused final norm")
     skipped = model.unused_parameters()
     for param_name, param in model.named_parameters():
         if param_name in skipped:

@@ -11,7 +11,8 @@ from config import ConfigError, config_from_yaml_text, config_to_yaml, load_conf
 
 OFFICIAL_CFGS = sorted((ASSETS / 'official_cfgs').glob('*.yaml'))
 
-# spec §3.2: yaml -> (MODEL.TYPE, IMG, batch/GPU, epochs, warmup, cooldown, 8-GPU base LR, WD, clip, drop path)
+# docs/training.md, "Official configuration files":
+# yaml -> (MODEL.TYPE, IMG, batch/GPU, epochs, warmup, cooldown, 8-GPU base LR, WD, clip, drop path)
 SPEC_TABLE = {
     'flatten_swin_t': ('flatten_swin', 224, 128, 300, 20, 0, 1e-3, 0.05, 5.0, 0.2),
     'flatten_swin_s': ('flatten_swin', 224, 128, 300, 20, 0, 1e-3, 0.05, 5.0, 0.3),

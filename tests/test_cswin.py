@@ -18,7 +18,7 @@ from models.attention.cswin import (
 )
 from models.cswin import CSWinTransformer, branch_windows, parse_split_sizes, stage_resolutions
 
-# (inventory = config stem, registered variant, parameter count from the spec §8 table)
+# (inventory = config stem, registered variant, parameter count from docs/numerics.md, "Parameter counts")
 OFFICIAL = [
     ('flatten_cswin_t', 'flatten_cswin_tiny_224', 21_201_768),
     ('flatten_cswin_s', 'flatten_cswin_small_224', 35_451_752),
@@ -84,7 +84,8 @@ def test_config_builds_the_official_model(inventory, variant, params):
         assert _params(model) == params
 
 
-# The official CSwin runs add an EMA through main_ema.py's flags (spec §3.2); our configs hold it as keys.
+# The official CSwin runs add an EMA through main_ema.py's flags (docs/training.md, "Official configuration
+# files"); our configs hold it as keys.
 OFFICIAL_EMA_DECAY = {'flatten_cswin_t': '0.99984', 'flatten_cswin_s': '0.99984', 'flatten_cswin_b': '0.99982',
                       'flatten_cswin_b_384': '0.99982'}
 
@@ -304,7 +305,8 @@ def test_branch_rules():
 
 
 def test_windowed_la_stages_build_and_train():
-    """LA splits smaller than the stage maps (the official code crashes, spec §7.10): stripe FLA."""
+    """LA splits smaller than the stage maps (the official code crashes: docs/differences.md, "CSwin with an LA
+    split smaller than the map"): stripe FLA."""
     model = _mini(la_split_size='8-4-2-2')
     attns = model.stage1[0].attns
     assert [a.window for a in attns] == [(16, 8), (8, 16)]
@@ -389,7 +391,7 @@ def test_model_interface():
     assert feats.shape == (2, 4, 128) and model.num_features == 128
     assert model.forward_head(feats, pre_logits=True).shape == (2, 128)
     assert model(x).shape == (2, 5) and model.get_classifier() is model.head
-    model.reset_classifier(3)  # broken in the official CSwin (spec §7.18)
+    model.reset_classifier(3)  # broken in the official CSwin (docs/differences.md, "Broken or missing helpers")
     assert model(x).shape == (2, 3) and model.num_classes == 3
     model.reset_classifier(0)
     assert model(x).shape == (2, 128)

@@ -9,7 +9,8 @@ from tools.model_table import PAPER_TABLE8, default_configs, format_table, main,
 
 # Table 8 figures that a faithful model cannot reproduce, with the reason (see the README).
 KNOWN_PARAM_MISMATCHES = {
-    # 22,548,264 parameters (official code, spec §8) print as 22.5; the paper's 22.6 is double rounding
+    # 22,548,264 parameters (official code; docs/numerics.md, "Parameter counts") print as 22.5; the paper's
+    # 22.6 is double rounding
     'flatten_pvt_v2_b2',
     # no official code: our design has 6,153,256 (6.2 at one decimal), inside the 6.1M ± 0.1M
     # budget; every design that keeps DeiT-T's width/depth, a per-block positional encoding and the

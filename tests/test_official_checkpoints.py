@@ -15,7 +15,7 @@ ACC = re.compile(r' \* Acc@1 (\d+\.\d+) Acc@5 (\d+\.\d+)')
 
 
 def official_checkpoint(path, config: str, inventory: str = '', ema: bool = False) -> dict:
-    """A file laid out as the official training scripts write it (spec §4.1): weights with the
+    """A file laid out as the official training scripts write it (docs/checkpoints.md, "File layout"): weights with the
     inventory's names, shapes and dtypes (random values, integer buffers included: they are
     rebuilt on load), an optimizer and scheduler state, and the config as a pickled yacs CfgNode."""
     gen = torch.Generator().manual_seed(0)

@@ -1,4 +1,5 @@
-"""Optimizer parameter groups (spec §5.2) and the per-iteration LR schedule (spec §5.3)."""
+"""Optimizer parameter groups and the per-iteration LR schedule (docs/training.md, "Optimizer and parameter
+groups" and "LR schedule")."""
 from __future__ import annotations
 
 import math

@@ -143,13 +143,13 @@ def test_width_mismatch_is_an_error_not_a_resize(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('small_name, large_name, expected', [
-    # spec §4.3: FLatten-Swin-B 224 → 384
+    # docs/checkpoints.md, "Pretrained weights (load_pretrained)": FLatten-Swin-B 224 → 384
     ('flatten_swin_base_patch4_224', 'flatten_swin_base_patch4_384', {
         'layers.0.blocks.0.attn.positional_encoding': ((1, 3136, 128), (1, 9216, 128)),
         'layers.1.blocks.1.attn.positional_encoding': ((1, 784, 256), (1, 2304, 256)),
         'layers.2.blocks.0.attn.relative_position_bias_table': ((169, 16), (529, 16)),
         'layers.3.blocks.1.attn.relative_position_bias_table': ((169, 32), (529, 32))}),
-    # spec §4.3: FLatten-CSwin-B 224 → 384
+    # docs/checkpoints.md, "Pretrained weights (load_pretrained)": FLatten-CSwin-B 224 → 384
     ('flatten_cswin_base_224', 'flatten_cswin_base_384', {
         'stage1.0.attns.0.positional_encoding': ((1, 3136, 96), (1, 9216, 96)),
         'stage2.5.attns.0.positional_encoding': ((1, 784, 192), (1, 2304, 192))}),

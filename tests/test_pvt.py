@@ -21,8 +21,8 @@ from models.pvt import PyramidVisionTransformer, parse_sr_ratios
 from models.pvt_v2 import PyramidVisionTransformerV2
 from utils.flops import count_macs
 
-# (official cfg = inventory name, registered variant, parameters from spec §8, paper Table 8 params as
-# printed, paper Table 8 GFLOPs)
+# (official cfg = inventory name, registered variant, parameters from docs/numerics.md "Parameter counts",
+# paper Table 8 params as printed, paper Table 8 GFLOPs)
 OFFICIAL = [
     ('flatten_pvt_t', 'flatten_pvt_tiny', 12_150_504, '12.2', 2.0),
     ('flatten_pvt_s', 'flatten_pvt_small', 21_670_248, '21.7', 4.0),
@@ -30,7 +30,8 @@ OFFICIAL = [
     ('flatten_pvt_b', 'flatten_pvt_large', 50_649_192, '50.6', 10.4),
     ('flatten_pvt_v2_b0', 'flatten_pvt_v2_b0', 3_594_824, '3.6', 0.6),
     ('flatten_pvt_v2_b1', 'flatten_pvt_v2_b1', 12_931_240, '12.9', 2.2),
-    # 22,548,264 prints as 22.5; the paper's 22.6 is double rounding (spec §8), not an architecture change
+    # 22,548,264 prints as 22.5; the paper's 22.6 is double rounding, not an architecture change
+    # (docs/numerics.md, "Parameter counts")
     ('flatten_pvt_v2_b2', 'flatten_pvt_v2_b2', 22_548_264, '22.5', 4.3),
     ('flatten_pvt_v2_b3', 'flatten_pvt_v2_b3', 38_273_832, '38.3', 7.3),
     ('flatten_pvt_v2_b4', 'flatten_pvt_v2_b4', 51_836_968, '51.8', 10.7),
@@ -141,8 +142,9 @@ def test_official_checkpoint_layout_loads_strictly():
 # ---------------------------------------------------------------------------------------------
 
 def linear_resampling_matrix(n: int, N: int) -> torch.Tensor:
-    """(N, n) matrix of 1-D linear interpolation, align_corners=False (spec §1.3): target t reads the
-    source coordinate ``(t + 0.5)·n/N − 0.5`` clamped at 0, between its floor and floor + 1 (≤ n−1)."""
+    """(N, n) matrix of 1-D linear interpolation, align_corners=False (docs/numerics.md, "PVT v1 key/value
+    reduction"): target t reads the source coordinate ``(t + 0.5)·n/N − 0.5`` clamped at 0, between its
+    floor and floor + 1 (≤ n−1)."""
     matrix = torch.zeros(N, n, dtype=torch.float64)
     for t in range(N):
         src = max((t + 0.5) * n / N - 0.5, 0.0)
@@ -443,7 +445,8 @@ def test_every_parameter_learns_and_state_dict_round_trips(name):
     torch.manual_seed(0)
     model = MINIS[name]()
     model(torch.randn(2, 3, 64, 64)).logsumexp(-1).mean().backward()
-    # the FLatten PVT v1 final norm is created but never applied (official quirk, spec §7.5)
+    # the FLatten PVT v1 final norm is created but never applied (official quirk: docs/differences.md,
+    # "PVT v1's unused final norm")
     unused = {'norm.weight', 'norm.bias'} if name.startswith('v1_') and name != 'v1_class_token' else set()
     for param_name, param in model.named_parameters():
         if param_name in unused:
@@ -473,7 +476,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(name):
 
 def test_pvt_v2_init():
     """normal(0, √(2/fan_out)) with bias 0 for every conv (dwc and sr included); FLA scale and
-    positional encoding start at 0; Linear trunc-normal 0.02 (spec §1.4)."""
+    positional encoding start at 0; Linear trunc-normal 0.02 (docs/numerics.md, "PVT v2 and linear mode")."""
     torch.manual_seed(0)
     model = models.create_model('flatten_pvt_v2_b1', la_sr_ratios='2111')
     attn = model.block1[0].attn

@@ -11,7 +11,7 @@ from config import load_config
 from models.registry import UnknownModelError
 from models.swin import FLattenSwinTransformer, shifted_window_mask, window_partition, window_reverse
 
-# (inventory, registered variant, parameter count from the spec §8 table)
+# (inventory, registered variant, parameter count from docs/numerics.md, "Parameter counts")
 OFFICIAL = [
     ('flatten_swin_t', 'flatten_swin_tiny_patch4_224', 29_192_384),
     ('flatten_swin_s', 'flatten_swin_small_patch4_224', 50_510_288),
