@@ -13,10 +13,14 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
-from models.attention.analysis import FORMS, entropy, query_distributions, token_projections
-from tools.common import TOOL_ERRORS, add_model_arguments, attention_inputs, model_and_image, save_figure
+if __package__ in (None, ''):  # run as `python tools/x.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.attention.analysis import FORMS, entropy, query_distributions, token_projections  # noqa: E402
+from tools.common import TOOL_ERRORS, add_model_arguments, attention_inputs, model_and_image, save_figure  # noqa: E402
 
 TITLES = {'softmax': 'Softmax', 'linear': 'Linear (ReLU)', 'focused': 'Focused linear'}
 

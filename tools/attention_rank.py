@@ -13,10 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import List, Optional, Sequence
 
-from models.attention.analysis import FORMS, equivalent_matrices, head_ranks
-from tools.common import TOOL_ERRORS, add_model_arguments, attention_inputs, model_and_image, save_figure
+if __package__ in (None, ''):  # run as `python tools/x.py`: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models.attention.analysis import FORMS, equivalent_matrices, head_ranks  # noqa: E402
+from tools.common import TOOL_ERRORS, add_model_arguments, attention_inputs, model_and_image, save_figure  # noqa: E402
 
 
 def block_ranks(model, image) -> List[dict]:

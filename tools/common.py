@@ -3,23 +3,21 @@ and the input tokens of each attention module on that image."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # allow `python tools/x.py` as well as `python -m tools.x`
-    sys.path.insert(0, str(REPO))
+from config import load_config
+from data.build import build_transform
+from models import build_model
+from models.attention.analysis import supports_analysis
+from models.registry import UnknownModelError
+from utils.checkpoint import CheckpointError, load_checkpoint
 
-from config import load_config  # noqa: E402
-from data.build import build_transform  # noqa: E402
-from models import build_model  # noqa: E402
-from models.attention.analysis import supports_analysis  # noqa: E402
-from models.registry import UnknownModelError  # noqa: E402
-from utils.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+# The runnable tools put the repository root on sys.path before importing this module.
+REPO = Path(__file__).resolve().parents[1]
 
 # A Fashion-MNIST test image (index 0, an ankle boot) shipped with the repository
 DEFAULT_IMAGE = REPO / 'tools' / 'assets' / 'fashion_mnist_test_0.png'

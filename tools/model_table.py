@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch.nn as nn
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # allow `python tools/model_table.py` as well as `python -m tools.model_table`
+if __package__ in (None, ''):  # run as `python tools/model_table.py`: make the repository root importable
     sys.path.insert(0, str(REPO))
 
 import models  # noqa: E402  (registers every model)
