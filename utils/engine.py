@@ -180,7 +180,7 @@ def apply_update(state: RunState, params: List[torch.nn.Parameter], clip_grad: O
     EMA; returns (gradient norm, whether the update was applied).
 
     Under fp16 the GradScaler skips a non-finite update and lowers its scale. The scheduler steps
-    per update, ``step_update(epoch · I + u)`` after update ``u`` (docs/training.md).
+    per update, ``step_update(epoch · I + u)`` after update ``u`` (docs/training.md, "LR schedule").
     """
     if state.scaler is not None:
         state.scaler.unscale_(state.optimizer)
@@ -251,7 +251,8 @@ def evaluate(
 
     Each rank sums correct counts, loss and image count over its shard; one all-reduce of the
     sums gives exact dataset-wide figures whatever the shard sizes (unlike the official per-batch
-    averaging, spec §7.1). Logs `` * Acc@1 x Acc@5 y`` as Swin does (prefixed by `name`).
+    averaging; docs/differences.md, "Validation accuracy"). Logs `` * Acc@1 x Acc@5 y`` as Swin does
+    (prefixed by `name`).
     """
     model.eval()
     totals = torch.zeros(4, dtype=torch.float64, device=device)  # correct@1, correct@5, loss sum, count
