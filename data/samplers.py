@@ -29,7 +29,22 @@ class ShardedEvalSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
+class _StartsMidEpoch:
+    """``skip(n)`` and ``__len__`` of a sampler that draws ``num_samples`` indices per epoch and
+    yields them from position ``start`` on (reset to 0 by ``set_epoch``)."""
+    num_samples: int
+    start: int = 0
+
+    def skip(self, num_indices: int) -> None:
+        if not 0 <= num_indices <= self.num_samples:
+            raise ValueError(f'cannot skip {num_indices} of the {self.num_samples} indices of an epoch')
+        self.start = num_indices
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
+
+
+class ResumableDistributedSampler(_StartsMidEpoch, torch.utils.data.DistributedSampler):
     """DistributedSampler (shuffled by ``seed + epoch``, padded to a multiple of the world size)
     that can start part-way through an epoch.
 
@@ -46,19 +61,11 @@ class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
         super().set_epoch(epoch)
         self.start = 0
 
-    def skip(self, num_indices: int) -> None:
-        if not 0 <= num_indices <= self.num_samples:
-            raise ValueError(f'cannot skip {num_indices} of the {self.num_samples} indices of an epoch')
-        self.start = num_indices
-
     def __iter__(self) -> Iterator[int]:
         return iter(list(super().__iter__())[self.start:])
 
-    def __len__(self) -> int:
-        return self.num_samples - self.start
 
-
-class ResumableRepeatAugSampler(torch.utils.data.Sampler):
+class ResumableRepeatAugSampler(_StartsMidEpoch, torch.utils.data.Sampler):
     """Repeated augmentation (DeiT): each image drawn in an epoch is drawn ``num_repeats`` = k times,
     each copy augmented differently and, when the world size W >= k, on k different ranks.
 
@@ -98,11 +105,6 @@ class ResumableRepeatAugSampler(torch.utils.data.Sampler):
         self.epoch = epoch
         self.start = 0
 
-    def skip(self, num_indices: int) -> None:
-        if not 0 <= num_indices <= self.num_samples:
-            raise ValueError(f'cannot skip {num_indices} of the {self.num_samples} indices of an epoch')
-        self.start = num_indices
-
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -113,6 +115,3 @@ class ResumableRepeatAugSampler(torch.utils.data.Sampler):
         positions = torch.arange(self.rank, self.num_samples * self.num_replicas, self.num_replicas)
         encoded = (positions % self.num_repeats) * self.dataset_len + order[positions // self.num_repeats]
         return iter(encoded[self.start:].tolist())
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
