@@ -5,11 +5,14 @@ Every helper works in a single process (world size 1) and then does nothing coll
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger('flatten.distributed')
 
 __all__ = ['DistContext', 'init_distributed', 'is_dist', 'get_rank', 'get_world_size', 'is_main_process',
            'all_reduce_sum', 'barrier', 'cleanup']
@@ -66,6 +69,7 @@ def init_distributed(device: str = '', timeout_minutes: float = 30.0) -> DistCon
     local_rank = int(os.environ.get('LOCAL_RANK', '0'))
     local_world_size = int(os.environ.get('LOCAL_WORLD_SIZE', str(world_size)))
     torch_device = _pick_device(device, local_rank, local_world_size)
+    _warn_about_shared_store_restarts(rank)
     if world_size > 1 and not dist.is_initialized():
         backend = 'nccl' if torch_device.type == 'cuda' else 'gloo'
         dist.init_process_group(
@@ -73,6 +77,18 @@ def init_distributed(device: str = '', timeout_minutes: float = 30.0) -> DistCon
             timeout=datetime.timedelta(minutes=timeout_minutes),
             device_id=torch_device if backend == 'nccl' else None)
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=torch_device)
+
+
+def _warn_about_shared_store_restarts(rank: int) -> None:
+    """torchrun --max-restarts with its default shared rendezvous store: a restarted group can read a
+    peer address of the group before it (the store outlives the workers and its keys are not
+    namespaced per attempt; PyTorch issue 135712) and fail to connect. A fresh store per attempt,
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 set for torchrun, avoids it."""
+    restarts = int(os.environ.get('TORCHELASTIC_MAX_RESTARTS', '0') or 0)
+    if (rank == 0) and (restarts > 0) and (os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'):
+        logger.warning('torchrun --max-restarts shares its rendezvous store with the workers: a restarted group may '
+                       'read stale peer addresses and fail to connect. Launch with '
+                       'TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun ... (README, "Pre-emption")')
 
 
 def is_dist() -> bool:
