@@ -51,7 +51,7 @@ class StopSignal:
     """Records the first stop signal; :meth:`should_stop` is the collective all ranks agree on.
 
     :meth:`install` it when training starts (evaluation keeps the default: nothing to save) and
-    :meth:`restore` the previous handlers at the end; or use it as a context manager.
+    :meth:`restore` the previous handlers at the end.
     """
 
     def __init__(self, signals: Sequence[signal.Signals] = STOP_SIGNALS):
@@ -73,12 +73,6 @@ class StopSignal:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler if self.received is None else signal.SIG_IGN)
         self._previous.clear()
-
-    def __enter__(self) -> StopSignal:
-        return self.install()
-
-    def __exit__(self, *exc) -> None:
-        self.restore()
 
     def _handle(self, signum: int, frame) -> None:
         # no logging here: the handler may interrupt the logging module itself
