@@ -1,12 +1,16 @@
-"""Rank of the equivalent N×N attention matrix of every block (paper Fig. 5, Eq. 11).
+"""Rank of the equivalent N×n attention matrix of every block (paper Fig. 5, Eq. 11).
 
     python -m tools.attention_rank --cfg configs/flatten_deit_t.yaml [--resume CKPT] [--image FILE] \\
         [--json ranks.json] [--png ranks.png]
 
-For each attention block (Swin: its first window; DeiT: the whole grid) the block's own q, k, v on
-the image give three N×N matrices (models/attention/analysis.py): softmax, vanilla linear (rank
-≤ head dim d) and focused linear with the DWC folded in. Their numerical ranks (float64,
-torch.linalg.matrix_rank), min and max over the heads, are printed as a table.
+Every backbone works (DeiT, PVT, PVTv2, Swin, CSwin). For each attention module (Swin: its first
+window; CSwin: its first stripe window; DeiT, PVT: the whole map) the module's own q, k, v on the
+image give three N×n matrices (models/attention/analysis.py), N queries and n keys (n < N where PVT
+reduces the keys): softmax, vanilla linear (rank ≤ head dim d) and focused linear with the DWC
+folded in. Their numerical ranks (float64, torch.linalg.matrix_rank; full rank is min(N, n)), min and
+max over the heads, are printed as a table; CSwin modules also get the rank of focused + LePE.
+JSON rows: block, kind, tokens (N), keys (n), head_dim, and per form {min, max, heads}
+(``focused_lepe`` only for modules with LePE).
 """
 from __future__ import annotations
 
@@ -23,26 +27,41 @@ from models.attention.analysis import FORMS, equivalent_matrices, head_ranks  # 
 from tools.common import TOOL_ERRORS, add_model_arguments, attention_inputs, model_and_image, save_figure  # noqa: E402
 
 
+def _ranks(matrices) -> dict:
+    ranks = head_ranks(matrices).tolist()
+    return dict(min=min(ranks), max=max(ranks), heads=ranks)
+
+
 def block_ranks(model, image) -> List[dict]:
     rows = []
-    for name, module, tokens in attention_inputs(model, image):
-        matrices = equivalent_matrices(module, tokens)
-        row = dict(block=name, kind=type(module).kind, tokens=tokens.shape[0],
-                   head_dim=tokens.shape[1] // module.num_heads)
+    for name, module, inputs in attention_inputs(model, image):
+        matrices = equivalent_matrices(module, inputs)
+        tokens, keys = matrices['softmax'].shape[-2:]
+        row = dict(block=name, kind=type(module).kind, tokens=tokens, keys=keys, head_dim=module.head_dim)
         for form in FORMS:
-            ranks = head_ranks(matrices[form]).tolist()
-            row[form] = dict(min=min(ranks), max=max(ranks), heads=ranks)
+            row[form] = _ranks(matrices[form])
+        if 'lepe' in matrices:
+            row['focused_lepe'] = _ranks(matrices['focused'] + matrices['lepe'])
         rows.append(row)
     return rows
 
 
+def _cell(ranks: Optional[dict]) -> str:
+    if ranks is None:
+        return '-'
+    return f'{ranks["min"]}' if ranks['min'] == ranks['max'] else f'{ranks["min"]}-{ranks["max"]}'
+
+
 def print_table(rows: List[dict]) -> None:
     width = max(len(r['block']) for r in rows)
-    print(f'{"block":<{width}}  {"N":>5}  {"d":>4}  {"softmax":>9}  {"linear":>9}  {"focused+DWC":>11}')
+    lepe = any('focused_lepe' in r for r in rows)
+    print(f'{"block":<{width}}  {"N":>5}  {"n":>5}  {"d":>4}  {"softmax":>9}  {"linear":>9}  {"focused+DWC":>11}'
+          + (f'  {"+LePE":>9}' if lepe else ''))
     for r in rows:
-        cells = [f'{r[f]["min"]}' if r[f]['min'] == r[f]['max'] else f'{r[f]["min"]}-{r[f]["max"]}' for f in FORMS]
-        print(f'{r["block"]:<{width}}  {r["tokens"]:>5}  {r["head_dim"]:>4}  {cells[0]:>9}  {cells[1]:>9}  '
-              f'{cells[2]:>11}')
+        cells = [_cell(r[f]) for f in FORMS]
+        extra = f'  {_cell(r.get("focused_lepe")):>9}' if lepe else ''
+        print(f'{r["block"]:<{width}}  {r["tokens"]:>5}  {r.get("keys", r["tokens"]):>5}  {r["head_dim"]:>4}  '
+              f'{cells[0]:>9}  {cells[1]:>9}  {cells[2]:>11}{extra}')
 
 
 def plot(rows: List[dict], path: str) -> None:
@@ -53,9 +72,10 @@ def plot(rows: List[dict], path: str) -> None:
     index = range(len(rows))
     for offset, form in zip((-0.27, 0, 0.27), FORMS, strict=True):
         ax.bar([i + offset for i in index], [r[form]['min'] for r in rows], width=0.27, label=form)
-    ax.plot(index, [r['tokens'] for r in rows], 'k_', markersize=18, label='N (full rank)')
+    ax.plot(index, [min(r['tokens'], r.get('keys', r['tokens'])) for r in rows], 'k_', markersize=18,
+            label='min(N, n) (full rank)')
     ax.set_xticks(list(index), [r['block'] for r in rows], rotation=60, ha='right', fontsize=7)
-    ax.set_ylabel('rank of the N×N attention matrix (min over heads)')
+    ax.set_ylabel('rank of the N×n attention matrix (min over heads)')
     ax.legend(fontsize=8)
     save_figure(fig, path)
 

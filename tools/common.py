@@ -25,7 +25,7 @@ DEFAULT_IMAGE = REPO / 'tools' / 'assets' / 'fashion_mnist_test_0.png'
 
 def add_model_arguments(parser) -> None:
     """The arguments every analysis tool takes: the model, its weights and the image."""
-    parser.add_argument('--cfg', required=True, help='config of a Swin or DeiT model')
+    parser.add_argument('--cfg', required=True, help='config of a DeiT, PVT, PVTv2, Swin or CSwin model')
     parser.add_argument('--opts', nargs='+', default=None, metavar='KEY VALUE')
     parser.add_argument('--resume', default=None, help='checkpoint with the weights (default: random init)')
     parser.add_argument('--image', default=None,
@@ -79,18 +79,27 @@ def load_image(cfg, path: Optional[str] = None, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def attention_inputs(model: nn.Module, image: torch.Tensor) -> List[Tuple[str, nn.Module, torch.Tensor]]:
-    """Run `image` and return, for every analysable attention module in forward order, its name,
-    the module and its input tokens (N, C) for the first window (Swin) or the whole grid (DeiT)."""
+    """Run `image` and return, for every attention module (models.attention.Attention, every backbone)
+    in forward order, its name, the module and its forward input for the first image, batch dim kept
+    at 1: (1, N, C), or the block's stacked (3, 1, N, C) Q, K, V for CSwin (``projections='block'``).
+
+    Swin's modules see the windows of the batch, so theirs is the image's first window; CSwin's first
+    stripe window is taken later, by models/attention/analysis.py."""
     captured = []
-    hooks = [module.register_forward_pre_hook(
-        lambda mod, args, name=name: captured.append((name, mod, args[0][0].detach().clone())))
-        for name, module in model.named_modules() if supports_analysis(module)]
+
+    def capture(module, args, name):
+        x = args[0]
+        first = x[:, :1] if module.projections == 'block' else x[:1]
+        captured.append((name, module, first.detach().clone()))
+
+    hooks = [module.register_forward_pre_hook(lambda mod, args, name=name: capture(mod, args, name))
+             for name, module in model.named_modules() if supports_analysis(module)]
     try:
         model(image)
     finally:
         for hook in hooks:
             hook.remove()
     if not captured:
-        raise ValueError(f'{type(model).__name__} has no attention module with a fused qkv projection over one grid; '
-                         f'the analysis tools cover Swin and DeiT configs')
+        raise ValueError(f'{type(model).__name__} runs no attention module of models.attention (Attention); the '
+                         f'analysis tools cover DeiT, PVT, PVTv2, Swin and CSwin configs')
     return captured

@@ -1,50 +1,97 @@
-"""Explicit N×N attention matrices for analysis: the paper's Figs. 3, 5 and 8 (tools/attention_*.py).
+"""Explicit attention matrices for analysis: the paper's Figs. 3, 5 and 8 (tools/attention_*.py).
 
-Given a token attention module with a fused ``qkv`` projection (Swin windows, DeiT grids: the
-generic and zoo kinds) and its input tokens, :func:`equivalent_matrices` forms, in float64 and from
-the module's own projections, the attention matrix each formulation would apply:
+Works on every attention module of the one contract (:class:`~.base.Attention`), so on every
+backbone: DeiT and Swin (fused ``qkv``), PVT and PVTv2 (``q`` / ``kv`` with the key/value reduction)
+and CSwin (the block's stacked Q, K, V, stripe windows, LePE). Given the module's forward input for
+one image, :func:`equivalent_matrices` runs the module's own :meth:`~.base.Attention.project` in
+float64, takes the first window (the whole map without windows) and forms the N×n matrix each
+formulation would apply to the n values, N the queries and n the keys of that window (n < N when
+PVT reduces the keys; n = N otherwise):
 
-* ``softmax``: ``softmax(q kᵀ · d^-½)`` per head;
-* ``linear``: vanilla linear attention, ``(ReLU(q)+ε)(ReLU(k+P)+ε)ᵀ`` row-normalised, rank ≤ d;
-* ``focused``: FLatten, ``φ_p(q) φ_p(k+P)ᵀ`` row-normalised plus the DWC folded in as its N×N
-  matrix (paper Eq. 11: ``M = Sim/Z + M_DWC``), for the first channel of each head.
+* ``softmax``: ``softmax(q kᵀ · scale)`` per head, with the module's own logit scale and, for
+  Swin's window softmax, its relative position bias (never the shift mask);
+* ``linear``: vanilla linear attention, ``(ReLU(q)+ε)(ReLU(k)+ε)ᵀ`` row-normalised, rank ≤ d;
+* ``focused``: FLatten, ``φ_p(q) φ_p(k)ᵀ`` row-normalised plus, when the module has a DWC, the DWC
+  folded in as a matrix (paper Eq. 11: ``M = Sim/Z + M_DWC``), for the first channel of each head.
+  The DWC runs on the query grid (``module.window``); with reduced keys it sees V resampled to the
+  N queries by the linear map ``R`` (N×n) of :func:`~.base.resample_tokens`, so its matrix is
+  ``M_DWC R``.
 
-``P`` is the module's positional encoding and the temperature its ``scale`` when it has them (zero
-otherwise); the DWC is the module's own when it has one.
+The linear forms are row-normalised as the module's linear attention computes it: ``Sim_ij / Z_i`` with
+``Z_i = Σ_j Sim_ij + n·ε`` (:data:`~.core.NORMALIZER_EPS` on the key mean), so their rows sum to
+just under one. ``k`` carries the module's key positional encoding when it has one; the temperature is the module's
+``scale`` (zero when it has none) and the power its ``focusing_factor`` (3 when it has none).
+
+CSwin's LePE is not part of any form: it is the layout's positional term, added to every kind's
+output (softmax blocks included), and Eq. 11 has only the DWC. When the module has one, its per-
+channel matrix (``get_v`` on the window, zero padded; first channel of each head) is returned on
+its own as ``lepe``, so ``(focused + lepe) v`` is what a CSwin FLatten module computes (biases aside).
 """
 from __future__ import annotations
 
+import copy
 from typing import Dict, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import KERNEL_EPS, dwc_matrix, focused_kernel
+from .base import Attention, resample_tokens
+from .core import KERNEL_EPS, NORMALIZER_EPS, dwc_matrix, focused_kernel
 
 __all__ = ['FORMS', 'supports_analysis', 'token_projections', 'equivalent_matrices', 'query_distributions',
-           'entropy', 'head_ranks']
+           'entropy', 'head_ranks', 'resampling_matrix']
 
 FORMS = ('softmax', 'linear', 'focused')
 
 
 def supports_analysis(module: nn.Module) -> bool:
-    """True for token kinds with a fused qkv projection over one grid (not PVT's or CSwin's)."""
-    return (isinstance(getattr(module, 'qkv', None), nn.Linear) and hasattr(module, 'grid_size')
-            and hasattr(module, 'num_heads') and not getattr(type(module), 'input_is_qkv', False))
+    """True for every attention module of the one contract (every kind, every backbone)."""
+    return isinstance(module, Attention)
+
+
+def _one_image(module: Attention, x: torch.Tensor) -> torch.Tensor:
+    """The module input of the first image, with its batch dim of 1.
+
+    x: (B, N, C), or (3, B, N, C) for ``projections='block'``; a batch-less (N, C) / (3, N, C) is
+    accepted too (the form the tools used before).
+    """
+    stacked = module.projections == 'block'
+    if x.dim() == (3 if stacked else 2):
+        x = x.unsqueeze(1 if stacked else 0)
+    if x.dim() != (4 if stacked else 3):
+        shape = '(3, B, N, C)' if stacked else '(B, N, C)'
+        raise ValueError(f'{type(module).__name__}: expected its forward input {shape}, got {tuple(x.shape)}')
+    return x[:, :1] if stacked else x[:1]
+
+
+def _float64(module: Attention) -> Attention:
+    """A float64 copy of `module` (the analysis never touches the module itself)."""
+    return copy.deepcopy(module).double().eval()
 
 
 @torch.no_grad()
 def token_projections(module: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x: (N, C) tokens of one window / grid -> float64 q, k, v, each (N, C); k has P added."""
-    x = x.double()
-    weight = module.qkv.weight.double()
-    bias = module.qkv.bias.double() if module.qkv.bias is not None else None
-    q, k, v = F.linear(x, weight, bias).chunk(3, dim=-1)
-    pe = getattr(module, 'positional_encoding', None)
-    if pe is not None and pe.shape[1] == k.shape[0]:
-        k = k + pe[0].double()
+    """Module input of one image -> float64 q (N, C) and k, v (n, C) of its first window; k has P added."""
+    if not supports_analysis(module):
+        raise TypeError(f'{type(module).__name__} is not an attention module (models.attention.Attention); the '
+                        f'analysis tools cover every kind of the DeiT, PVT, PVTv2, Swin and CSwin backbones')
+    return _projections(_float64(module), _one_image(module, x))
+
+
+def _projections(module: Attention, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = module.project(x.double())
+    q, k, v = q[0], k[0], v[0]  # the first window of the image
+    pe = getattr(module, 'positional_encoding', None) if module.uses_positional_encoding else None
+    if pe is not None:
+        k = k + pe[0]
     return q, k, v
+
+
+def resampling_matrix(num_keys: int, num_queries: int) -> torch.Tensor:
+    """The (num_queries, num_keys) float64 matrix of :func:`~.base.resample_tokens` (identity if equal)."""
+    eye = torch.eye(num_keys, dtype=torch.float64)
+    return resample_tokens(eye[None], num_queries)[0]
 
 
 def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
@@ -54,32 +101,46 @@ def _heads(t: torch.Tensor, h: int) -> torch.Tensor:
 
 def _focused_phi(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     scale = getattr(module, 'scale', None)
-    scale = torch.zeros(1, 1, t.shape[-1], dtype=t.dtype) if scale is None else scale.double()
+    scale = torch.zeros(1, 1, t.shape[-1], dtype=t.dtype) if not isinstance(scale, torch.Tensor) else scale.double()
     return focused_kernel(t[None], scale, getattr(module, 'focusing_factor', 3))[0]
+
+
+def _window_conv_matrix(conv: nn.Conv2d, channels, window: Tuple[int, int], num_tokens: int) -> torch.Tensor:
+    """(len(channels), N, N): the depthwise `conv`'s kernels of `channels` as matrices on `window`."""
+    if window[0] * window[1] != num_tokens:
+        raise ValueError(f'a convolution on the {window[0]}x{window[1]} grid cannot act on {num_tokens} tokens')
+    return dwc_matrix(conv.weight[channels].double(), window)
 
 
 @torch.no_grad()
 def equivalent_matrices(module: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """x: (N, C) input tokens of `module` -> {form: (heads, N, N) float64 attention matrix}."""
+    """Module input of one image -> {form: (heads, N, n) float64 attention matrix}, plus ``lepe``
+    (heads, N, N) when the module has CSwin's LePE (see the module docstring)."""
     if not supports_analysis(module):
-        raise TypeError(f'{type(module).__name__} has no fused qkv projection over one grid; the analysis tools '
-                        f'cover Swin- and DeiT-style attention')
-    h = module.num_heads
-    q, k, v = token_projections(module, x)
-    d = q.shape[-1] // h
-    softmax = (_heads(q, h) @ _heads(k, h).transpose(-2, -1) * d ** -0.5).softmax(dim=-1)
+        raise TypeError(f'{type(module).__name__} is not an attention module (models.attention.Attention); the '
+                        f'analysis tools cover every kind of the DeiT, PVT, PVTv2, Swin and CSwin backbones')
+    module = _float64(module)
+    h, d = module.num_heads, module.head_dim
+    q, k, _ = _projections(module, _one_image(module, x))
+    N, n = q.shape[0], k.shape[0]
+    logits = _heads(q, h) @ _heads(k, h).transpose(-2, -1) * getattr(module, 'head_scale', d ** -0.5)
+    logit_bias = getattr(module, 'logit_bias', None)
+    bias = logit_bias() if callable(logit_bias) else None
+    softmax = (logits if bias is None else logits + bias).softmax(dim=-1)
 
     def normalised(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         sim = _heads(a, h) @ _heads(b, h).transpose(-2, -1)
-        return sim / sim.sum(dim=-1, keepdim=True)
+        return sim / (sim.sum(dim=-1, keepdim=True) + n * NORMALIZER_EPS)
 
     linear = normalised(F.relu(q) + KERNEL_EPS, F.relu(k) + KERNEL_EPS)
     focused = normalised(_focused_phi(module, q), _focused_phi(module, k))
-    dwc = getattr(module, 'dwc', None)
-    if isinstance(dwc, nn.Conv2d):
-        m_dwc = dwc_matrix(dwc.weight.double(), module.grid_size)  # (d, N, N), shared by the heads
-        focused = focused + m_dwc[0]
-    return {'softmax': softmax, 'linear': linear, 'focused': focused}
+    if module.dwc is not None:  # one kernel set shared by the heads: channel 0 of each
+        m_dwc = _window_conv_matrix(module.dwc, slice(0, 1), module.window, N)[0]
+        focused = focused + m_dwc @ resampling_matrix(n, N)
+    out = {'softmax': softmax, 'linear': linear, 'focused': focused}
+    if module.get_v is not None:  # per channel of the module: the first channel of each head
+        out['lepe'] = _window_conv_matrix(module.get_v, slice(0, h * d, d), module.window, N)
+    return out
 
 
 @torch.no_grad()
@@ -111,5 +172,5 @@ def entropy(p: torch.Tensor) -> float:
 
 
 def head_ranks(matrices: torch.Tensor) -> torch.Tensor:
-    """(heads, N, N) -> (heads,) numerical ranks (torch.linalg.matrix_rank's default tolerance)."""
+    """(heads, N, n) -> (heads,) numerical ranks (torch.linalg.matrix_rank's default tolerance)."""
     return torch.linalg.matrix_rank(matrices)
