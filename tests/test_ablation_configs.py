@@ -1,4 +1,5 @@
-"""configs/ablation/*.yaml (paper Tables 3–7 on DeiT-T and Swin-T): each builds the model it names."""
+"""configs/ablation/*.yaml (paper Tables 3–7 on DeiT-T and Swin-T; Tables 3–4 also on PVT-T and CSwin-T):
+each builds the model it names."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,7 +19,10 @@ def _kinds(model):
 def test_every_table_has_configs():
     tables = {path.name.split('_')[0] for path in ABLATION}
     assert tables == {'table3', 'table4', 'table5', 'table6', 'table7'}
-    assert len(ABLATION) == 22
+    assert len(ABLATION) == 34
+    for backbone in ('deit_t', 'swin_t', 'pvt_t', 'cswin_t'):  # Table 3's 4 kinds and Table 4's 2 rungs each
+        assert len([p for p in ABLATION if p.stem.startswith('table3_' + backbone)]) == 4, backbone
+        assert len([p for p in ABLATION if p.stem.startswith('table4_' + backbone)]) == 2, backbone
 
 
 @pytest.mark.parametrize('path', ABLATION, ids=lambda p: p.stem)
@@ -31,10 +35,14 @@ def test_ablation_config_builds_what_it_names(path):
     if stem.startswith(('table3', 'table4')):
         kind = stem.split('_t_')[1]
         assert kind in kinds and 'focused_linear' not in kinds
-        if '_deit_' in stem:
-            assert set(kinds) == {kind}  # every DeiT block
-        else:
+        assert cfg.MODEL.LA.LINEAR_KIND == kind and cfg.MODEL.NAME == stem.split('_', 1)[1]
+        if '_deit_' in stem or '_pvt_' in stem:
+            assert set(kinds) == {kind}  # every DeiT block; every PVT-T block (LLLL)
+            assert len(kinds) == (12 if '_deit_' in stem else 8)  # DeiT-T depth 12; PVT-T depths 2-2-2-2
+        elif '_swin_' in stem:
             assert kinds.count(kind) == 4 and kinds.count('window_softmax') == 8  # Swin-T stages 1-2 of LLSS
+        else:  # CSwin-T (LLSS, depths 2-4-18-1): stages 1-2 global (one branch), LePE stripes in stage 3
+            assert kinds.count(kind) == 6 and kinds.count('softmax') == 2 * 18 + 1
     elif stem.startswith('table5'):
         p = int(stem.rsplit('_p', 1)[1])
         assert {m.focusing_factor for m in model.modules() if type(m).__name__ == 'FocusedLinearAttention'} == {p}
