@@ -336,6 +336,31 @@ def _scheduler_mismatch(scheduler, state: Dict[str, Any]) -> Optional[str]:
     return None
 
 
+def _restore_ema(ema, model: nn.Module, ckpt: Dict[str, Any], path: str) -> None:
+    """The EMA weights of `ckpt`, or (with a warning) the loaded model's when the file has none."""
+    if isinstance(ckpt.get('state_dict_ema'), dict):
+        load_model_weights(ema.module, ckpt['state_dict_ema'], path + ' [state_dict_ema]')
+    else:
+        logger.warning(f'{path}: no state_dict_ema in the checkpoint; the EMA starts from the loaded weights')
+        ema.set(unwrap(model))
+
+
+def _restore_state(name: str, target, state: Optional[Dict[str, Any]], mismatch, path: str) -> None:
+    """Load `state` into `target` (optimizer, scheduler or scaler) unless it is missing or does not
+    fit this run (``mismatch(target, state)`` gives the reason); either case is a warning, not an error."""
+    if state is None:
+        logger.warning(f'{path}: no {name} state in the checkpoint; starting it fresh')
+        return
+    reason = mismatch(target, state) if mismatch is not None else None
+    if reason is None:
+        try:
+            target.load_state_dict(state)
+        except (ValueError, KeyError, RuntimeError, TypeError) as err:
+            reason = f'{type(err).__name__}: {err}'
+    if reason is not None:
+        logger.warning(f'{path}: {name} state skipped, it does not match this run: {reason}')
+
+
 def load_checkpoint(
         path: str,
         model: nn.Module,
@@ -370,29 +395,13 @@ def load_checkpoint(
     info['max_accuracy'] = float(ckpt.get('max_accuracy', 0.0) or 0.0)
     info['max_accuracy_ema'] = float(ckpt.get('max_accuracy_e', 0.0) or 0.0)
     if ema is not None:
-        if isinstance(ckpt.get('state_dict_ema'), dict):
-            load_model_weights(ema.module, ckpt['state_dict_ema'], path + ' [state_dict_ema]')
-        else:
-            logger.warning(f'{path}: no state_dict_ema in the checkpoint; the EMA starts from the loaded weights')
-            ema.set(unwrap(model))
+        _restore_ema(ema, model, ckpt, path)
     if optimizer is None:
         return info
-    checks = (('optimizer', optimizer, _optimizer_mismatch), ('lr_scheduler', lr_scheduler, _scheduler_mismatch),
-              ('scaler', scaler, None))
-    for name, target, mismatch in checks:
-        if target is None:
-            continue
-        if ckpt.get(name) is None:
-            logger.warning(f'{path}: no {name} state in the checkpoint; starting it fresh')
-            continue
-        reason = mismatch(target, ckpt[name]) if mismatch is not None else None
-        if reason is None:
-            try:
-                target.load_state_dict(ckpt[name])
-            except (ValueError, KeyError, RuntimeError, TypeError) as err:
-                reason = f'{type(err).__name__}: {err}'
-        if reason is not None:
-            logger.warning(f'{path}: {name} state skipped, it does not match this run: {reason}')
+    for name, target, mismatch in (('optimizer', optimizer, _optimizer_mismatch),
+                                   ('lr_scheduler', lr_scheduler, _scheduler_mismatch), ('scaler', scaler, None)):
+        if target is not None:
+            _restore_state(name, target, ckpt.get(name), mismatch, path)
     if restore_rng and ckpt.get('rng') is not None:
         _restore_rng(ckpt['rng'], path)
     info['epoch'] = int(ckpt.get('epoch', 0))
