@@ -243,7 +243,7 @@ _C.MODEL.LA.KERNEL_SIZE = 5
 # One letter per stage: L focused linear, S softmax, M mixed (first k blocks L, rest S, where k
 # is the integer suffix, e.g. 'LLMS2').
 _C.MODEL.LA.ATTN_TYPE = 'LLLL'
-# *new* The attention kind of the L blocks of Swin and DeiT (the ablation zoo, paper Tables 3-4):
+# *new* The attention kind of the L blocks of every backbone (the ablation zoo, paper Tables 3-4):
 # focused_linear (FLatten), vanilla_linear, focused_only, dwc_only, hydra, efficient, angular, relu_linear
 _C.MODEL.LA.LINEAR_KIND = 'focused_linear'
 # PVT: key/value spatial-reduction ratio of the L blocks, one digit per stage (an int, as official)

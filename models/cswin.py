@@ -20,7 +20,7 @@ Stripe rules (official, plus two extensions that the official code does not hand
   window; the official code crashes. ``la_split_size=None`` means "the whole map at every stage",
   which is the official setting at any resolution.
 * Extension 2: L blocks with a split *smaller* than the map run focused linear attention per stripe
-  window (see :mod:`models.attention.cswin`); the official code crashes (docs/differences.md,
+  window (the stripe code of :mod:`models.attention.base`); the official code crashes (docs/differences.md,
   "CSwin with an LA split smaller than the map").
 * A split that does not divide the map raises ValueError at construction, naming the sizes.
 """
@@ -33,14 +33,14 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp, to_2tuple
 
-from .attention import AttentionOptions, block_kinds, create_attention
+from .attention import AttentionOptions, block_kinds, create_attention, letter_kinds
 from .layers import Backbone, run_blocks
-from .registry import register_model, register_model_type, variant_kwargs
+from .registry import common_cfg_kwargs, la_cfg_kwargs, register_model_types, register_variants
 
 __all__ = ['CSWinTransformer', 'stage_resolutions', 'branch_windows', 'parse_split_sizes']
 
-# Stage letters of MODEL.LA.ATTN_TYPE understood by CSwin, and the attention kind each one builds.
-CSWIN_LETTER_KINDS = {'L': 'cswin_focused_linear', 'S': 'cswin_lepe_softmax'}
+# CSwin's S blocks: LePE stripe softmax attention; its L blocks take MODEL.LA.LINEAR_KIND.
+CSWIN_SOFTMAX_KIND = 'softmax'
 
 
 def stage_resolutions(img_size: Tuple[int, int], num_stages: int) -> List[Tuple[int, int]]:
@@ -125,7 +125,7 @@ class CSWinBlock(nn.Module):
             attn_drop: float = 0.,
             drop_path: float = 0.,
             norm_layer: type = nn.LayerNorm,
-            attn_kind: str = 'cswin_lepe_softmax',
+            attn_kind: str = CSWIN_SOFTMAX_KIND,
             attn_options: AttentionOptions = AttentionOptions(),
     ):
         super().__init__()
@@ -143,7 +143,8 @@ class CSWinBlock(nn.Module):
         self.attns = nn.ModuleList([
             create_attention(
                 attn_kind, dim // branches, num_heads // branches, grid_size=self.resolution, qkv_bias=qkv_bias,
-                attn_drop=attn_drop, proj_drop=drop, options=dataclasses.replace(attn_options, window=window))
+                attn_drop=attn_drop, proj_drop=drop, options=dataclasses.replace(
+                    attn_options, projections='block', window=window, lepe=True))
             for window in windows])
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
@@ -172,6 +173,7 @@ class CSWinTransformer(Backbone):
         la_split_size: stripe width of the L blocks per stage, as ints or the config's dash string
             (``'56-28-14-7'``); None means the whole stage map (global, the official setting).
         attn_type: one letter per stage (``L``/``S``/``M``) plus the ``M`` block count, e.g. 'LLMS2'.
+        linear_kind: the attention kind of the L blocks (``MODEL.LA.LINEAR_KIND``).
         focusing_factor, kernel_size: focused-attention power p and DWC kernel.
 
     ``forward_features`` returns the final-normed tokens (B, L, C); ``forward_head`` averages them
@@ -196,6 +198,7 @@ class CSWinTransformer(Backbone):
             drop_path_rate: float = 0.,
             norm_layer: type = nn.LayerNorm,
             attn_type: str = 'LLSS',
+            linear_kind: str = 'focused_linear',
             focusing_factor: int = 3,
             kernel_size: int = 5,
             use_checkpoint: bool = False,
@@ -213,8 +216,9 @@ class CSWinTransformer(Backbone):
         splits = {'S': parse_split_sizes(split_size, num_stages, 'split_size'),
                   'L': (tuple(max(r) for r in self.resolutions) if la_split_size is None else
                         parse_split_sizes(la_split_size, num_stages, 'MODEL.LA.CSWIN_LA_SPLIT_SIZE'))}
-        kinds = block_kinds(attn_type, depths, CSWIN_LETTER_KINDS)
-        letter_of = {kind: letter for letter, kind in CSWIN_LETTER_KINDS.items()}
+        letters = letter_kinds(linear_kind, CSWIN_SOFTMAX_KIND)
+        kinds = block_kinds(attn_type, depths, letters)
+        letter_of = {kind: letter for letter, kind in letters.items()}
         self._check_splits(kinds, splits, letter_of)
 
         self.stage1_conv_embed = nn.Sequential(
@@ -233,9 +237,8 @@ class CSWinTransformer(Backbone):
             if not last:
                 self.add_module(f'merge{i + 1}', MergeBlock(dim, 2 * dim, self.resolutions[i], norm_layer))
         self.norm = norm_layer(self.num_features)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-        self.set_grad_checkpointing(use_checkpoint)
+        self.head = self._make_head()
+        self._finish_init(use_checkpoint)
 
     def _check_splits(self, kinds: List[List[str]], splits: dict, letter_of: dict) -> None:
         """Every stripe must tile its stage map: raise ValueError naming the sizes, at construction."""
@@ -265,147 +268,78 @@ class CSWinTransformer(Backbone):
                 x = merge(x)
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=1)
-        return x if pre_logits else self.head(x)
-
 
 # ---------------------------------------------------------------------------------------------
 # Variants (timm-style entry points) and the MODEL.TYPE builders
 # ---------------------------------------------------------------------------------------------
 
-def _create(pretrained: bool, arch: dict, **kwargs) -> CSWinTransformer:
-    return CSWinTransformer(**{**arch, **variant_kwargs(pretrained, kwargs)})
-
-
 # FLatten's CSwin-T and -B change the original depths (paper appendix: deeper stages 1-2, shallower 3)
-_FLATTEN_TINY = dict(embed_dim=64, depths=(2, 4, 18, 1), num_heads=(2, 4, 8, 16), attn_type='LLSS')
-_FLATTEN_SMALL = dict(embed_dim=64, depths=(2, 4, 32, 2), num_heads=(2, 4, 8, 16), attn_type='LLSS')
-_FLATTEN_BASE = dict(embed_dim=96, depths=(3, 6, 29, 2), num_heads=(4, 8, 16, 32), attn_type='LLSS')
-_CSWIN_TINY = dict(embed_dim=64, depths=(1, 2, 21, 1), num_heads=(2, 4, 8, 16), attn_type='SSSS')
-_CSWIN_SMALL = dict(embed_dim=64, depths=(2, 4, 32, 2), num_heads=(2, 4, 8, 16), attn_type='SSSS')
-_CSWIN_BASE = dict(embed_dim=96, depths=(2, 4, 32, 2), num_heads=(4, 8, 16, 32), attn_type='SSSS')
-_AT_224 = dict(img_size=224, split_size=(1, 2, 7, 7))
-_AT_384 = dict(img_size=384, split_size=(1, 2, 12, 12))
+_FLATTEN_TINY = dict(embed_dim=64, depths=(2, 4, 18, 1), num_heads=(2, 4, 8, 16))
+_FLATTEN_SMALL = dict(embed_dim=64, depths=(2, 4, 32, 2), num_heads=(2, 4, 8, 16))
+_FLATTEN_BASE = dict(embed_dim=96, depths=(3, 6, 29, 2), num_heads=(4, 8, 16, 32))
+_CSWIN_TINY = dict(embed_dim=64, depths=(1, 2, 21, 1), num_heads=(2, 4, 8, 16))
+_CSWIN_SMALL = dict(embed_dim=64, depths=(2, 4, 32, 2), num_heads=(2, 4, 8, 16))
+_CSWIN_BASE = dict(embed_dim=96, depths=(2, 4, 32, 2), num_heads=(4, 8, 16, 32))
+_FLATTEN = dict(attn_type='LLSS')
+_SOFTMAX = dict(attn_type='SSSS')
+# S-block stripe widths per stage at 224² and 384²
+_SPLITS_224 = (1, 2, 7, 7)
+_SPLITS_384 = (1, 2, 12, 12)
+_AT_224 = dict(img_size=224, split_size=_SPLITS_224)
+_AT_384 = dict(img_size=384, split_size=_SPLITS_384)
 
-
-@register_model
-def flatten_cswin_tiny_224(pretrained: bool = False, **kwargs) -> CSWinTransformer:
-    """FLatten-CSwin-T (21.2M): global focused linear attention in stages 1–2 (paper Table 8)."""
-    return _create(pretrained, dict(**_FLATTEN_TINY, **_AT_224), **kwargs)
-
-
-@register_model
-def flatten_cswin_small_224(pretrained: bool = False, **kwargs) -> CSWinTransformer:
-    """FLatten-CSwin-S (35.5M)."""
-    return _create(pretrained, dict(**_FLATTEN_SMALL, **_AT_224), **kwargs)
-
-
-@register_model
-def flatten_cswin_base_224(pretrained: bool = False, **kwargs) -> CSWinTransformer:
-    """FLatten-CSwin-B (74.9M)."""
-    return _create(pretrained, dict(**_FLATTEN_BASE, **_AT_224), **kwargs)
-
-
-@register_model
-def flatten_cswin_base_384(pretrained: bool = False, **kwargs) -> CSWinTransformer:
-    """FLatten-CSwin-B at 384² (78.4M): global L stages on 96² and 48² maps, S stripes of 12."""
-    return _create(pretrained, dict(**_FLATTEN_BASE, **_AT_384), **kwargs)
-
-
-@register_model
-def softmax_cswin_tiny_224(pretrained: bool = False, **kwargs) -> CSWinTransformer:
-    """CSWin-T baseline: LePE stripe softmax attention everywhere, original depths 1-2-21-1."""
-    return _create(pretrained, dict(**_CSWIN_TINY, **_AT_224), **kwargs)
-
-
-@register_model
-def softmax_cswin_small_224(pretrained: bool = False, **kwargs) -> CSWinTransformer:
-    """CSWin-S baseline (depths 2-4-32-2)."""
-    return _create(pretrained, dict(**_CSWIN_SMALL, **_AT_224), **kwargs)
-
-
-@register_model
-def softmax_cswin_base_224(pretrained: bool = False, **kwargs) -> CSWinTransformer:
-    """CSWin-B baseline (width 96, depths 2-4-32-2)."""
-    return _create(pretrained, dict(**_CSWIN_BASE, **_AT_224), **kwargs)
-
-
-@register_model
-def softmax_cswin_base_384(pretrained: bool = False, **kwargs) -> CSWinTransformer:
-    """CSWin-B baseline at 384² (stripes 12 in stage 3)."""
-    return _create(pretrained, dict(**_CSWIN_BASE, **_AT_384), **kwargs)
+# name: (architecture, description with the parameter count at 1000 classes)
+register_variants(CSWinTransformer, {
+    'flatten_cswin_tiny_224': (
+        {**_FLATTEN_TINY, **_FLATTEN, **_AT_224},
+        'FLatten-CSwin-T (21.2M): global focused linear attention in stages 1–2 (paper Table 8).'),
+    'flatten_cswin_small_224': ({**_FLATTEN_SMALL, **_FLATTEN, **_AT_224}, 'FLatten-CSwin-S (35.5M).'),
+    'flatten_cswin_base_224': ({**_FLATTEN_BASE, **_FLATTEN, **_AT_224}, 'FLatten-CSwin-B (74.9M).'),
+    'flatten_cswin_base_384': (
+        {**_FLATTEN_BASE, **_FLATTEN, **_AT_384},
+        'FLatten-CSwin-B at 384² (78.4M): global L stages on 96² and 48² maps, S stripes of 12.'),
+    'softmax_cswin_tiny_224': (
+        {**_CSWIN_TINY, **_SOFTMAX, **_AT_224},
+        'CSWin-T baseline: LePE stripe softmax attention everywhere, original depths 1-2-21-1.'),
+    'softmax_cswin_small_224': ({**_CSWIN_SMALL, **_SOFTMAX, **_AT_224}, 'CSWin-S baseline (depths 2-4-32-2).'),
+    'softmax_cswin_base_224': (
+        {**_CSWIN_BASE, **_SOFTMAX, **_AT_224}, 'CSWin-B baseline (width 96, depths 2-4-32-2).'),
+    'softmax_cswin_base_384': (
+        {**_CSWIN_BASE, **_SOFTMAX, **_AT_384}, 'CSWin-B baseline at 384² (stripes 12 in stage 3).'),
+})
 
 
 def _config_kwargs(cfg) -> dict:
     """What every CSwin MODEL.TYPE takes from the config (the architecture comes from the type name)."""
-    return dict(
-        img_size=cfg.DATA.IMG_SIZE, in_chans=cfg.MODEL.SWIN.IN_CHANS, num_classes=cfg.MODEL.NUM_CLASSES,
-        drop_rate=cfg.MODEL.DROP_RATE, drop_path_rate=cfg.MODEL.DROP_PATH_RATE,
-        use_checkpoint=cfg.TRAIN.USE_CHECKPOINT)
+    return dict(**common_cfg_kwargs(cfg), in_chans=cfg.MODEL.SWIN.IN_CHANS)
 
 
 def _build_flatten(cfg, arch: dict, split_size: Tuple[int, ...]) -> CSWinTransformer:
-    la = cfg.MODEL.LA
+    """FLatten-CSwin types: stages from MODEL.LA.ATTN_TYPE, L splits from MODEL.LA.CSWIN_LA_SPLIT_SIZE,
+    S splits `split_size` (fixed by the type name, like the architecture `arch`)."""
     return CSWinTransformer(
-        **_config_kwargs(cfg), **{**arch, 'attn_type': la.ATTN_TYPE}, split_size=split_size,
-        la_split_size=la.CSWIN_LA_SPLIT_SIZE, focusing_factor=la.FOCUSING_FACTOR, kernel_size=la.KERNEL_SIZE)
+        **_config_kwargs(cfg), **la_cfg_kwargs(cfg), **arch, split_size=split_size,
+        la_split_size=cfg.MODEL.LA.CSWIN_LA_SPLIT_SIZE)
 
 
 def _build_softmax(cfg, arch: dict, split_size: Tuple[int, ...]) -> CSWinTransformer:
-    return CSWinTransformer(**_config_kwargs(cfg), **arch, split_size=split_size)
-
-
-@register_model_type('FLatten_CSWin_64_24181_tiny_224')
-def build_flatten_cswin_tiny_224(cfg) -> CSWinTransformer:
-    """Stages from MODEL.LA.ATTN_TYPE, L splits from MODEL.LA.CSWIN_LA_SPLIT_SIZE, S splits 1-2-7-7."""
-    return _build_flatten(cfg, _FLATTEN_TINY, _AT_224['split_size'])
-
-
-@register_model_type('FLatten_CSWin_64_24322_small_224')
-def build_flatten_cswin_small_224(cfg) -> CSWinTransformer:
-    return _build_flatten(cfg, _FLATTEN_SMALL, _AT_224['split_size'])
-
-
-@register_model_type('FLatten_CSWin_96_36292_base_224')
-def build_flatten_cswin_base_224(cfg) -> CSWinTransformer:
-    return _build_flatten(cfg, _FLATTEN_BASE, _AT_224['split_size'])
-
-
-@register_model_type('FLatten_CSWin_96_36292_base_384')
-def build_flatten_cswin_base_384(cfg) -> CSWinTransformer:
-    """As base_224 with S splits 1-2-12-12; the config sets CSWIN_LA_SPLIT_SIZE 96-48-24-12."""
-    return _build_flatten(cfg, _FLATTEN_BASE, _AT_384['split_size'])
-
-
-@register_model_type('FLatten_CSWin_64_24181_tiny_384')
-def build_flatten_cswin_tiny_384(cfg) -> CSWinTransformer:
-    """FLatten-CSwin-T at 384² (no official config): S splits 1-2-12-12, LA splits from the config."""
-    return _build_flatten(cfg, _FLATTEN_TINY, _AT_384['split_size'])
-
-
-@register_model_type('FLatten_CSWin_64_24322_small_384')
-def build_flatten_cswin_small_384(cfg) -> CSWinTransformer:
-    """FLatten-CSwin-S at 384² (no official config): S splits 1-2-12-12, LA splits from the config."""
-    return _build_flatten(cfg, _FLATTEN_SMALL, _AT_384['split_size'])
-
-
-@register_model_type('CSWin_64_12211_tiny_224')
-def build_cswin_tiny_224(cfg) -> CSWinTransformer:
     """The CSWin baselines (official CSWin type names): LePE softmax in every block; MODEL.LA is ignored."""
-    return _build_softmax(cfg, _CSWIN_TINY, _AT_224['split_size'])
+    return CSWinTransformer(**_config_kwargs(cfg), **arch, **_SOFTMAX, split_size=split_size)
 
 
-@register_model_type('CSWin_64_24322_small_224')
-def build_cswin_small_224(cfg) -> CSWinTransformer:
-    return _build_softmax(cfg, _CSWIN_SMALL, _AT_224['split_size'])
-
-
-@register_model_type('CSWin_96_24322_base_224')
-def build_cswin_base_224(cfg) -> CSWinTransformer:
-    return _build_softmax(cfg, _CSWIN_BASE, _AT_224['split_size'])
-
-
-@register_model_type('CSWin_96_24322_base_384')
-def build_cswin_base_384(cfg) -> CSWinTransformer:
-    return _build_softmax(cfg, _CSWIN_BASE, _AT_384['split_size'])
+register_model_types(_build_flatten, {
+    'FLatten_CSWin_64_24181_tiny_224': dict(arch=_FLATTEN_TINY, split_size=_SPLITS_224),
+    'FLatten_CSWin_64_24322_small_224': dict(arch=_FLATTEN_SMALL, split_size=_SPLITS_224),
+    'FLatten_CSWin_96_36292_base_224': dict(arch=_FLATTEN_BASE, split_size=_SPLITS_224),
+    # its config sets CSWIN_LA_SPLIT_SIZE 96-48-24-12
+    'FLatten_CSWin_96_36292_base_384': dict(arch=_FLATTEN_BASE, split_size=_SPLITS_384),
+    # FLatten-CSwin-T and -S at 384² (no official config; LA splits from the config)
+    'FLatten_CSWin_64_24181_tiny_384': dict(arch=_FLATTEN_TINY, split_size=_SPLITS_384),
+    'FLatten_CSWin_64_24322_small_384': dict(arch=_FLATTEN_SMALL, split_size=_SPLITS_384),
+})
+register_model_types(_build_softmax, {
+    'CSWin_64_12211_tiny_224': dict(arch=_CSWIN_TINY, split_size=_SPLITS_224),
+    'CSWin_64_24322_small_224': dict(arch=_CSWIN_SMALL, split_size=_SPLITS_224),
+    'CSWin_96_24322_base_224': dict(arch=_CSWIN_BASE, split_size=_SPLITS_224),
+    'CSWin_96_24322_base_384': dict(arch=_CSWIN_BASE, split_size=_SPLITS_384),
+})

@@ -48,15 +48,13 @@ import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
 
-from .attention import LINEAR_KINDS, AttentionOptions, block_kinds
+from .attention import AttentionOptions, block_kinds, letter_kinds
 from .grid import GridSpec
 from .layers import Backbone, Block, run_blocks
-from .registry import register_model, register_model_type, variant_kwargs
+from .registry import common_cfg_kwargs, la_cfg_kwargs, register_model_type, register_variants
 
 __all__ = ['FLattenDeiT']
 
-# Letters of MODEL.LA.ATTN_TYPE understood by DeiT, and the attention kind each one builds.
-DEIT_LETTER_KINDS = {'L': 'focused_linear', 'S': 'softmax'}
 GLOBAL_POOLS = ('token', 'avg')
 
 
@@ -106,9 +104,7 @@ class FLattenDeiT(Backbone):
             raise ValueError(
                 f'DeiT: image size {img_size[0]}x{img_size[1]} is not divisible by patch size {patch_size}: '
                 f'choose DATA.IMG_SIZE as a multiple of MODEL.DEIT.PATCH_SIZE')
-        if linear_kind not in LINEAR_KINDS:
-            raise ValueError(f'MODEL.LA.LINEAR_KIND={linear_kind!r} is not one of {list(LINEAR_KINDS)}')
-        kinds = block_kinds(attn_type, (depth,), dict(DEIT_LETTER_KINDS, L=linear_kind))[0]
+        kinds = block_kinds(attn_type, (depth,), letter_kinds(linear_kind))[0]
         has_linear = linear_kind in kinds
         if global_pool is None:
             global_pool = 'avg' if has_linear else 'token'
@@ -145,13 +141,12 @@ class FLattenDeiT(Backbone):
                 attn_kind=kinds[i], attn_options=options)
             for i in range(depth)])
         self.norm = norm_layer(embed_dim)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = self._make_head()
 
         for token in (self.pos_embed, self.cls_token):
             if token is not None:
                 trunc_normal_(token, std=.02)
-        self.apply(self._init_weights)
-        self.set_grad_checkpointing(use_checkpoint)
+        self._finish_init(use_checkpoint)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -184,70 +179,44 @@ class FLattenDeiT(Backbone):
 # Variants (timm-style entry points) and the MODEL.TYPE builders
 # ---------------------------------------------------------------------------------------------
 
-def _create(pretrained: bool, arch: dict, **kwargs) -> FLattenDeiT:
-    return FLattenDeiT(**{**arch, **variant_kwargs(pretrained, kwargs)})
-
-
 _TINY = dict(embed_dim=192, depth=12, num_heads=3)
 _SMALL = dict(embed_dim=384, depth=12, num_heads=6)
 _BASE = dict(embed_dim=768, depth=12, num_heads=12)
+_FLATTEN = dict(attn_type='L')
+_SOFTMAX = dict(attn_type='S')
 
-
-@register_model
-def flatten_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> FLattenDeiT:
-    """FLatten-DeiT-T (6.15M, 1.14 GMACs): focused linear attention in all 12 blocks (paper Table 9)."""
-    return _create(pretrained, dict(**_TINY, attn_type='L'), **kwargs)
-
-
-@register_model
-def flatten_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> FLattenDeiT:
-    """FLatten-DeiT-S (22.9M): DeiT-S with focused linear attention in every block."""
-    return _create(pretrained, dict(**_SMALL, attn_type='L'), **kwargs)
-
-
-@register_model
-def flatten_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> FLattenDeiT:
-    """FLatten-DeiT-B (88.3M): DeiT-B with focused linear attention in every block."""
-    return _create(pretrained, dict(**_BASE, attn_type='L'), **kwargs)
-
-
-@register_model
-def softmax_deit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> FLattenDeiT:
-    """DeiT-T baseline (5.7M): class token, absolute position embedding, softmax attention."""
-    return _create(pretrained, dict(**_TINY, attn_type='S'), **kwargs)
-
-
-@register_model
-def softmax_deit_small_patch16_224(pretrained: bool = False, **kwargs) -> FLattenDeiT:
-    """DeiT-S baseline (22.1M)."""
-    return _create(pretrained, dict(**_SMALL, attn_type='S'), **kwargs)
-
-
-@register_model
-def softmax_deit_base_patch16_224(pretrained: bool = False, **kwargs) -> FLattenDeiT:
-    """DeiT-B baseline (86.6M)."""
-    return _create(pretrained, dict(**_BASE, attn_type='S'), **kwargs)
+# name: (architecture, description with the parameter count at 1000 classes)
+register_variants(FLattenDeiT, {
+    'flatten_deit_tiny_patch16_224': (
+        {**_TINY, **_FLATTEN},
+        'FLatten-DeiT-T (6.15M, 1.14 GMACs): focused linear attention in all 12 blocks (paper Table 9).'),
+    'flatten_deit_small_patch16_224': (
+        {**_SMALL, **_FLATTEN}, 'FLatten-DeiT-S (22.9M): DeiT-S with focused linear attention in every block.'),
+    'flatten_deit_base_patch16_224': (
+        {**_BASE, **_FLATTEN}, 'FLatten-DeiT-B (88.3M): DeiT-B with focused linear attention in every block.'),
+    'softmax_deit_tiny_patch16_224': (
+        {**_TINY, **_SOFTMAX}, 'DeiT-T baseline (5.7M): class token, absolute position embedding, softmax attention.'),
+    'softmax_deit_small_patch16_224': ({**_SMALL, **_SOFTMAX}, 'DeiT-S baseline (22.1M).'),
+    'softmax_deit_base_patch16_224': ({**_BASE, **_SOFTMAX}, 'DeiT-B baseline (86.6M).'),
+})
 
 
 def _deit_kwargs(cfg) -> dict:
+    """The MODEL.DEIT architecture keys (and the keys every builder reads) of both DeiT types."""
     deit = cfg.MODEL.DEIT
     return dict(
-        img_size=cfg.DATA.IMG_SIZE, patch_size=deit.PATCH_SIZE, in_chans=deit.IN_CHANS,
-        num_classes=cfg.MODEL.NUM_CLASSES, embed_dim=deit.EMBED_DIM, depth=deit.DEPTH, num_heads=deit.NUM_HEADS,
-        mlp_ratio=deit.MLP_RATIO, qkv_bias=deit.QKV_BIAS, drop_rate=cfg.MODEL.DROP_RATE,
-        drop_path_rate=cfg.MODEL.DROP_PATH_RATE, global_pool=deit.GLOBAL_POOL or None,
-        use_abs_pos=deit.ABS_POS_EMBED, use_checkpoint=cfg.TRAIN.USE_CHECKPOINT)
+        **common_cfg_kwargs(cfg), patch_size=deit.PATCH_SIZE, in_chans=deit.IN_CHANS, embed_dim=deit.EMBED_DIM,
+        depth=deit.DEPTH, num_heads=deit.NUM_HEADS, mlp_ratio=deit.MLP_RATIO, qkv_bias=deit.QKV_BIAS,
+        global_pool=deit.GLOBAL_POOL or None, use_abs_pos=deit.ABS_POS_EMBED)
 
 
 @register_model_type('flatten_deit')
 def build_flatten_deit(cfg) -> FLattenDeiT:
     """MODEL.TYPE 'flatten_deit': block kinds from the one-letter MODEL.LA.ATTN_TYPE ('L', 'S', 'M6', ...)."""
-    return FLattenDeiT(
-        **_deit_kwargs(cfg), attn_type=cfg.MODEL.LA.ATTN_TYPE, focusing_factor=cfg.MODEL.LA.FOCUSING_FACTOR,
-        kernel_size=cfg.MODEL.LA.KERNEL_SIZE, linear_kind=cfg.MODEL.LA.LINEAR_KIND)
+    return FLattenDeiT(**_deit_kwargs(cfg), **la_cfg_kwargs(cfg))
 
 
 @register_model_type('deit')
 def build_deit(cfg) -> FLattenDeiT:
     """MODEL.TYPE 'deit': the softmax baseline; every block is softmax and MODEL.LA is ignored."""
-    return FLattenDeiT(**_deit_kwargs(cfg), attn_type='S')
+    return FLattenDeiT(**_deit_kwargs(cfg), **_SOFTMAX)

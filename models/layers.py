@@ -74,9 +74,10 @@ class Block(nn.Module):
 class Backbone(nn.Module):
     """Base of every model: the classifier interface and the shared weight init.
 
-    Subclasses set ``img_size`` (H, W), ``num_classes``, ``num_features`` and ``head``, and define
-    ``forward_features`` and ``forward_head``; those with their own block containers override
-    :meth:`set_grad_checkpointing`.
+    Subclasses set ``img_size`` (H, W), ``num_classes`` and ``num_features``, create ``head`` with
+    :meth:`_make_head` and end their constructor with :meth:`_finish_init`. They define
+    ``forward_features``; ``forward_head`` averages the tokens by default (those with a class token
+    override it). Those with their own block containers override :meth:`set_grad_checkpointing`.
     """
     img_size: Tuple[int, int]
     num_classes: int
@@ -93,6 +94,16 @@ class Backbone(nn.Module):
         elif isinstance(m, nn.LayerNorm):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
+
+    def _make_head(self) -> nn.Module:
+        """The classifier ``num_features -> num_classes`` (Identity for 0 classes), not yet initialised."""
+        return nn.Linear(self.num_features, self.num_classes) if self.num_classes > 0 else nn.Identity()
+
+    def _finish_init(self, use_checkpoint: bool) -> None:
+        """Last step of every constructor: :meth:`_init_weights` over all modules in registration order
+        (this order fixes the random draws of a seeded model), then gradient checkpointing."""
+        self.apply(self._init_weights)
+        self.set_grad_checkpointing(use_checkpoint)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -121,7 +132,7 @@ class Backbone(nn.Module):
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head with a freshly initialised one for `num_classes` (0: no head)."""
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = self._make_head()
         if num_classes > 0:
             self._init_weights(self.head)
 
@@ -131,6 +142,12 @@ class Backbone(nn.Module):
             raise ValueError(
                 f'{type(self).__name__} was built for {self.img_size[0]}x{self.img_size[1]} inputs (DATA.IMG_SIZE), '
                 f'got {x.shape[-2]}x{x.shape[-1]}')
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """x: tokens (B, T, C) from ``forward_features`` -> logits (B, num_classes), or with `pre_logits`
+        their mean (B, C)."""
+        x = x.mean(dim=1)
+        return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))

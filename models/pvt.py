@@ -24,15 +24,27 @@ import torch
 import torch.nn as nn
 from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
 
-from .attention import AttentionOptions, block_kinds
+from .attention import AttentionOptions, block_kinds, letter_kinds
 from .grid import GridSpec
 from .layers import Backbone, Block, run_blocks
-from .registry import register_model, register_model_type, variant_kwargs
+from .registry import common_cfg_kwargs, la_cfg_kwargs, register_model_types, register_variants
 
-__all__ = ['PyramidVisionTransformer', 'PVT_LETTER_KINDS', 'parse_sr_ratios', 'check_stage_geometry']
+__all__ = [
+    'PyramidVisionTransformer', 'PyramidBackbone', 'StagePlan', 'parse_sr_ratios', 'check_stage_geometry',
+    'pvt_attention_options',
+]
 
-# Stage letters of MODEL.LA.ATTN_TYPE understood by PVT v1/v2, and the attention kind each one builds.
-PVT_LETTER_KINDS = {'L': 'pvt_focused_linear', 'S': 'pvt_softmax'}
+# PVT's S blocks: spatial-reduction softmax attention; its L blocks take MODEL.LA.LINEAR_KIND.
+PVT_SOFTMAX_KIND = 'softmax'
+
+
+def pvt_attention_options(kind: str, sr_ratio: int, la_sr_ratio: int, linear: bool = False,
+                          **la_options) -> AttentionOptions:
+    """PVT's attention layout: separate ``q`` / ``kv`` projections, keys and values reduced by the
+    stage's ``sr_ratio`` in S blocks and by its ``la_sr_ratio`` in L blocks (or PVTv2's linear mode);
+    `la_options` are the MODEL.LA knobs (focusing_factor, kernel_size, qk_scale)."""
+    return AttentionOptions(projections='q_kv', sr_ratio=sr_ratio if kind == PVT_SOFTMAX_KIND else la_sr_ratio,
+                            linear=linear, **la_options)
 
 
 def parse_sr_ratios(value: Union[str, int, Sequence[int]], num_stages: int) -> Tuple[int, ...]:
@@ -60,14 +72,72 @@ def check_stage_geometry(
     """Raise ValueError naming the image size, the stage map and the ratio when the L blocks of this
     stage reduce keys/values with a stride that does not divide the stage map: their positional
     encoding has one vector per reduced cell. (S blocks floor the reduced map like the original PVT.)"""
-    if (PVT_LETTER_KINDS['L'] in kinds) and (not linear) and ((grid[0] % la_sr_ratio) or (grid[1] % la_sr_ratio)):
+    reduces = any(kind != PVT_SOFTMAX_KIND for kind in kinds) and (not linear)
+    if reduces and ((grid[0] % la_sr_ratio) or (grid[1] % la_sr_ratio)):
         raise ValueError(
             f'{name}: at image size {img_size[0]}x{img_size[1]} stage {stage + 1} has a {grid[0]}x{grid[1]} map, '
             f'which the spatial-reduction ratio {la_sr_ratio} of its focused-linear blocks '
             f'(MODEL.LA.PVT_LA_SR_RATIOS) does not divide')
 
 
-class PyramidVisionTransformer(Backbone):
+class StagePlan:
+    """What PVT v1 and PVTv2 share between their constructor arguments and their stages of blocks.
+
+    Checks that `embed_dims`, `num_heads`, `mlp_ratios`, `sr_ratios` and `depths` have one entry per
+    stage, parses `la_sr_ratios` (:func:`parse_sr_ratios`) into ``la_sr`` and resolves `attn_type` into
+    ``kinds[i][j]``, the attention kind of block j of stage i (L blocks: `linear_kind`). Errors start with
+    `name` ('PVT', 'PVTv2'); `linear` is PVTv2's linear mode. The other arguments are the constructors'
+    and go to every :class:`Block` of :meth:`blocks`.
+    """
+
+    def __init__(
+            self, name: str, *, depths: Sequence[int], embed_dims: Sequence[int], num_heads: Sequence[int],
+            mlp_ratios: Sequence[float], sr_ratios: Sequence[int], la_sr_ratios: Union[str, int, Sequence[int]],
+            attn_type: str, linear_kind: str, qkv_bias: bool, qk_scale: Optional[float], drop_rate: float,
+            attn_drop_rate: float, drop_path_rate: float, norm_layer: Callable[[int], nn.Module],
+            focusing_factor: int, kernel_size: int, linear: bool = False):
+        num_stages = len(depths)
+        if not (len(embed_dims) == len(num_heads) == len(mlp_ratios) == len(sr_ratios) == num_stages):
+            raise ValueError(
+                f'{name}: embed_dims {list(embed_dims)}, num_heads {list(num_heads)}, mlp_ratios {list(mlp_ratios)}, '
+                f'sr_ratios {list(sr_ratios)} and depths {list(depths)} must have one entry per stage')
+        self.name, self.num_stages, self.linear = name, num_stages, linear
+        self.depths, self.embed_dims, self.num_heads = depths, embed_dims, num_heads
+        self.mlp_ratios, self.sr_ratios = mlp_ratios, sr_ratios
+        self.la_sr = parse_sr_ratios(la_sr_ratios, num_stages)
+        self.kinds = block_kinds(attn_type, depths, letter_kinds(linear_kind, PVT_SOFTMAX_KIND))
+        self.drop_path = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.block_options = dict(qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate, norm_layer=norm_layer)
+        self.la_options = dict(focusing_factor=focusing_factor, kernel_size=kernel_size, qk_scale=qk_scale)
+
+    def check_geometry(self, img_size: Tuple[int, int], stage: int, grid: Tuple[int, int]) -> None:
+        """:func:`check_stage_geometry` for the L blocks of `stage` on its `grid` map."""
+        check_stage_geometry(self.name, img_size, stage, grid, self.kinds[stage], self.la_sr[stage], self.linear)
+
+    def blocks(self, stage: int, grid: Tuple[int, int],
+               mlp_layer: Optional[Callable[[int, int], nn.Module]] = None) -> nn.ModuleList:
+        """The blocks of `stage` on its `grid` map, stochastic depth rising linearly over all blocks."""
+        first = sum(self.depths[:stage])
+        return nn.ModuleList([
+            Block(dim=self.embed_dims[stage], num_heads=self.num_heads[stage], grid_size=grid,
+                  mlp_ratio=self.mlp_ratios[stage], drop_path=self.drop_path[first + j], attn_kind=kind,
+                  attn_options=pvt_attention_options(
+                      kind, self.sr_ratios[stage], self.la_sr[stage], self.linear, **self.la_options),
+                  mlp_layer=mlp_layer, **self.block_options)
+            for j, kind in enumerate(self.kinds[stage])])
+
+
+class PyramidBackbone(Backbone):
+    """Base of PVT v1 and PVTv2: stages of :class:`Block` (from a :class:`StagePlan`) on token maps
+    ``grids[i]`` that shrink stage by stage."""
+    grids: List[Tuple[int, int]]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.grids)
+
+
+class PyramidVisionTransformer(PyramidBackbone):
     """PVT v1 whose blocks use focused linear (L) or spatial-reduction softmax (S) attention.
 
     Args:
@@ -79,6 +149,8 @@ class PyramidVisionTransformer(Backbone):
         la_sr_ratios: key/value reduction ratio of the L blocks per stage, '1111' (official: no
             reduction, global FLA) or an int / sequence; see :func:`parse_sr_ratios`.
         attn_type: one letter per stage (``L``/``S``/``M``) plus the ``M`` block count, e.g. 'LLMS2'.
+        linear_kind: the attention kind of the L blocks (``MODEL.LA.LINEAR_KIND``: FLatten's
+            ``focused_linear`` or an ablation-zoo kind).
         class_token: the original PVT v1 head: a class token joins the tokens of the last stage,
             the final ``norm`` is applied and the head reads the class token. Off (the FLatten
             layout): the head averages the last stage's tokens and ``norm`` is **created but never
@@ -111,17 +183,20 @@ class PyramidVisionTransformer(Backbone):
             sr_ratios: Sequence[int] = (8, 4, 2, 1),
             la_sr_ratios: Union[str, int, Sequence[int]] = '1111',
             attn_type: str = 'LLLL',
+            linear_kind: str = 'focused_linear',
             focusing_factor: int = 3,
             kernel_size: int = 5,
             class_token: bool = False,
             use_checkpoint: bool = False,
     ):
         super().__init__()
-        num_stages = len(depths)
-        if not (len(embed_dims) == len(num_heads) == len(mlp_ratios) == len(sr_ratios) == num_stages):
-            raise ValueError(
-                f'PVT: embed_dims {list(embed_dims)}, num_heads {list(num_heads)}, mlp_ratios {list(mlp_ratios)}, '
-                f'sr_ratios {list(sr_ratios)} and depths {list(depths)} must have one entry per stage')
+        stages = StagePlan(
+            'PVT', depths=depths, embed_dims=embed_dims, num_heads=num_heads, mlp_ratios=mlp_ratios,
+            sr_ratios=sr_ratios, la_sr_ratios=la_sr_ratios, attn_type=attn_type, linear_kind=linear_kind,
+            qkv_bias=qkv_bias, qk_scale=qk_scale, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate, norm_layer=norm_layer, focusing_factor=focusing_factor,
+            kernel_size=kernel_size)
+        num_stages, kinds = stages.num_stages, stages.kinds
         img_size = to_2tuple(img_size)
         stride = patch_size * 2 ** (num_stages - 1)
         if (img_size[0] % stride) or (img_size[1] % stride):
@@ -133,21 +208,18 @@ class PyramidVisionTransformer(Backbone):
         self.num_features = embed_dims[-1]
         self.attn_type = attn_type
         self.class_token = class_token
-        la_sr = parse_sr_ratios(la_sr_ratios, num_stages)
-        kinds = block_kinds(attn_type, depths, PVT_LETTER_KINDS)
-        if class_token and ((kinds[-1] != [PVT_LETTER_KINDS['S']] * depths[-1]) or (sr_ratios[-1] != 1)):
+        if class_token and ((kinds[-1] != [PVT_SOFTMAX_KIND] * depths[-1]) or (sr_ratios[-1] != 1)):
             raise ValueError(
                 f'PVT: class_token needs softmax attention without reduction in the last stage (the extra token '
                 f'has no place on the map), got attn_type={attn_type!r}, sr_ratios={list(sr_ratios)}')
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         grid = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.grids: List[Tuple[int, int]] = []
         for i in range(num_stages):
             if i > 0:
                 grid = (grid[0] // 2, grid[1] // 2)
             self.grids.append(grid)
-            check_stage_geometry('PVT', img_size, i, grid, kinds[i], la_sr[i], linear=False)
+            stages.check_geometry(img_size, i, grid)
             extra = 1 if (class_token and i == num_stages - 1) else 0
             # own parameters precede the children in the state dict, as the official pos_embed{i}
             pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1] + extra, embed_dims[i]))
@@ -163,24 +235,12 @@ class PyramidVisionTransformer(Backbone):
             setattr(self, f'patch_embed{i + 1}', PatchEmbed(
                 img_size=in_size, patch_size=patch_size if i == 0 else 2,
                 in_chans=in_chans if i == 0 else embed_dims[i - 1], embed_dim=embed_dims[i], norm_layer=nn.LayerNorm))
-            first = sum(depths[:i])
-            setattr(self, f'block{i + 1}', nn.ModuleList([
-                Block(dim=embed_dims[i], num_heads=num_heads[i], grid_size=self.grids[i], mlp_ratio=mlp_ratios[i],
-                      qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[first + j],
-                      norm_layer=norm_layer, attn_kind=kind, attn_options=AttentionOptions(
-                          focusing_factor=focusing_factor, kernel_size=kernel_size, qk_scale=qk_scale,
-                          sr_ratio=la_sr[i] if kind == PVT_LETTER_KINDS['L'] else sr_ratios[i]))
-                for j, kind in enumerate(kinds[i])]))
+            setattr(self, f'block{i + 1}', stages.blocks(i, self.grids[i]))
         # without class_token this norm is never applied (official FLatten-PVT); it stays so that official
         # checkpoints load strictly
         self.norm = norm_layer(self.num_features)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-        self.set_grad_checkpointing(use_checkpoint)
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.grids)
+        self.head = self._make_head()
+        self._finish_init(use_checkpoint)
 
     def parameter_grids(self) -> Dict[str, GridSpec]:
         last = self.num_stages - 1
@@ -222,10 +282,6 @@ class PyramidVisionTransformer(Backbone):
 # Variants (timm-style entry points) and the MODEL.TYPE builders
 # ---------------------------------------------------------------------------------------------
 
-def _create(pretrained: bool, arch: dict, **kwargs) -> PyramidVisionTransformer:
-    return PyramidVisionTransformer(**{**arch, **variant_kwargs(pretrained, kwargs)})
-
-
 # Widths, heads and MLP ratios are shared by every size (docs/numerics.md, "PVT v1 backbone"); sizes differ in
 # depth only.
 PVT_DEPTHS = {
@@ -238,71 +294,25 @@ _FLATTEN = dict(attn_type='LLLL', la_sr_ratios='1111')
 # The PVT v1 paper's model: SRA with ratios 8-4-2-1 everywhere, class token, final norm applied.
 _SOFTMAX = dict(attn_type='SSSS', sr_ratios=(8, 4, 2, 1), class_token=True)
 
-
-@register_model
-def flatten_pvt_tiny(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
-    """FLatten-PVT-T (12.2M): global focused linear attention in every block (paper Table 8)."""
-    return _create(pretrained, dict(depths=PVT_DEPTHS['tiny'], **_FLATTEN), **kwargs)
-
-
-@register_model
-def flatten_pvt_small(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
-    """FLatten-PVT-S (21.7M)."""
-    return _create(pretrained, dict(depths=PVT_DEPTHS['small'], **_FLATTEN), **kwargs)
-
-
-@register_model
-def flatten_pvt_medium(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
-    """FLatten-PVT-M (37.2M)."""
-    return _create(pretrained, dict(depths=PVT_DEPTHS['medium'], **_FLATTEN), **kwargs)
-
-
-@register_model
-def flatten_pvt_large(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
-    """FLatten-PVT-L (50.6M); its official config file is ``flatten_pvt_b.yaml``."""
-    return _create(pretrained, dict(depths=PVT_DEPTHS['large'], **_FLATTEN), **kwargs)
-
-
-@register_model
-def softmax_pvt_tiny(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
-    """PVT-T baseline (13.2M): spatial-reduction softmax attention, class token (PVT v1 paper)."""
-    return _create(pretrained, dict(depths=PVT_DEPTHS['tiny'], **_SOFTMAX), **kwargs)
-
-
-@register_model
-def softmax_pvt_small(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
-    """PVT-S baseline (24.5M)."""
-    return _create(pretrained, dict(depths=PVT_DEPTHS['small'], **_SOFTMAX), **kwargs)
-
-
-@register_model
-def softmax_pvt_medium(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
-    """PVT-M baseline (44.2M)."""
-    return _create(pretrained, dict(depths=PVT_DEPTHS['medium'], **_SOFTMAX), **kwargs)
-
-
-@register_model
-def softmax_pvt_large(pretrained: bool = False, **kwargs) -> PyramidVisionTransformer:
-    """PVT-L baseline (61.4M)."""
-    return _create(pretrained, dict(depths=PVT_DEPTHS['large'], **_SOFTMAX), **kwargs)
-
-
-def common_cfg_kwargs(cfg) -> dict:
-    """Constructor arguments every PVT v1/v2 MODEL.TYPE builder reads from the config."""
-    return dict(
-        img_size=cfg.DATA.IMG_SIZE, num_classes=cfg.MODEL.NUM_CLASSES, drop_rate=cfg.MODEL.DROP_RATE,
-        drop_path_rate=cfg.MODEL.DROP_PATH_RATE, use_checkpoint=cfg.TRAIN.USE_CHECKPOINT)
+_MODES = {'flatten': _FLATTEN, 'softmax': _SOFTMAX}  # variant name prefix: attention
+# size: descriptions of its FLatten and softmax variants (parameter counts at 1000 classes)
+_DESCRIPTIONS = {
+    'tiny': ('FLatten-PVT-T (12.2M): global focused linear attention in every block (paper Table 8).',
+             'PVT-T baseline (13.2M): spatial-reduction softmax attention, class token (PVT v1 paper).'),
+    'small': ('FLatten-PVT-S (21.7M).', 'PVT-S baseline (24.5M).'),
+    'medium': ('FLatten-PVT-M (37.2M).', 'PVT-M baseline (44.2M).'),
+    'large': ('FLatten-PVT-L (50.6M); its official config file is ``flatten_pvt_b.yaml``.', 'PVT-L baseline (61.4M).'),
+}
+# flatten_pvt_tiny ... softmax_pvt_large
+register_variants(PyramidVisionTransformer, {
+    f'{mode}_pvt_{size}': ({**_MODES[mode], 'depths': PVT_DEPTHS[size]}, doc)
+    for size, docs in _DESCRIPTIONS.items() for mode, doc in zip(_MODES, docs, strict=True)})
 
 
 def flatten_cfg_kwargs(cfg) -> dict:
-    """The MODEL.LA keys of the FLatten builders (the softmax baselines ignore MODEL.LA)."""
-    la = cfg.MODEL.LA
-    return dict(attn_type=la.ATTN_TYPE, focusing_factor=la.FOCUSING_FACTOR, kernel_size=la.KERNEL_SIZE,
-                la_sr_ratios=la.PVT_LA_SR_RATIOS)
-
-
-def _size_of(model_type: str) -> str:
-    return model_type.rsplit('_', 1)[-1]
+    """The MODEL.LA keys of the FLatten PVT v1/v2 builders: those of every FLatten builder plus the
+    L-block reduction MODEL.LA.PVT_LA_SR_RATIOS (the softmax baselines ignore MODEL.LA)."""
+    return dict(**la_cfg_kwargs(cfg), la_sr_ratios=cfg.MODEL.LA.PVT_LA_SR_RATIOS)
 
 
 def _no_linear_mode(cfg) -> None:
@@ -310,18 +320,20 @@ def _no_linear_mode(cfg) -> None:
         raise ValueError(f'MODEL.LA.PVT_LINEAR is a PVTv2 mode; MODEL.TYPE {cfg.MODEL.TYPE!r} is PVT v1')
 
 
-@register_model_type(*(f'flatten_pvt_{size}' for size in PVT_DEPTHS))
-def build_flatten_pvt(cfg) -> PyramidVisionTransformer:
+def build_flatten_pvt(cfg, depths: Tuple[int, ...]) -> PyramidVisionTransformer:
     """MODEL.TYPE 'flatten_pvt_{tiny,small,medium,large}': stage letters from MODEL.LA.ATTN_TYPE, L-block
     reduction from MODEL.LA.PVT_LA_SR_RATIOS, S blocks with the PVT ratios 8-4-2-1."""
     _no_linear_mode(cfg)
-    return PyramidVisionTransformer(
-        depths=PVT_DEPTHS[_size_of(cfg.MODEL.TYPE)], **common_cfg_kwargs(cfg), **flatten_cfg_kwargs(cfg))
+    return PyramidVisionTransformer(depths=depths, **common_cfg_kwargs(cfg), **flatten_cfg_kwargs(cfg))
 
 
-@register_model_type(*(f'pvt_{size}' for size in PVT_DEPTHS))
-def build_pvt(cfg) -> PyramidVisionTransformer:
+def build_pvt(cfg, depths: Tuple[int, ...]) -> PyramidVisionTransformer:
     """MODEL.TYPE 'pvt_{tiny,small,medium,large}': the PVT v1 softmax baseline. MODEL.LA is ignored (an
     original PVT config has none), except that the PVTv2-only MODEL.LA.PVT_LINEAR is refused."""
     _no_linear_mode(cfg)
-    return PyramidVisionTransformer(depths=PVT_DEPTHS[_size_of(cfg.MODEL.TYPE)], **common_cfg_kwargs(cfg), **_SOFTMAX)
+    return PyramidVisionTransformer(depths=depths, **common_cfg_kwargs(cfg), **_SOFTMAX)
+
+
+# the size in the type name fixes the depths
+register_model_types(build_flatten_pvt, {f'flatten_pvt_{size}': dict(depths=d) for size, d in PVT_DEPTHS.items()})
+register_model_types(build_pvt, {f'pvt_{size}': dict(depths=d) for size, d in PVT_DEPTHS.items()})

@@ -10,10 +10,11 @@ every stage and average pooling. State-dict names, shapes and order are those of
 (``tests/assets/official_state_dicts/flatten_pvt_v2_*.txt``).
 
 ``linear=True`` is PVTv2's "linear" mode in every block: keys/values from a 7×7 average pool of
-the map (see :mod:`models.attention.pvt`) and a ReLU after ``fc1``. Unlike the official builders,
-``img_size`` and ``num_classes`` are honoured: the FLA ``positional_encoding`` is sized from the
-stage maps of ``img_size``, and a stage map that the spatial-reduction ratio of its focused-linear
-blocks does not divide raises a ValueError naming the sizes.
+the map (the key/value reduction of :mod:`models.attention.base`) and a ReLU after ``fc1``.
+Unlike the official builders, ``img_size`` and ``num_classes`` are honoured: the FLA
+``positional_encoding`` is sized from the stage maps of ``img_size``, and a stage map that the
+spatial-reduction ratio of its focused-linear blocks does not divide raises a ValueError naming
+the sizes.
 """
 from __future__ import annotations
 
@@ -25,10 +26,9 @@ import torch
 import torch.nn as nn
 from timm.layers import to_2tuple
 
-from .attention import AttentionOptions, block_kinds
-from .layers import Backbone, Block, run_blocks
-from .pvt import PVT_LETTER_KINDS, check_stage_geometry, common_cfg_kwargs, flatten_cfg_kwargs, parse_sr_ratios
-from .registry import register_model, register_model_type, variant_kwargs
+from .layers import Backbone, run_blocks
+from .pvt import PyramidBackbone, StagePlan, flatten_cfg_kwargs
+from .registry import common_cfg_kwargs, register_model_types, register_variants
 
 __all__ = ['PyramidVisionTransformerV2']
 
@@ -92,7 +92,7 @@ class DepthwiseConvMlp(nn.Module):
         return self.drop(self.fc2(x))
 
 
-class PyramidVisionTransformerV2(Backbone):
+class PyramidVisionTransformerV2(PyramidBackbone):
     """PVTv2 whose blocks use focused linear (L) or spatial-reduction softmax (S) attention.
 
     Args:
@@ -103,6 +103,7 @@ class PyramidVisionTransformerV2(Backbone):
         la_sr_ratios: key/value reduction ratio of the L blocks per stage ('1111' officially);
             see :func:`models.pvt.parse_sr_ratios`.
         attn_type: one letter per stage (``L``/``S``/``M``) plus the ``M`` block count.
+        linear_kind: the attention kind of the L blocks (``MODEL.LA.LINEAR_KIND``).
         linear: PVTv2 linear mode in every block (7×7-pooled keys/values, ReLU in the MLP).
         norm_layer: norm of the blocks and of the per-stage ``norm{i}`` (official: LayerNorm eps
             1e-6); the patch-embedding norms are LayerNorm eps 1e-5 as officially.
@@ -129,53 +130,40 @@ class PyramidVisionTransformerV2(Backbone):
             sr_ratios: Sequence[int] = (8, 4, 2, 1),
             la_sr_ratios: Union[str, int, Sequence[int]] = '1111',
             attn_type: str = 'LLLL',
+            linear_kind: str = 'focused_linear',
             linear: bool = False,
             focusing_factor: int = 3,
             kernel_size: int = 5,
             use_checkpoint: bool = False,
     ):
         super().__init__()
-        num_stages = len(depths)
-        if not (len(embed_dims) == len(num_heads) == len(mlp_ratios) == len(sr_ratios) == num_stages):
-            raise ValueError(
-                f'PVTv2: embed_dims {list(embed_dims)}, num_heads {list(num_heads)}, mlp_ratios {list(mlp_ratios)}, '
-                f'sr_ratios {list(sr_ratios)} and depths {list(depths)} must have one entry per stage')
+        stages = StagePlan(
+            'PVTv2', depths=depths, embed_dims=embed_dims, num_heads=num_heads, mlp_ratios=mlp_ratios,
+            sr_ratios=sr_ratios, la_sr_ratios=la_sr_ratios, attn_type=attn_type, linear_kind=linear_kind,
+            qkv_bias=qkv_bias, qk_scale=qk_scale, drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate, norm_layer=norm_layer, focusing_factor=focusing_factor,
+            kernel_size=kernel_size, linear=linear)
         self.img_size = to_2tuple(img_size)
         self.num_classes = num_classes
         self.num_features = embed_dims[-1]
         self.attn_type = attn_type
         self.linear = linear
-        la_sr = parse_sr_ratios(la_sr_ratios, num_stages)
-        kinds = block_kinds(attn_type, depths, PVT_LETTER_KINDS)
 
-        dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         size = self.img_size
         self.grids: List[Tuple[int, int]] = []
-        for i in range(num_stages):
+        for i in range(stages.num_stages):
             patch_embed = OverlapPatchEmbed(
                 kernel_size=7 if i == 0 else 3, stride=4 if i == 0 else 2,
                 in_chans=in_chans if i == 0 else embed_dims[i - 1], embed_dim=embed_dims[i])
             size = patch_embed.output_size(size)
             self.grids.append(size)
-            check_stage_geometry('PVTv2', self.img_size, i, size, kinds[i], la_sr[i], linear)
-            first = sum(depths[:i])
+            stages.check_geometry(self.img_size, i, size)
             setattr(self, f'patch_embed{i + 1}', patch_embed)
-            setattr(self, f'block{i + 1}', nn.ModuleList([
-                Block(dim=embed_dims[i], num_heads=num_heads[i], grid_size=size, mlp_ratio=mlp_ratios[i],
-                      qkv_bias=qkv_bias, drop=drop_rate, attn_drop=attn_drop_rate, drop_path=dpr[first + j],
-                      norm_layer=norm_layer, attn_kind=kind, attn_options=AttentionOptions(
-                          focusing_factor=focusing_factor, kernel_size=kernel_size, qk_scale=qk_scale,
-                          sr_ratio=la_sr[i] if kind == PVT_LETTER_KINDS['L'] else sr_ratios[i], linear=linear),
-                      mlp_layer=partial(DepthwiseConvMlp, grid_size=size, drop=drop_rate, linear=linear))
-                for j, kind in enumerate(kinds[i])]))
+            setattr(self, f'block{i + 1}', stages.blocks(
+                i, size, mlp_layer=partial(DepthwiseConvMlp, grid_size=size, drop=drop_rate, linear=linear)))
             setattr(self, f'norm{i + 1}', norm_layer(embed_dims[i]))
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-        self.set_grad_checkpointing(use_checkpoint)
-
-    @property
-    def num_stages(self) -> int:
-        return len(self.grids)
+        self.head = self._make_head()
+        self._finish_init(use_checkpoint)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
@@ -205,18 +193,10 @@ class PyramidVisionTransformerV2(Backbone):
                 x = x.transpose(1, 2).reshape(B, -1, *self.grids[i])
         return x
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=1)
-        return x if pre_logits else self.head(x)
-
 
 # ---------------------------------------------------------------------------------------------
 # Variants (timm-style entry points) and the MODEL.TYPE builders
 # ---------------------------------------------------------------------------------------------
-
-def _create(pretrained: bool, arch: dict, **kwargs) -> PyramidVisionTransformerV2:
-    return PyramidVisionTransformerV2(**{**arch, **variant_kwargs(pretrained, kwargs)})
-
 
 _WIDE = dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8))
 # docs/numerics.md, "PVT v2 backbone"; B5 exists in the code only (no config, not in the paper)
@@ -231,95 +211,36 @@ PVT_V2_ARCHS = {
 _FLATTEN = dict(attn_type='LLLL', la_sr_ratios='1111')
 _SOFTMAX = dict(attn_type='SSSS', sr_ratios=(8, 4, 2, 1))
 
-
-@register_model
-def flatten_pvt_v2_b0(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
-    """FLatten-PVTv2-B0 (3.6M): global focused linear attention in every block (paper Table 8)."""
-    return _create(pretrained, dict(**PVT_V2_ARCHS['b0'], **_FLATTEN), **kwargs)
-
-
-@register_model
-def flatten_pvt_v2_b1(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
-    """FLatten-PVTv2-B1 (12.9M)."""
-    return _create(pretrained, dict(**PVT_V2_ARCHS['b1'], **_FLATTEN), **kwargs)
-
-
-@register_model
-def flatten_pvt_v2_b2(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
-    """FLatten-PVTv2-B2 (22.5M; the paper prints 22.6)."""
-    return _create(pretrained, dict(**PVT_V2_ARCHS['b2'], **_FLATTEN), **kwargs)
+_MODES = {'flatten': _FLATTEN, 'softmax': _SOFTMAX}  # variant name prefix: attention
+# size: descriptions of its FLatten and softmax variants (parameter counts at 1000 classes)
+_DESCRIPTIONS = {
+    'b0': ('FLatten-PVTv2-B0 (3.6M): global focused linear attention in every block (paper Table 8).',
+           'PVTv2-B0 baseline (3.7M; Table 8 prints 3.4M): spatial-reduction softmax attention.'),
+    'b1': ('FLatten-PVTv2-B1 (12.9M).', 'PVTv2-B1 baseline (14.0M; Table 8 prints 13.1M).'),
+    'b2': ('FLatten-PVTv2-B2 (22.5M; the paper prints 22.6).', 'PVTv2-B2 baseline (25.4M).'),
+    'b3': ('FLatten-PVTv2-B3 (38.3M).', 'PVTv2-B3 baseline (45.2M).'),
+    'b4': ('FLatten-PVTv2-B4 (51.8M).', 'PVTv2-B4 baseline (62.6M).'),
+    'b5': ('FLatten-PVTv2-B5: in the official code, without config or reported result.', 'PVTv2-B5 baseline (82.0M).'),
+}
+# flatten_pvt_v2_b0 ... softmax_pvt_v2_b5
+register_variants(PyramidVisionTransformerV2, {
+    f'{mode}_pvt_v2_{size}': ({**PVT_V2_ARCHS[size], **_MODES[mode]}, doc)
+    for size, docs in _DESCRIPTIONS.items() for mode, doc in zip(_MODES, docs, strict=True)})
 
 
-@register_model
-def flatten_pvt_v2_b3(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
-    """FLatten-PVTv2-B3 (38.3M)."""
-    return _create(pretrained, dict(**PVT_V2_ARCHS['b3'], **_FLATTEN), **kwargs)
-
-
-@register_model
-def flatten_pvt_v2_b4(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
-    """FLatten-PVTv2-B4 (51.8M)."""
-    return _create(pretrained, dict(**PVT_V2_ARCHS['b4'], **_FLATTEN), **kwargs)
-
-
-@register_model
-def flatten_pvt_v2_b5(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
-    """FLatten-PVTv2-B5: in the official code, without config or reported result."""
-    return _create(pretrained, dict(**PVT_V2_ARCHS['b5'], **_FLATTEN), **kwargs)
-
-
-@register_model
-def softmax_pvt_v2_b0(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
-    """PVTv2-B0 baseline (3.7M; Table 8 prints 3.4M): spatial-reduction softmax attention."""
-    return _create(pretrained, dict(**PVT_V2_ARCHS['b0'], **_SOFTMAX), **kwargs)
-
-
-@register_model
-def softmax_pvt_v2_b1(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
-    """PVTv2-B1 baseline (14.0M; Table 8 prints 13.1M)."""
-    return _create(pretrained, dict(**PVT_V2_ARCHS['b1'], **_SOFTMAX), **kwargs)
-
-
-@register_model
-def softmax_pvt_v2_b2(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
-    """PVTv2-B2 baseline (25.4M)."""
-    return _create(pretrained, dict(**PVT_V2_ARCHS['b2'], **_SOFTMAX), **kwargs)
-
-
-@register_model
-def softmax_pvt_v2_b3(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
-    """PVTv2-B3 baseline (45.2M)."""
-    return _create(pretrained, dict(**PVT_V2_ARCHS['b3'], **_SOFTMAX), **kwargs)
-
-
-@register_model
-def softmax_pvt_v2_b4(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
-    """PVTv2-B4 baseline (62.6M)."""
-    return _create(pretrained, dict(**PVT_V2_ARCHS['b4'], **_SOFTMAX), **kwargs)
-
-
-@register_model
-def softmax_pvt_v2_b5(pretrained: bool = False, **kwargs) -> PyramidVisionTransformerV2:
-    """PVTv2-B5 baseline (82.0M)."""
-    return _create(pretrained, dict(**PVT_V2_ARCHS['b5'], **_SOFTMAX), **kwargs)
-
-
-def _arch_of(model_type: str) -> dict:
-    return PVT_V2_ARCHS[model_type.rsplit('_', 1)[-1]]
-
-
-@register_model_type(*(f'flatten_pvt_v2_{size}' for size in PVT_V2_ARCHS))
-def build_flatten_pvt_v2(cfg) -> PyramidVisionTransformerV2:
+def build_flatten_pvt_v2(cfg, arch: dict) -> PyramidVisionTransformerV2:
     """MODEL.TYPE 'flatten_pvt_v2_b{0..5}': stage letters from MODEL.LA.ATTN_TYPE, L-block reduction
     from MODEL.LA.PVT_LA_SR_RATIOS, linear mode from MODEL.LA.PVT_LINEAR (every block, as officially)."""
     return PyramidVisionTransformerV2(
-        **_arch_of(cfg.MODEL.TYPE), **common_cfg_kwargs(cfg), **flatten_cfg_kwargs(cfg),
-        linear=cfg.MODEL.LA.PVT_LINEAR)
+        **arch, **common_cfg_kwargs(cfg), **flatten_cfg_kwargs(cfg), linear=cfg.MODEL.LA.PVT_LINEAR)
 
 
-@register_model_type(*(f'pvt_v2_{size}' for size in PVT_V2_ARCHS))
-def build_pvt_v2(cfg) -> PyramidVisionTransformerV2:
+def build_pvt_v2(cfg, arch: dict) -> PyramidVisionTransformerV2:
     """MODEL.TYPE 'pvt_v2_b{0..5}': the PVTv2 softmax baseline. Of MODEL.LA only PVT_LINEAR is read
     (the original PVTv2 "-Li" models, e.g. PVTv2-B2-Li); the attention letters and FLA keys are ignored."""
-    return PyramidVisionTransformerV2(
-        **_arch_of(cfg.MODEL.TYPE), **common_cfg_kwargs(cfg), **_SOFTMAX, linear=cfg.MODEL.LA.PVT_LINEAR)
+    return PyramidVisionTransformerV2(**arch, **common_cfg_kwargs(cfg), **_SOFTMAX, linear=cfg.MODEL.LA.PVT_LINEAR)
+
+
+# the size in the type name fixes the architecture
+register_model_types(build_flatten_pvt_v2, {f'flatten_pvt_v2_{size}': dict(arch=a) for size, a in PVT_V2_ARCHS.items()})
+register_model_types(build_pvt_v2, {f'pvt_v2_{size}': dict(arch=a) for size, a in PVT_V2_ARCHS.items()})

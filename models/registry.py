@@ -2,21 +2,29 @@
 
 * A **variant** is a tiny function ``name(pretrained=False, **kwargs) -> nn.Module`` that fixes an
   architecture (``flatten_swin_tiny_patch4_224``). :func:`register_model` records it here and in
-  timm's registry, so ``timm.create_model(name)`` works after ``import models``.
+  timm's registry, so ``timm.create_model(name)`` works after ``import models``. A backbone declares
+  its variants as a table (name -> architecture and description) that :func:`register_variants`
+  turns into such functions.
 * A **model type** is what ``MODEL.TYPE`` names in a config (``flatten_swin``, ``swin``, ...): a
   function ``(cfg) -> nn.Module`` that reads the architecture keys of the config.
+  :func:`register_model_types` registers one builder under several names, each with its own fixed
+  arguments; :func:`common_cfg_kwargs` and :func:`la_cfg_kwargs` read the config keys that every
+  builder (or every FLatten builder) passes on.
 """
 from __future__ import annotations
 
 import difflib
-from typing import Callable, Dict, List
+import functools
+import sys
+from typing import Any, Callable, Dict, List, Mapping, Tuple, Type
 
 import torch.nn as nn
 from timm.models import register_model as timm_register_model
 
 __all__ = [
-    'UnknownModelError', 'register_model', 'list_models', 'create_model',
-    'register_model_type', 'list_model_types', 'get_model_type', 'variant_kwargs',
+    'UnknownModelError', 'register_model', 'register_variants', 'list_models', 'create_model',
+    'register_model_type', 'register_model_types', 'list_model_types', 'get_model_type', 'variant_kwargs',
+    'common_cfg_kwargs', 'la_cfg_kwargs',
 ]
 
 # Arguments timm.create_model passes to every entry point; they describe hub weights, which this
@@ -50,6 +58,34 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return timm_register_model(fn)
 
 
+def _entry_point(cls: Type[nn.Module], name: str, arch: Dict[str, Any], doc: str) -> Callable[..., nn.Module]:
+    """``name(pretrained=False, **kwargs) -> cls(**arch, **kwargs)``, named and documented as if it had
+    been written with ``def name`` in the module of `cls`."""
+    def entry_point(pretrained: bool = False, **kwargs) -> nn.Module:
+        return cls(**{**arch, **variant_kwargs(pretrained, kwargs)})
+
+    entry_point.__name__ = entry_point.__qualname__ = name
+    entry_point.__module__ = cls.__module__
+    entry_point.__doc__ = doc
+    entry_point.__annotations__ = {'pretrained': bool, 'return': cls}
+    return entry_point
+
+
+def register_variants(cls: Type[nn.Module], table: Mapping[str, Tuple[Mapping[str, Any], str]]) -> None:
+    """Register one variant per row ``name: (architecture kwargs, one-line description)`` of `table`.
+
+    Each variant is an entry point ``name(pretrained=False, **kwargs)`` that builds
+    ``cls(**architecture, **kwargs)`` (so `kwargs` override the architecture). It is a module-level
+    attribute of ``cls.__module__`` with ``__name__``/``__qualname__`` `name` and the description as
+    docstring, and :func:`register_model` records it here and in timm.
+    """
+    module = sys.modules[cls.__module__]
+    for name, (arch, doc) in table.items():
+        fn = _entry_point(cls, name, dict(arch), doc)
+        setattr(module, name, fn)
+        register_model(fn)
+
+
 def variant_kwargs(pretrained: bool, kwargs: dict) -> dict:
     """Constructor overrides of a variant entry point, minus timm's factory arguments."""
     if pretrained:
@@ -78,6 +114,30 @@ def register_model_type(*names: str) -> Callable:
             _MODEL_TYPES[name] = fn
         return fn
     return wrap
+
+
+def register_model_types(builder: Callable[..., nn.Module], table: Mapping[str, Mapping[str, Any]]) -> None:
+    """Register ``cfg -> builder(cfg, **fixed)`` for each row ``MODEL.TYPE name: fixed kwargs`` of `table`
+    (the fixed kwargs are what the type name decides, e.g. the depths of a size)."""
+    for name, fixed in table.items():
+        register_model_type(name)(functools.update_wrapper(functools.partial(builder, **fixed), builder))
+
+
+def common_cfg_kwargs(cfg) -> Dict[str, Any]:
+    """Constructor arguments every MODEL.TYPE builder reads from the config: image size, classes,
+    dropout and stochastic-depth rates, gradient checkpointing."""
+    return dict(
+        img_size=cfg.DATA.IMG_SIZE, num_classes=cfg.MODEL.NUM_CLASSES, drop_rate=cfg.MODEL.DROP_RATE,
+        drop_path_rate=cfg.MODEL.DROP_PATH_RATE, use_checkpoint=cfg.TRAIN.USE_CHECKPOINT)
+
+
+def la_cfg_kwargs(cfg) -> Dict[str, Any]:
+    """The MODEL.LA keys every FLatten builder passes on: the block letters (ATTN_TYPE), the attention
+    kind of the L blocks (LINEAR_KIND), the focusing power and the DWC kernel. The softmax baselines
+    ignore MODEL.LA."""
+    la = cfg.MODEL.LA
+    return dict(attn_type=la.ATTN_TYPE, linear_kind=la.LINEAR_KIND, focusing_factor=la.FOCUSING_FACTOR,
+                kernel_size=la.KERNEL_SIZE)
 
 
 def list_model_types() -> List[str]:

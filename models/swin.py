@@ -22,22 +22,15 @@ import torch
 import torch.nn as nn
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 
-from .attention import LINEAR_KINDS, AttentionOptions, block_kinds, create_attention
+from .attention import AttentionOptions, block_kinds, create_attention, letter_kinds
 from .grid import GridSpec
 from .layers import Backbone, run_blocks
-from .registry import register_model, register_model_type, variant_kwargs
+from .registry import common_cfg_kwargs, la_cfg_kwargs, register_model_type, register_variants
 
 __all__ = ['FLattenSwinTransformer', 'window_partition', 'window_reverse', 'shifted_window_mask']
 
-# Stage letters of MODEL.LA.ATTN_TYPE understood by Swin, and the attention kind each one builds.
-SWIN_LETTER_KINDS = {'L': 'focused_linear', 'S': 'window_softmax'}
-
-
-def swin_letter_kinds(linear_kind: str) -> dict:
-    """The letter map with ``L`` set to `linear_kind` (``MODEL.LA.LINEAR_KIND``, the ablation zoo)."""
-    if linear_kind not in LINEAR_KINDS:
-        raise ValueError(f'MODEL.LA.LINEAR_KIND={linear_kind!r} is not one of {list(LINEAR_KINDS)}')
-    return dict(SWIN_LETTER_KINDS, L=linear_kind)
+# Swin's S stages: softmax with the relative position bias of the window.
+SWIN_SOFTMAX_KIND = 'window_softmax'
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -262,7 +255,7 @@ class FLattenSwinTransformer(Backbone):
             trunc_normal_(self.absolute_pos_embed, std=.02)
         self.pos_drop = nn.Dropout(p=drop_rate)
 
-        kinds = block_kinds(attn_type, depths, swin_letter_kinds(linear_kind))
+        kinds = block_kinds(attn_type, depths, letter_kinds(linear_kind, SWIN_SOFTMAX_KIND))
         options = AttentionOptions(focusing_factor=focusing_factor, kernel_size=kernel_size, qk_scale=qk_scale)
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.layers = nn.ModuleList()
@@ -273,16 +266,15 @@ class FLattenSwinTransformer(Backbone):
                 raise ValueError(
                     f'Swin: stage {i} map {resolution[0]}x{resolution[1]} cannot be patch-merged (odd size); '
                     f'DATA.IMG_SIZE must be divisible by PATCH_SIZE·2^{self.num_layers - 1}')
-            windows = [softmax_window_size if kind == SWIN_LETTER_KINDS['S'] else window_size for kind in kinds[i]]
+            windows = [softmax_window_size if kind == SWIN_SOFTMAX_KIND else window_size for kind in kinds[i]]
             self.layers.append(BasicLayer(
                 dim=embed_dim * 2 ** i, input_resolution=resolution, num_heads=num_heads[i], attn_kinds=kinds[i],
                 window_sizes=windows, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
                 attn_drop=attn_drop_rate, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
                 norm_layer=norm_layer, downsample=not last, attn_options=options))
         self.norm = norm_layer(self.num_features)
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-        self.set_grad_checkpointing(use_checkpoint)
+        self.head = self._make_head()
+        self._finish_init(use_checkpoint)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -311,93 +303,52 @@ class FLattenSwinTransformer(Backbone):
             x = layer(x)
         return self.norm(x)
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=1)
-        return x if pre_logits else self.head(x)
-
 
 # ---------------------------------------------------------------------------------------------
 # Variants (timm-style entry points) and the MODEL.TYPE builders
 # ---------------------------------------------------------------------------------------------
 
-def _create(pretrained: bool, arch: dict, **kwargs) -> FLattenSwinTransformer:
-    return FLattenSwinTransformer(**{**arch, **variant_kwargs(pretrained, kwargs)})
-
-
 _FLATTEN = dict(attn_type='LLSS', window_size=56)
-_SOFTMAX = dict(attn_type='SSSS', window_size=7)
+_SOFTMAX = dict(attn_type='SSSS', window_size=7, softmax_window_size=7)
 _TINY = dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24))
 _SMALL = dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24))
 _BASE = dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32))
 
-
-@register_model
-def flatten_swin_tiny_patch4_224(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
-    """FLatten-Swin-T (29.2M): global focused linear attention in stages 1–2 (paper Table 8)."""
-    return _create(pretrained, dict(**_TINY, **_FLATTEN), **kwargs)
-
-
-@register_model
-def flatten_swin_small_patch4_224(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
-    """FLatten-Swin-S (50.5M)."""
-    return _create(pretrained, dict(**_SMALL, **_FLATTEN), **kwargs)
-
-
-@register_model
-def flatten_swin_base_patch4_224(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
-    """FLatten-Swin-B (89.0M)."""
-    return _create(pretrained, dict(**_BASE, **_FLATTEN), **kwargs)
-
-
-@register_model
-def flatten_swin_base_patch4_384(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
-    """FLatten-Swin-B at 384² (91.4M): L window 96 (global), S window 12."""
-    return _create(pretrained, dict(**_BASE, attn_type='LLSS', window_size=96, img_size=384), **kwargs)
-
-
-@register_model
-def softmax_swin_tiny_patch4_window7_224(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
-    """Swin-T baseline (28.3M): window-7 softmax attention everywhere, Swin v1 layout."""
-    return _create(pretrained, dict(**_TINY, **_SOFTMAX, softmax_window_size=7), **kwargs)
-
-
-@register_model
-def softmax_swin_small_patch4_window7_224(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
-    """Swin-S baseline (49.6M)."""
-    return _create(pretrained, dict(**_SMALL, **_SOFTMAX, softmax_window_size=7), **kwargs)
-
-
-@register_model
-def softmax_swin_base_patch4_window7_224(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
-    """Swin-B baseline (87.8M)."""
-    return _create(pretrained, dict(**_BASE, **_SOFTMAX, softmax_window_size=7), **kwargs)
-
-
-@register_model
-def softmax_swin_base_patch4_window12_384(pretrained: bool = False, **kwargs) -> FLattenSwinTransformer:
-    """Swin-B baseline at 384² (87.9M): window-12 softmax attention everywhere."""
-    return _create(pretrained, dict(**_BASE, attn_type='SSSS', window_size=12, softmax_window_size=12, img_size=384),
-                   **kwargs)
+# name: (architecture, description with the parameter count at 1000 classes)
+register_variants(FLattenSwinTransformer, {
+    'flatten_swin_tiny_patch4_224': (
+        {**_TINY, **_FLATTEN},
+        'FLatten-Swin-T (29.2M): global focused linear attention in stages 1–2 (paper Table 8).'),
+    'flatten_swin_small_patch4_224': ({**_SMALL, **_FLATTEN}, 'FLatten-Swin-S (50.5M).'),
+    'flatten_swin_base_patch4_224': ({**_BASE, **_FLATTEN}, 'FLatten-Swin-B (89.0M).'),
+    'flatten_swin_base_patch4_384': (
+        {**_BASE, **_FLATTEN, 'window_size': 96, 'img_size': 384},
+        'FLatten-Swin-B at 384² (91.4M): L window 96 (global), S window 12.'),
+    'softmax_swin_tiny_patch4_window7_224': (
+        {**_TINY, **_SOFTMAX}, 'Swin-T baseline (28.3M): window-7 softmax attention everywhere, Swin v1 layout.'),
+    'softmax_swin_small_patch4_window7_224': ({**_SMALL, **_SOFTMAX}, 'Swin-S baseline (49.6M).'),
+    'softmax_swin_base_patch4_window7_224': ({**_BASE, **_SOFTMAX}, 'Swin-B baseline (87.8M).'),
+    'softmax_swin_base_patch4_window12_384': (
+        {**_BASE, **_SOFTMAX, 'window_size': 12, 'softmax_window_size': 12, 'img_size': 384},
+        'Swin-B baseline at 384² (87.9M): window-12 softmax attention everywhere.'),
+})
 
 
 def _swin_kwargs(cfg) -> dict:
+    """The MODEL.SWIN architecture keys (and the keys every builder reads) of both Swin types."""
     swin = cfg.MODEL.SWIN
     return dict(
-        img_size=cfg.DATA.IMG_SIZE, patch_size=swin.PATCH_SIZE, in_chans=swin.IN_CHANS,
-        num_classes=cfg.MODEL.NUM_CLASSES, embed_dim=swin.EMBED_DIM, depths=tuple(swin.DEPTHS),
-        num_heads=tuple(swin.NUM_HEADS), window_size=swin.WINDOW_SIZE, mlp_ratio=swin.MLP_RATIO,
-        qkv_bias=swin.QKV_BIAS, qk_scale=swin.QK_SCALE, drop_rate=cfg.MODEL.DROP_RATE,
-        drop_path_rate=cfg.MODEL.DROP_PATH_RATE, ape=swin.APE, patch_norm=swin.PATCH_NORM,
-        focusing_factor=cfg.MODEL.LA.FOCUSING_FACTOR, kernel_size=cfg.MODEL.LA.KERNEL_SIZE,
-        use_checkpoint=cfg.TRAIN.USE_CHECKPOINT)
+        **common_cfg_kwargs(cfg), patch_size=swin.PATCH_SIZE, in_chans=swin.IN_CHANS, embed_dim=swin.EMBED_DIM,
+        depths=tuple(swin.DEPTHS), num_heads=tuple(swin.NUM_HEADS), window_size=swin.WINDOW_SIZE,
+        mlp_ratio=swin.MLP_RATIO, qkv_bias=swin.QKV_BIAS, qk_scale=swin.QK_SCALE, ape=swin.APE,
+        patch_norm=swin.PATCH_NORM)
 
 
 @register_model_type('flatten_swin')
 def build_flatten_swin(cfg) -> FLattenSwinTransformer:
     """MODEL.TYPE 'flatten_swin': stages from MODEL.LA.ATTN_TYPE, L window MODEL.SWIN.WINDOW_SIZE."""
     return FLattenSwinTransformer(
-        **_swin_kwargs(cfg), attn_type=cfg.MODEL.LA.ATTN_TYPE, linear_kind=cfg.MODEL.LA.LINEAR_KIND,
-        softmax_window_size=cfg.MODEL.SWIN.SOFTMAX_WINDOW_SIZE or None)
+        **_swin_kwargs(cfg), **la_cfg_kwargs(cfg), softmax_window_size=cfg.MODEL.SWIN.SOFTMAX_WINDOW_SIZE or None)
 
 
 @register_model_type('swin')

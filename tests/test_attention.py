@@ -122,7 +122,7 @@ def test_outputs_finite_under_autocast(kind, dtype, magnitude):
 def test_gradients_reach_every_parameter(kind):
     module = randomize(create_attention(kind, 16, 2, grid_size=(4, 5)))
     # token kinds take (B, N, C); qkv kinds (CSwin) take the block's stacked projections (3, B, N, C)
-    shape = (3, 2, 20, 16) if getattr(module, 'input_is_qkv', False) else (2, 20, 16)
+    shape = (3, 2, 20, 16) if module.projections == 'block' else (2, 20, 16)
     module(torch.randn(shape)).square().mean().backward()
     for name, param in module.named_parameters():
         assert param.grad is not None and param.grad.abs().sum() > 0, name
@@ -188,16 +188,16 @@ def test_unknown_attention_kind_lists_known():
 
 
 def _kind_input(module, shape):
-    return torch.randn((3,) + shape if getattr(module, 'input_is_qkv', False) else shape, dtype=torch.float64)
+    return torch.randn((3,) + shape if module.projections == 'block' else shape, dtype=torch.float64)
 
 
 @pytest.mark.parametrize('kind, options, grid', [
     ('focused_linear', AttentionOptions(), (7, 7)),
     ('focused_linear', AttentionOptions(), (4, 6)),
-    ('pvt_focused_linear', AttentionOptions(sr_ratio=2), (8, 8)),
-    ('pvt_focused_linear', AttentionOptions(linear=True), (14, 14)),
-    ('cswin_focused_linear', AttentionOptions(), (6, 6)),
-    ('cswin_focused_linear', AttentionOptions(window=(6, 2)), (6, 6)),
+    ('focused_linear', AttentionOptions(projections='q_kv', sr_ratio=2), (8, 8)),
+    ('focused_linear', AttentionOptions(projections='q_kv', linear=True), (14, 14)),
+    ('focused_linear', AttentionOptions(projections='block', lepe=True), (6, 6)),
+    ('focused_linear', AttentionOptions(projections='block', lepe=True, window=(6, 2)), (6, 6)),
 ])
 @pytest.mark.parametrize('chunk', [1 << 18, 40])
 def test_fused_path_equals_the_reference_in_float64(kind, options, grid, chunk, monkeypatch):

@@ -8,15 +8,24 @@ from conftest import ASSETS, REPO, load_golden, randomize, read_inventory
 
 import models
 from config import config_to_yaml, load_config
-from models.attention import AttentionOptions, create_attention, dwc_matrix
-from models.attention.cswin import (
-    CSwinFocusedLinearAttention,
-    LePEAttention,
+from models.attention import (
+    Attention,
+    AttentionOptions,
+    FocusedLinearAttention,
+    SoftmaxAttention,
+    create_attention,
+    dwc_matrix,
     resolve_window,
     stripe_partition,
     stripe_reverse,
 )
 from models.cswin import CSWinTransformer, branch_windows, parse_split_sizes, stage_resolutions
+
+
+def cswin_attention(kind: str, dim: int, heads: int, grid_size, window=None, **kw):
+    """An attention kind with CSwin's layout (the block's stacked projections, stripe `window`, LePE)."""
+    options = AttentionOptions(projections='block', lepe=True, window=window, **kw)
+    return create_attention(kind, dim, heads, grid_size, options=options)
 
 # (inventory = config stem, registered variant, parameter count from docs/numerics.md, "Parameter counts")
 OFFICIAL = [
@@ -116,10 +125,9 @@ def test_matches_official_module_golden():
     golden = load_golden('module_cswin_fla_global')
     kw = golden['kwargs']
     assert (kw['idx'], kw['split_size']) == (-1, kw['resolution'])  # the whole map is one window
-    module = create_attention(
-        'cswin_focused_linear', kw['dim'], kw['num_heads'], grid_size=(kw['resolution'], kw['resolution']),
-        options=AttentionOptions(focusing_factor=kw['focusing_factor'], kernel_size=kw['kernel_size']))
-    assert module.input_is_qkv
+    module = cswin_attention('focused_linear', kw['dim'], kw['num_heads'], (kw['resolution'], kw['resolution']),
+                             focusing_factor=kw['focusing_factor'], kernel_size=kw['kernel_size'])
+    assert module.projections == 'block'
     assert list(module.state_dict()) == list(golden['state_dict'])
     module.load_state_dict(golden['state_dict'], strict=True)
     with torch.no_grad():
@@ -130,10 +138,10 @@ def test_official_block_layout():
     """Stages 1–2 single-branch global FLA, stage 3 two stripe branches (idx 0 / 1), stage 4 global."""
     model = models.create_model('flatten_cswin_tiny_224')
     first, third, last = model.stage1[0], model.stage3[0], model.stage4[0]
-    assert [type(a).__name__ for a in first.attns] == ['CSwinFocusedLinearAttention']
+    assert [a.kind for a in first.attns] == ['focused_linear']
     assert (first.attns[0].window, first.attns[0].dim, first.attns[0].num_heads) == ((56, 56), 64, 2)
     assert model.stage2[3].attns[0].window == (28, 28)
-    assert [type(a).__name__ for a in third.attns] == ['LePEAttention'] * 2
+    assert [a.kind for a in third.attns] == ['softmax'] * 2
     assert [a.window for a in third.attns] == [(14, 7), (7, 14)]
     assert [(a.dim, a.num_heads) for a in third.attns] == [(128, 4), (128, 4)]
     assert (len(last.attns), last.attns[0].window) == (1, (7, 7))
@@ -168,7 +176,7 @@ def _lepe_and_dwc(v, conv, window, channel_of):
     return torch.einsum('cij,bjc->bic', m, v) + conv.bias[channel_of]
 
 
-def explicit_cswin_fla(module: CSwinFocusedLinearAttention, qkv: torch.Tensor) -> torch.Tensor:
+def explicit_cswin_fla(module: FocusedLinearAttention, qkv: torch.Tensor) -> torch.Tensor:
     """``Sim V / (Σ_j Sim + n·1e-6) + DWC(V) + LePE(V)`` with ``Sim = phi_p(Q) phi_p(K+P)ᵀ`` per head,
     computed window by window from token coordinates; DWC (shared over heads) and LePE (per channel)
     as explicit zero-padded n×n matrices on the window grid."""
@@ -193,7 +201,7 @@ def explicit_cswin_fla(module: CSwinFocusedLinearAttention, qkv: torch.Tensor) -
     return out
 
 
-def explicit_lepe_softmax(module: LePEAttention, qkv: torch.Tensor) -> torch.Tensor:
+def explicit_lepe_softmax(module: SoftmaxAttention, qkv: torch.Tensor) -> torch.Tensor:
     """``softmax(q kᵀ d^-½) v + LePE(V)`` per window and head, from token coordinates."""
     q, k, v = qkv
     C, h = q.shape[-1], module.num_heads
@@ -217,8 +225,7 @@ GEOMETRIES = [  # (grid, window): global, non-square global, vertical / horizont
 @pytest.mark.parametrize('grid, window', GEOMETRIES)
 def test_focused_attention_equals_explicit_quadratic_form(grid, window):
     dim, heads = 24, 3
-    module = randomize(create_attention(
-        'cswin_focused_linear', dim, heads, grid_size=grid, options=AttentionOptions(window=window)))
+    module = randomize(cswin_attention('focused_linear', dim, heads, grid, window))
     module = module.double().eval()
     qkv = torch.randn(3, 2, grid[0] * grid[1], dim, dtype=torch.float64)
     with torch.no_grad():
@@ -227,8 +234,7 @@ def test_focused_attention_equals_explicit_quadratic_form(grid, window):
 
 @pytest.mark.parametrize('grid, window', GEOMETRIES)
 def test_lepe_softmax_equals_explicit_form(grid, window):
-    module = randomize(create_attention(
-        'cswin_lepe_softmax', 16, 2, grid_size=grid, options=AttentionOptions(window=window)), std=0.2)
+    module = randomize(cswin_attention('softmax', 16, 2, grid, window), std=0.2)
     module = module.double().eval()
     assert [name for name, _ in module.named_parameters()] == ['get_v.weight', 'get_v.bias']
     qkv = torch.randn(3, 2, grid[0] * grid[1], 16, dtype=torch.float64)
@@ -241,8 +247,8 @@ def test_windowed_focused_attention_is_the_global_module_on_each_window(window):
     """split < resolution: every stripe is attended on its own, exactly as a global module built for
     the stripe's shape and run on that stripe alone (sums, normaliser, DWC border, positional encoding)."""
     grid, dim, heads = (8, 6), 16, 2
-    windowed = randomize(CSwinFocusedLinearAttention(dim, heads, grid, options=AttentionOptions(window=window)))
-    single = CSwinFocusedLinearAttention(dim, heads, window)
+    windowed = randomize(cswin_attention('focused_linear', dim, heads, grid, window))
+    single = cswin_attention('focused_linear', dim, heads, window)
     single.load_state_dict(windowed.state_dict(), strict=True)
     qkv = torch.randn(3, 2, grid[0] * grid[1], dim)
     members, _ = _window_tokens(grid, window)
@@ -253,18 +259,17 @@ def test_windowed_focused_attention_is_the_global_module_on_each_window(window):
 
 
 def test_windowed_focused_attention_trains():
-    module = randomize(CSwinFocusedLinearAttention(16, 2, (8, 6), options=AttentionOptions(window=(8, 2))))
+    module = randomize(cswin_attention('focused_linear', 16, 2, (8, 6), (8, 2)))
     assert module.positional_encoding.shape == (1, 16, 16)
     module(torch.randn(3, 2, 48, 16)).square().mean().backward()
     for name, param in module.named_parameters():
         assert (param.grad is not None) and (param.grad.abs().sum() > 0), name
 
 
-@pytest.mark.parametrize('kind', ['cswin_focused_linear', 'cswin_lepe_softmax'])
+@pytest.mark.parametrize('kind', ['focused_linear', 'softmax'])
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_attention_finite_under_autocast(kind, dtype):
-    module = randomize(create_attention(
-        kind, 32, 2, grid_size=(8, 8), options=AttentionOptions(window=(8, 2))), std=0.2).eval()
+    module = randomize(cswin_attention(kind, 32, 2, (8, 8), (8, 2)), std=0.2).eval()
     qkv = torch.randn(3, 2, 64, 32) * 100
     with torch.autocast('cpu', dtype=dtype), torch.no_grad():
         out = module(qkv)
@@ -282,8 +287,8 @@ def test_stripe_partition_round_trip_and_order():
 
 def test_window_must_tile_the_grid():
     assert resolve_window((8, 6), None) == (8, 6)
-    with pytest.raises(ValueError, match='window 8x4 does not tile the 8x6 stage map'):
-        CSwinFocusedLinearAttention(16, 2, (8, 6), options=AttentionOptions(window=(8, 4)))
+    with pytest.raises(ValueError, match='window 8x4 does not tile the 8x6 map'):
+        cswin_attention('focused_linear', 16, 2, (8, 6), (8, 4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,8 +333,8 @@ def test_official_crashing_la_split_runs_at_full_size():
 
 def test_mixed_stage_takes_each_block_split_from_its_letter():
     model = _mini(attn_type='LLMS1', la_split_size=None)
-    assert [type(a).__name__ for a in model.stage3[0].attns] == ['CSwinFocusedLinearAttention']  # global L
-    assert [type(a).__name__ for a in model.stage3[1].attns] == ['LePEAttention'] * 2  # S split 2
+    assert [a.kind for a in model.stage3[0].attns] == ['focused_linear']  # global L
+    assert [a.kind for a in model.stage3[1].attns] == ['softmax'] * 2  # S split 2
     assert model(torch.randn(1, 3, 64, 64)).shape == (1, 5)
 
 
@@ -358,7 +363,7 @@ def test_softmax_types_ignore_la_keys():
     cfg = load_config('configs/cswin_t.yaml', ['MODEL.LA.ATTN_TYPE', 'LLLL'])
     model = models.build_model(cfg)
     assert model.attn_type == 'SSSS'
-    assert all(type(a).__name__ == 'LePEAttention' for a in model.modules() if hasattr(a, 'input_is_qkv'))
+    assert {a.kind for a in model.modules() if isinstance(a, Attention)} == {'softmax'}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ Each registered variant is built at full size (batch 1, at the resolution its na
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 import timm
 import torch
@@ -19,6 +21,16 @@ def _resolution(name: str) -> int:
 
 def test_every_variant_is_registered_in_timm():
     assert set(models.list_models()) <= set(timm.list_models())
+
+
+def test_variant_entry_points_are_module_functions():
+    """The entry points made from the variant tables look as if written with ``def`` in their backbone module."""
+    for name in models.list_models():
+        fn = timm.models.model_entrypoint(name)
+        module = sys.modules[fn.__module__]
+        assert fn.__name__ == fn.__qualname__ == name
+        assert fn.__module__.startswith('models.') and getattr(module, name) is fn and name in module.__all__
+        assert fn.__doc__ and fn.__doc__.strip()
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 baselines, Table 8 parameters and GMACs, interface, non-224 geometry and geometry errors."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from functools import partial
@@ -15,11 +16,23 @@ from conftest import ASSETS, REPO, load_golden, randomize, read_inventory
 
 import models
 from config import config_to_yaml, load_config
-from models.attention import AttentionOptions, create_attention, dwc_matrix
-from models.attention.pvt import PvtFocusedLinearAttention, SpatialReductionAttention
+from models.attention import (
+    AttentionOptions,
+    FocusedLinearAttention,
+    SoftmaxAttention,
+    create_attention,
+    dwc_matrix,
+    resample_tokens,
+)
 from models.pvt import PyramidVisionTransformer, parse_sr_ratios
 from models.pvt_v2 import PyramidVisionTransformerV2
 from utils.flops import count_macs
+
+
+def pvt_attention(kind: str, dim: int, heads: int, grid_size, options: AttentionOptions = AttentionOptions(), **kw):
+    """An attention kind with PVT's layout (separate q / kv projections), as the PVT blocks build it."""
+    return create_attention(kind, dim, heads, grid_size, options=dataclasses.replace(options, projections='q_kv'),
+                            **kw)
 
 # (official cfg = inventory name, registered variant, parameters from docs/numerics.md "Parameter counts",
 # paper Table 8 params as printed, paper Table 8 GFLOPs)
@@ -121,11 +134,11 @@ def test_matches_official_module_golden_with_reduction():
     golden = load_golden('module_pvt_fla_sr2')
     kw = golden['kwargs']
     side = math.isqrt(kw['num_patches'])
-    module = create_attention(
-        'pvt_focused_linear', kw['dim'], kw['num_heads'], grid_size=(side, side), qkv_bias=kw['qkv_bias'],
+    module = pvt_attention(
+        'focused_linear', kw['dim'], kw['num_heads'], grid_size=(side, side), qkv_bias=kw['qkv_bias'],
         options=AttentionOptions(sr_ratio=kw['sr_ratio'], focusing_factor=kw['focusing_factor'],
                                  kernel_size=kw['kernel_size']))
-    assert isinstance(module, PvtFocusedLinearAttention)
+    assert isinstance(module, FocusedLinearAttention)
     assert list(module.state_dict()) == list(golden['state_dict'])
     module.load_state_dict(golden['state_dict'], strict=True)
     with torch.no_grad():
@@ -171,7 +184,7 @@ def explicit_key_value_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor
     return x
 
 
-def explicit_reduced_focused_attention(module: PvtFocusedLinearAttention, x: torch.Tensor) -> torch.Tensor:
+def explicit_reduced_focused_attention(module: FocusedLinearAttention, x: torch.Tensor) -> torch.Tensor:
     """``O = Sim V / (Σ_j Sim + n·1e-6) + DWC(U V)``, then proj, with ``Sim = phi_p(Q) phi_p(K+P)ᵀ``
     per head (N×n), U the (N, n) linear resampling matrix and the DWC as explicit N×N matrices."""
     B, N, C = x.shape
@@ -212,7 +225,7 @@ def explicit_reduced_focused_attention(module: PvtFocusedLinearAttention, x: tor
 ])
 def test_reduced_focused_attention_equals_explicit_quadratic_form(grid, options):
     dim, heads = 12, 3
-    module = randomize(PvtFocusedLinearAttention(dim, heads, grid_size=grid, options=options)).double().eval()
+    module = randomize(pvt_attention('focused_linear', dim, heads, grid, options)).double().eval()
     x = torch.randn(2, grid[0] * grid[1], dim, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(module(x), explicit_reduced_focused_attention(module, x), rtol=1e-10, atol=1e-10)
@@ -220,7 +233,6 @@ def test_reduced_focused_attention_equals_explicit_quadratic_form(grid, options)
 
 def test_value_resampling_is_one_dimensional_along_the_sequence():
     """Rows of the reduced map are smeared along the flattened sequence, not upsampled in 2-D."""
-    from models.attention.pvt import resample_tokens
     v = torch.arange(4, dtype=torch.float64).view(1, 4, 1)  # a 2×2 map, row-major
     up = resample_tokens(v, 16).view(4, 4)  # to a 4×4 map
     torch.testing.assert_close(up.flatten(), (linear_resampling_matrix(4, 16) @ v.view(4)))
@@ -238,7 +250,7 @@ def test_value_resampling_is_one_dimensional_along_the_sequence():
 ])
 def test_spatial_reduction_attention_equals_explicit_softmax(grid, options):
     dim, heads = 12, 3
-    module = randomize(SpatialReductionAttention(dim, heads, grid_size=grid, options=options), std=0.2)
+    module = randomize(pvt_attention('softmax', dim, heads, grid, options), std=0.2)
     module = module.double().eval()
     B, N, C = 2, grid[0] * grid[1], dim
     x = torch.randn(B, N, C, dtype=torch.float64)
@@ -253,16 +265,16 @@ def test_spatial_reduction_attention_equals_explicit_softmax(grid, options):
 
 
 @pytest.mark.parametrize('kind, options', [
-    ('pvt_focused_linear', AttentionOptions()),
-    ('pvt_focused_linear', AttentionOptions(sr_ratio=2)),
-    ('pvt_focused_linear', AttentionOptions(linear=True)),
-    ('pvt_softmax', AttentionOptions(sr_ratio=2)),
-    ('pvt_softmax', AttentionOptions(linear=True)),
+    ('focused_linear', AttentionOptions()),
+    ('focused_linear', AttentionOptions(sr_ratio=2)),
+    ('focused_linear', AttentionOptions(linear=True)),
+    ('softmax', AttentionOptions(sr_ratio=2)),
+    ('softmax', AttentionOptions(linear=True)),
 ])
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize('magnitude', [1.0, 1e2])
 def test_outputs_finite_under_autocast(kind, options, dtype, magnitude):
-    module = randomize(create_attention(kind, 32, 2, grid_size=(8, 8), options=options), std=0.2).eval()
+    module = randomize(pvt_attention(kind, 32, 2, (8, 8), options), std=0.2).eval()
     x = torch.randn(2, 64, 32) * magnitude
     with torch.autocast('cpu', dtype=dtype), torch.no_grad():
         out = module(x)
@@ -279,7 +291,7 @@ def test_outputs_finite_under_autocast(kind, options, dtype, magnitude):
     (AttentionOptions(linear=True), ['q', 'kv', 'proj', 'proj_drop', 'pool', 'sr', 'norm', 'act', 'dwc']),
 ])
 def test_focused_module_layout(options, children):
-    module = PvtFocusedLinearAttention(32, 2, grid_size=(14, 14), options=options)
+    module = pvt_attention('focused_linear', 32, 2, (14, 14), options)
     assert [name for name, _ in module.named_children()] == children
     assert list(module.state_dict())[:2] == ['scale', 'positional_encoding']
     expected_n = 49 if options.linear else 196 // options.sr_ratio ** 2
@@ -295,8 +307,8 @@ def test_focused_module_layout(options, children):
 def test_softmax_baselines(variant, config, params, paper_m):
     model = models.create_model(variant)
     assert _params(model) == params
-    attention = [m for m in model.modules() if isinstance(m, (PvtFocusedLinearAttention, SpatialReductionAttention))]
-    assert attention and all(isinstance(m, SpatialReductionAttention) for m in attention)
+    attention = [m for m in model.modules() if isinstance(m, (FocusedLinearAttention, SoftmaxAttention))]
+    assert attention and all(m.kind == 'softmax' for m in attention)
     assert [m.sr_ratio for m in attention[:1]] == [8] and attention[-1].sr_ratio == 1
     if variant in UNREACHABLE_BASELINE_PARAMS:
         assert abs(params - paper_m * 1e6) / (paper_m * 1e6) > 0.03  # documented above
@@ -375,8 +387,7 @@ def test_config_keys_reach_the_model():
     first = model.block1[0].attn
     assert (first.sr_ratio, first.positional_encoding.shape, first.focusing_factor) == (8, (1, 49, 64), 2)
     assert first.dwc.kernel_size == (3, 3) and first.proj_drop.p == 0.1 and model.grad_checkpointing
-    kinds = [type(b.attn).__name__ for b in model.block3]
-    assert kinds == ['PvtFocusedLinearAttention', 'SpatialReductionAttention']
+    assert [b.attn.kind for b in model.block3] == ['focused_linear', 'softmax']
     assert model.block3[1].attn.sr_ratio == 2  # S blocks use the PVT ratios 8-4-2-1
 
 
@@ -506,7 +517,7 @@ def test_other_image_sizes_and_class_counts(config, img_size, grids):
     assert model.grids == grids and model.num_classes == 17
     for i, grid in enumerate(grids):
         attn = getattr(model, f'block{i + 1}')[0].attn
-        if isinstance(attn, PvtFocusedLinearAttention):
+        if attn.kind == 'focused_linear':
             assert attn.positional_encoding.shape[1] == grid[0] * grid[1]
         if hasattr(model, f'pos_embed{i + 1}'):
             extra = 1 if (model.class_token and i == 3) else 0
@@ -535,9 +546,9 @@ def test_non_square_images():
     (lambda: _mini_v1(depths=(1, 1, 1)), r'one entry per stage'),
     (lambda: _mini_v2(mlp_ratios=(2, 2)), r'one entry per stage'),
     (lambda: _mini_v1(class_token=True), r'class_token needs softmax attention'),
-    (lambda: PvtFocusedLinearAttention(16, 2, grid_size=(6, 6), options=AttentionOptions(sr_ratio=4)),
+    (lambda: pvt_attention('focused_linear', 16, 2, (6, 6), AttentionOptions(sr_ratio=4)),
      r'grid 6x6 is not divisible by the spatial-reduction ratio 4'),
-    (lambda: SpatialReductionAttention(16, 2, grid_size=(6, 6), options=AttentionOptions(sr_ratio=0)),
+    (lambda: pvt_attention('softmax', 16, 2, (6, 6), AttentionOptions(sr_ratio=0)),
      r'sr_ratio must be >= 1, got 0'),
 ])
 def test_bad_geometry_is_reported_at_construction(build, message):

@@ -1,52 +1,69 @@
 """Focused linear attention: the shared maths (docs/numerics.md, "Common core"), used by every
 focused kind.
 
-Two implementations of the same function, selected per module by its ``fused`` flag:
+The focusing function is defined once, :func:`focusing`; everything else is one of two
+implementations of the same attention, selected per module by its ``fused`` flag:
 
-* the **reference** follows the official operation order step by step (:func:`focused_kernel`,
-  :func:`linear_attention`, the DWC with heads folded into the batch); it is the one the golden
-  files were checked against and stays for tests;
+* the **reference** follows the official steps on whole tensors (:func:`focused_kernel`,
+  :func:`linear_attention`, the DWC with heads folded into the batch); it stays for tests;
 * the **fused** path (:func:`focused_linear_attention` with ``fused=True``, the default) computes
   the same quantities with fewer and cheaper passes: it works in cache-sized chunks instead of on
-  whole (B, N, C) activations; the temperature and epsilon are one ``addcmul``; the
-  norm-restoration factors of φ(Q) and φ(K) and the n^-½·n^-½ pre-scales become per-token scalars
-  applied to the value rows and the final normaliser instead of to whole tensors; the normaliser
-  rides along as an extra column of KᵀV; heads are sliced instead of transposed; and the DWC runs
-  as one grouped conv on the channels-last view of V (its d kernels repeated per head) instead of
-  through two permuted copies. Under autograd its backward is written by hand (the same chunks, the
-  kernel recomputed from the saved inputs), so no (B, N, C) intermediate of the core is kept for
-  the backward and autograd does not replay each element-wise step.
+  whole (B, N, C) activations; the norm-restoration factors of φ(Q) and φ(K) and the n^-½·n^-½
+  pre-scales become per-token scalars applied to the value rows and the final normaliser instead of
+  to whole tensors; the normaliser rides along as an extra column of KᵀV; heads are sliced instead
+  of transposed; and the DWC runs as one grouped conv on the channels-last view of V (its d kernels
+  repeated per head) instead of through two permuted copies. Under autograd its backward is written
+  by hand (the same chunks, :func:`focusing` re-evaluated from the saved inputs, then its derivative
+  :func:`_focusing_backward`), so no (B, N, C) intermediate of the core is kept for the backward.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 __all__ = ['KERNEL_EPS', 'NORMALIZER_EPS', 'focused_kernel', 'linear_attention', 'focused_linear_attention',
-           'rank_restore_dwc', 'dwc_matrix', 'make_dwc', 'upcast', 'set_fused_attention']
+           'rank_restore_dwc', 'dwc_matrix', 'make_dwc', 'upcast', 'Focused', 'focusing']
 
 # Added to the kernel output (so every entry is > 0) and to the normaliser, as the official code.
 KERNEL_EPS = 1e-6
 NORMALIZER_EPS = 1e-6
 
 
-def focused_kernel(x: torch.Tensor, scale: torch.Tensor, focusing_factor: int) -> torch.Tensor:
-    """phi_p(x) = f_p(ReLU(x) + eps) with a learned per-channel temperature.
+class Focused(NamedTuple):
+    """One evaluation of the focusing function on token rows; ``phi_p(x) = c ⊙ u``."""
+    r: torch.Tensor  # (ReLU(x) + eps) / s, s the softplus temperature
+    u: torch.Tensor  # r^p
+    norm_r: torch.Tensor  # ‖r‖ per token (…, 1)
+    norm_u: torch.Tensor  # ‖r^p‖ per token (…, 1)
 
-    x: (B, N, C) projected queries or keys (keys already carry the positional encoding);
-    scale: (1, 1, C) raw parameter, applied as ``softplus(scale)``. The focusing function
-    ``f_p(r) = ‖r‖ · r^p / ‖r^p‖`` works on the full C channels of each token, before the head
-    split: the norms are never per head (docs/numerics.md, "Common core", step 4).
+    @property
+    def c(self) -> torch.Tensor:
+        """The norm-restoration factor ‖r‖ / ‖r^p‖ of each token."""
+        return self.norm_r / self.norm_u
+
+
+def focusing(x: torch.Tensor, inv_s: torch.Tensor, focusing_factor: int) -> Focused:
+    """The focusing function, the one definition every implementation uses (docs/numerics.md,
+    "Common core", step 4).
+
+    x: (…, C) projected queries or keys (keys already carry the positional encoding); inv_s: (C,)
+    or broadcastable, ``1 / softplus(scale)``. With ``r = (ReLU(x) + eps) / s`` the focused function
+    is ``f_p(r) = ‖r‖ · r^p / ‖r^p‖``, taken over the full C channels of each token, before the
+    head split: the norms are never per head.
     """
-    x = F.relu(x) + KERNEL_EPS
-    x = x / F.softplus(scale)
-    norm = x.norm(dim=-1, keepdim=True)
-    x = x ** focusing_factor
-    # divide by the new norm first, then multiply by the old one (official operation order)
-    return (x / x.norm(dim=-1, keepdim=True)) * norm
+    r = torch.addcmul(KERNEL_EPS * inv_s, F.relu(x), inv_s)  # (ReLU(x) + eps) / s in one pass
+    u = r.pow(focusing_factor)
+    return Focused(r, u, torch.linalg.vector_norm(r, dim=-1, keepdim=True),
+                   torch.linalg.vector_norm(u, dim=-1, keepdim=True))
+
+
+def focused_kernel(x: torch.Tensor, scale: torch.Tensor, focusing_factor: int) -> torch.Tensor:
+    """phi_p(x) for whole tensors: x (B, N, C), scale the (1, 1, C) raw temperature parameter."""
+    f = focusing(x, 1 / F.softplus(scale), focusing_factor)
+    return f.u * f.c
 
 
 def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -74,42 +91,23 @@ def linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_head
 FUSED_CHUNK_ELEMENTS = 1 << 18
 
 
-def _focused_rows(x: torch.Tensor, inv_s: torch.Tensor, focusing_factor: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(r^p, c) with r = (ReLU(x) + eps) / s and c = ‖r‖ / ‖r^p‖ per token, so phi_p(x) = c ⊙ r^p."""
-    r = torch.addcmul(KERNEL_EPS * inv_s, F.relu(x), inv_s)  # (ReLU(x) + eps) / s in one pass
-    r_p = r.pow(focusing_factor)
-    return r_p, torch.linalg.vector_norm(r, dim=-1, keepdim=True) / torch.linalg.vector_norm(r_p, dim=-1, keepdim=True)
+def _focusing_backward(x: torch.Tensor, inv_s: torch.Tensor, focusing_factor: int, f: Focused,
+                       grad_u: torch.Tensor, grad_c: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`focusing` with respect to x and inv_s, given those of u = r^p and c.
 
-
-def _focused_rows_with_state(x: torch.Tensor, inv_s: torch.Tensor, focusing_factor: int):
-    """:func:`_focused_rows` for the backward: (u = r^p, c, state), where ``state`` holds what
-    :func:`_focused_rows_backward` needs, so the kernel is recomputed once per chunk, not twice."""
-    relu_eps = F.relu(x) + KERNEL_EPS
-    r = relu_eps * inv_s
-    w = r.pow(focusing_factor - 1)
-    u = w * r
-    norm_r = torch.linalg.vector_norm(r, dim=-1, keepdim=True)
-    norm_u = torch.linalg.vector_norm(u, dim=-1, keepdim=True)
-    return u, norm_r / norm_u, (relu_eps, r, w, u, norm_r, norm_u)
-
-
-def _focused_rows_backward(x: torch.Tensor, inv_s: torch.Tensor, focusing_factor: int, state: tuple,
-                           grad_u: torch.Tensor, grad_c: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of :func:`_focused_rows` with respect to x and inv_s, given those of u = r^p and c.
-
-    With c = ‖r‖/‖u‖: ``dL/dr = p r^(p-1) ⊙ (g_u − g_c ‖r‖/‖u‖³ · u) + g_c / (‖r‖‖u‖) · r``, then
-    ``dL/dx = dL/dr ⊙ inv_s ⊙ [x > 0]`` and ``dL/d inv_s = Σ_tokens dL/dr ⊙ (ReLU(x) + eps)``.
-    ``state`` comes from :func:`_focused_rows_with_state` on the same x (the forward's element-wise
-    chain recomputed instead of saved).
+    ``f`` is :func:`focusing` recomputed on the same x. With c = ‖r‖/‖u‖:
+    ``dL/dr = p r^(p-1) ⊙ (g_u − g_c ‖r‖/‖u‖³ · u) + g_c / (‖r‖‖u‖) · r``, then
+    ``dL/dx = dL/dr ⊙ inv_s ⊙ [x > 0]`` and ``dL/d inv_s = Σ_tokens dL/dr ⊙ r / inv_s`` (r / inv_s
+    is ReLU(x) + eps). r ≥ eps/s > 0, so ``r^(p-1) = u / r`` is defined.
     """
-    relu_eps, r, w, u, norm_r, norm_u = state
+    r, u, norm_r, norm_u = f
     # divide by one norm at a time: for an all-negative token r ≈ 1e-6 and ‖u‖³ underflows float32
     g_over_u = grad_c / norm_u
-    grad_r = torch.addcmul(grad_u, u, g_over_u * (norm_r / norm_u) / norm_u, value=-1).mul_(w)
+    grad_r = torch.addcmul(grad_u, u, g_over_u * (norm_r / norm_u) / norm_u, value=-1)
     if focusing_factor != 1:
-        grad_r.mul_(focusing_factor)
+        grad_r.mul_(u / r).mul_(focusing_factor)
     grad_r.addcmul_(r, g_over_u / norm_r)
-    grad_inv_s = (grad_r * relu_eps).sum(dim=tuple(range(x.dim() - 1)))
+    grad_inv_s = (grad_r * r).sum(dim=tuple(range(x.dim() - 1))) / inv_s.reshape(-1)
     grad_x = torch.ops.aten.threshold_backward(grad_r.mul_(inv_s), x, 0)  # ReLU's backward: zero where x <= 0
     return grad_x, grad_inv_s
 
@@ -146,7 +144,8 @@ def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_s: tor
         summary = None
         for t0 in range(0, n, key_rows):
             keys = k[b0:b1, t0:t0 + key_rows] + positional_encoding[:, t0:t0 + key_rows]
-            rk_p, ck = _focused_rows(keys, inv_s, focusing_factor)
+            fk = focusing(keys, inv_s, focusing_factor)
+            rk_p, ck = fk.u, fk.c
             b, t = rk_p.shape[:2]
             weights = (ck / n).unsqueeze(-1)  # (b, t, 1, 1)
             values = torch.cat([v[b0:b1, t0:t0 + key_rows].view(b, t, num_heads, d) * weights,
@@ -156,13 +155,59 @@ def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_s: tor
         summaries.append(summary)
         # queries: phi(q) = cq r^p(q); (cq·num) / (cq·den + eps) is the reference's num / (phi(q)·k̄ + eps)
         for t0 in range(0, N, query_rows):
-            rq_p, cq = _focused_rows(q[b0:b1, t0:t0 + query_rows], inv_s, focusing_factor)
+            fq = focusing(q[b0:b1, t0:t0 + query_rows], inv_s, focusing_factor)
+            rq_p, cq = fq.u, fq.c
             b, t = rq_p.shape[:2]
             num_den = rq_p.view(b, t, num_heads, d).transpose(1, 2) @ summary  # (b, h, t, d+1)
             cq = cq.unsqueeze(1)  # (b, 1, t, 1)
             result = num_den[..., :d] * (cq / (cq * num_den[..., d:] + NORMALIZER_EPS))
             out[b0:b1, t0:t0 + query_rows].view(b, t, num_heads, d).copy_(result.transpose(1, 2))
     return out, torch.cat(summaries)
+
+
+def _query_chunk_backward(x: torch.Tensor, g: torch.Tensor, summary: torch.Tensor, inv_s: torch.Tensor,
+                          num_heads: int, focusing_factor: int):
+    """One query chunk of :func:`_fused_backward`: (dL/dx, dL/d inv_s, this chunk's part of dL/dS).
+
+    x: (b, t, C) queries, g: (b, t, C) output gradient, summary: (b, h, d, d+1) the saved S.
+    """
+    f = focusing(x, inv_s, focusing_factor)
+    b, t, C = x.shape
+    d = C // num_heads
+    u = f.u.view(b, t, num_heads, d).transpose(1, 2)  # (b, h, t, d)
+    num_den = u @ summary  # (b, h, t, d+1), before the factor c
+    c = f.c.unsqueeze(1)  # (b, 1, t, 1)
+    inv_den = 1 / (c * num_den[..., d:] + NORMALIZER_EPS)  # (b, h, t, 1)
+    g = g.reshape(b, t, num_heads, d).transpose(1, 2)
+    # dDen = −Σ_e G_e·out_e / D with out = c·num/D, i.e. −c·Σ_e(G_e·num_e)/D²
+    grad_den = -(g * num_den[..., :d]).sum(-1, keepdim=True) * c * inv_den * inv_den
+    grad_nd = torch.cat([g * inv_den, grad_den], dim=-1)  # (b, h, t, d+1) w.r.t. [Num | Den]
+    grad_summary = u.transpose(-2, -1) @ (grad_nd * c)  # (b, h, d, d+1)
+    grad_phi = grad_nd @ summary.transpose(-2, -1)  # (b, h, t, d) w.r.t. phi(q) = c·u
+    grad_u = (grad_phi * c).transpose(1, 2).reshape(b, t, C)
+    grad_c = (grad_phi * u).sum(dim=(1, 3)).unsqueeze(-1)  # (b, t, 1)
+    return (*_focusing_backward(x, inv_s, focusing_factor, f, grad_u, grad_c), grad_summary)
+
+
+def _key_chunk_backward(x: torch.Tensor, values: torch.Tensor, grad_summary: torch.Tensor, inv_s: torch.Tensor,
+                        num_heads: int, focusing_factor: int, n: int):
+    """One key chunk of :func:`_fused_backward`: (dL/dx, dL/d inv_s, dL/dv).
+
+    x: (b, t, C) keys plus positional encoding, values: (b, t, C), grad_summary: (b, h, d, d+1).
+    """
+    f = focusing(x, inv_s, focusing_factor)
+    b, t, C = x.shape
+    d = C // num_heads
+    u = f.u.view(b, t, num_heads, d).transpose(1, 2)  # (b, h, t, d)
+    vals = values.view(b, t, num_heads, d).transpose(1, 2)
+    weights = (f.c / n).unsqueeze(1)  # (b, 1, t, 1)
+    grad_w = u @ grad_summary  # (b, h, t, d+1) w.r.t. W = (c/n)[v | 1]
+    grad_u = (torch.cat([vals, torch.ones_like(vals[..., :1])], dim=-1) * weights
+              ) @ grad_summary.transpose(-2, -1)  # (b, h, t, d)
+    grad_v = (grad_w[..., :d] * weights).transpose(1, 2).reshape(b, t, C)
+    grad_c = ((grad_w[..., :d] * vals).sum(-1, keepdim=True) + grad_w[..., d:]).sum(1) / n  # (b, t, 1)
+    grad_u = grad_u.transpose(1, 2).reshape(b, t, C)
+    return (*_focusing_backward(x, inv_s, focusing_factor, f, grad_u, grad_c), grad_v)
 
 
 def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_s: torch.Tensor,
@@ -177,7 +222,7 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     ``S = Σ_j U_jᵀ W_j``, so ``dU_j = W_j dSᵀ`` and ``dW_j = U_j dS``, which gives dv_j and dc_j.
     """
     B, N, C = q.shape
-    n, d = k.shape[1], C // num_heads
+    n = k.shape[1]
     grad_q, grad_k, grad_v = q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
     grad_pe = torch.zeros_like(positional_encoding)
     grad_inv_s = torch.zeros(C, dtype=q.dtype, device=q.device)
@@ -185,45 +230,20 @@ def _fused_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v:
     query_rows = _chunks(B, N, C)[1]
     for b0 in range(0, B, group):
         b1 = min(B, b0 + group)
-        summary = summaries[b0:b1]  # (b, h, d, d+1)
-        grad_summary = None
+        grad_summary = 0
         for t0 in range(0, N, query_rows):
-            x = q[b0:b1, t0:t0 + query_rows]
-            rq_p, cq, state = _focused_rows_with_state(x, inv_s, focusing_factor)
-            b, t = rq_p.shape[:2]
-            u = rq_p.view(b, t, num_heads, d).transpose(1, 2)  # (b, h, t, d)
-            num_den = u @ summary  # (b, h, t, d+1), before the factor c
-            c = cq.unsqueeze(1)  # (b, 1, t, 1)
-            inv_den = 1 / (c * num_den[..., d:] + NORMALIZER_EPS)  # (b, h, t, 1)
-            g = grad_out[b0:b1, t0:t0 + query_rows].reshape(b, t, num_heads, d).transpose(1, 2)
-            grad_num = g * inv_den
-            # dDen = −Σ_e G_e·out_e / D with out = c·num/D, i.e. −c·Σ_e(G_e·num_e)/D²
-            grad_den = -(g * num_den[..., :d]).sum(-1, keepdim=True) * c * inv_den * inv_den
-            grad_nd = torch.cat([grad_num, grad_den], dim=-1)  # (b, h, t, d+1) w.r.t. [Num | Den]
-            part = u.transpose(-2, -1) @ (grad_nd * c)  # (b, h, d, d+1)
-            grad_summary = part if grad_summary is None else grad_summary + part
-            grad_phi = grad_nd @ summary.transpose(-2, -1)  # (b, h, t, d) w.r.t. phi(q) = c·u
-            grad_u = (grad_phi * c).transpose(1, 2).reshape(b, t, C)
-            grad_c = (grad_phi * u).sum(dim=(1, 3)).unsqueeze(-1)  # (b, t, 1)
-            grad_x, grad_inv = _focused_rows_backward(x, inv_s, focusing_factor, state, grad_u, grad_c)
-            grad_q[b0:b1, t0:t0 + query_rows] = grad_x
+            rows = slice(t0, t0 + query_rows)
+            grad_q[b0:b1, rows], grad_inv, part = _query_chunk_backward(
+                q[b0:b1, rows], grad_out[b0:b1, rows], summaries[b0:b1], inv_s, num_heads, focusing_factor)
+            grad_summary = grad_summary + part
             grad_inv_s += grad_inv
         for t0 in range(0, n, key_rows):
-            x = k[b0:b1, t0:t0 + key_rows] + positional_encoding[:, t0:t0 + key_rows]
-            rk_p, ck, state = _focused_rows_with_state(x, inv_s, focusing_factor)
-            b, t = rk_p.shape[:2]
-            u = rk_p.view(b, t, num_heads, d).transpose(1, 2)  # (b, h, t, d)
-            vals = v[b0:b1, t0:t0 + key_rows].view(b, t, num_heads, d).transpose(1, 2)
-            weights = (ck / n).unsqueeze(1)  # (b, 1, t, 1)
-            grad_w = u @ grad_summary  # (b, h, t, d+1) w.r.t. W = (c/n)[v | 1]
-            grad_u = (torch.cat([vals, torch.ones_like(vals[..., :1])], dim=-1) * weights
-                      ) @ grad_summary.transpose(-2, -1)  # (b, h, t, d)
-            grad_v[b0:b1, t0:t0 + key_rows].view(b, t, num_heads, d).copy_((grad_w[..., :d] * weights).transpose(1, 2))
-            grad_c = ((grad_w[..., :d] * vals).sum(-1, keepdim=True) + grad_w[..., d:]).sum(1) / n  # (b, t, 1)
-            grad_x, grad_inv = _focused_rows_backward(x, inv_s, focusing_factor, state,
-                                                      grad_u.transpose(1, 2).reshape(b, t, C), grad_c)
-            grad_k[b0:b1, t0:t0 + key_rows] = grad_x
-            grad_pe[:, t0:t0 + key_rows] += grad_x.sum(0, keepdim=True)
+            rows = slice(t0, t0 + key_rows)
+            grad_x, grad_inv, grad_v[b0:b1, rows] = _key_chunk_backward(
+                k[b0:b1, rows] + positional_encoding[:, rows], v[b0:b1, rows], grad_summary, inv_s, num_heads,
+                focusing_factor, n)
+            grad_k[b0:b1, rows] = grad_x
+            grad_pe[:, rows] += grad_x.sum(0, keepdim=True)
             grad_inv_s += grad_inv
     return grad_q, grad_k, grad_v, grad_inv_s.view_as(inv_s), grad_pe
 
@@ -299,17 +319,6 @@ def rank_restore_dwc(dwc: nn.Conv2d, v: torch.Tensor, num_heads: int, grid_size:
     v = v.reshape(B, H, W, num_heads, head_dim).permute(0, 3, 4, 1, 2).reshape(B * num_heads, head_dim, H, W)
     out = dwc(v)
     return out.reshape(B, num_heads, head_dim, N).permute(0, 3, 1, 2).reshape(B, N, C)
-
-
-def set_fused_attention(model: nn.Module, enabled: bool = True) -> int:
-    """Switch every focused-attention module of `model` to the fused (default) or the reference
-    implementation; returns how many modules were switched."""
-    switched = 0
-    for module in model.modules():
-        if hasattr(module, 'fused') and isinstance(module.fused, bool):
-            module.fused = enabled
-            switched += 1
-    return switched
 
 
 def dwc_matrix(weight: torch.Tensor, grid_size: Tuple[int, int]) -> torch.Tensor:

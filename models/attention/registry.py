@@ -1,37 +1,29 @@
 """The attention-kind registry and the stage-letter grammar of ``MODEL.LA.ATTN_TYPE``.
 
-Every attention kind attends over the tokens of one ``H×W`` grid (a Swin window, a PVT stage map,
-a DeiT patch grid) and is built through one signature::
+Every attention kind is a subclass of :class:`~.base.Attention` (the one contract: the kind
+defines how tokens mix, the shared base the projections, key/value reduction, stripe windows and
+extras) and is built through one signature::
 
-    Kind(dim, num_heads, grid_size=(H, W), qkv_bias=True, attn_drop=0., proj_drop=0.,
-         options=AttentionOptions())
+    create_attention(kind, dim, num_heads, grid_size=(H, W), qkv_bias=True, attn_drop=0., proj_drop=0.,
+                     options=AttentionOptions(projections=..., sr_ratio=..., window=..., lepe=...))
 
-Token kinds take ``forward(x: (B, H·W, C), mask=None) -> (B, H·W, C)``; a kind whose class sets
-``input_is_qkv = True`` (CSwin's, whose projections belong to the block) takes the stacked
-``(3, B, H·W, C)`` projections instead. Backbones never import a concrete class: they map their
-stage letters to kind names (:func:`block_kinds`) and call :func:`create_attention`.
+Backbones never import a concrete class: they map their stage letters to kind names
+(:func:`block_kinds`), set the layout fields of the options, and call :func:`create_attention`.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch.nn as nn
 
-__all__ = ['AttentionOptions', 'register_attention', 'create_attention', 'list_attention_kinds',
-           'parse_attn_type', 'block_kinds']
+__all__ = ['LINEAR_KINDS', 'register_attention', 'create_attention', 'list_attention_kinds', 'parse_attn_type',
+           'block_kinds', 'letter_kinds']
 
-
-@dataclass(frozen=True)
-class AttentionOptions:
-    """Knobs of the attention kinds that are not geometry (from ``MODEL.LA``)."""
-    focusing_factor: int = 3  # power p of the focused function f_p
-    kernel_size: int = 5  # depthwise rank-restoration conv (DWC) kernel
-    qk_scale: Optional[float] = None  # softmax logit scale; None means head_dim ** -0.5
-    sr_ratio: int = 1  # PVT: keys/values from a stride-sr conv of the map (1: no reduction)
-    linear: bool = False  # PVTv2 "linear" mode: keys/values from a 7×7 average pool of the map
-    window: Optional[Tuple[int, int]] = None  # CSwin: stripe window inside the grid (None: the whole grid)
+# The kinds MODEL.LA.LINEAR_KIND may put in the L stages of every backbone (FLatten's is the default;
+# the others are the ablation zoo of .zoo).
+LINEAR_KINDS = ('focused_linear', 'vanilla_linear', 'focused_only', 'dwc_only', 'hydra', 'efficient', 'angular',
+                'relu_linear')
 
 
 _ATTENTION_KINDS: Dict[str, Callable[..., nn.Module]] = {}
@@ -52,24 +44,13 @@ def list_attention_kinds() -> List[str]:
     return sorted(_ATTENTION_KINDS)
 
 
-def create_attention(
-        kind: str,
-        dim: int,
-        num_heads: int,
-        grid_size: Tuple[int, int],
-        qkv_bias: bool = True,
-        attn_drop: float = 0.,
-        proj_drop: float = 0.,
-        options: AttentionOptions = AttentionOptions(),
-) -> nn.Module:
-    """Build the attention kind `kind` for tokens on a ``grid_size`` grid of width `dim`."""
+def create_attention(kind: str, dim: int, num_heads: int, grid_size: Tuple[int, int], **kwargs) -> nn.Module:
+    """Build the attention kind `kind` for tokens on a ``grid_size`` grid of width `dim`; `kwargs`
+    are the remaining arguments of :class:`~.base.Attention` (``qkv_bias``, ``attn_drop``,
+    ``proj_drop``, ``options``)."""
     if kind not in _ATTENTION_KINDS:
         raise KeyError(f'unknown attention kind {kind!r}; known kinds: {", ".join(list_attention_kinds())}')
-    if dim % num_heads:
-        raise ValueError(f'attention width {dim} is not divisible by num_heads={num_heads}')
-    return _ATTENTION_KINDS[kind](
-        dim, num_heads, grid_size=tuple(grid_size), qkv_bias=qkv_bias, attn_drop=attn_drop,
-        proj_drop=proj_drop, options=options)
+    return _ATTENTION_KINDS[kind](dim, num_heads, grid_size=tuple(grid_size), **kwargs)
 
 
 _ATTN_TYPE_RE = re.compile(r'^([A-Z]+)(\d*)$')
@@ -113,3 +94,11 @@ def block_kinds(attn_type: str, depths: Sequence[int], letter_kinds: Dict[str, s
                     f'{sorted(letter_kinds) + ["M"]}')
         kinds.append([letter_kinds[block_letter] for block_letter in stage_letters])
     return kinds
+
+
+def letter_kinds(linear_kind: str, softmax_kind: str = 'softmax') -> Dict[str, str]:
+    """The stage letters every backbone understands: ``L`` -> `linear_kind` (``MODEL.LA.LINEAR_KIND``),
+    ``S`` -> the backbone's softmax kind. Raises ValueError naming the key and the choices."""
+    if linear_kind not in LINEAR_KINDS:
+        raise ValueError(f'MODEL.LA.LINEAR_KIND={linear_kind!r} is not one of {list(LINEAR_KINDS)}')
+    return {'L': linear_kind, 'S': softmax_kind}

@@ -1,9 +1,10 @@
 """The ablation zoo: the linear attentions the paper compares FLatten with (Tables 3 and 4).
 
-Every kind here takes the generic token signature (``forward(x: (B, H·W, C), mask=None)``, a fused
-``qkv`` projection, ``proj``), so Swin windows and DeiT grids can use it for their ``L`` stages
-through ``MODEL.LA.LINEAR_KIND`` (see ``config.py``). ``mask`` (Swin's shifted-window mask) is
-ignored, as by FLatten's own module: linear-order attention cannot mask pairs.
+Every kind here is an :class:`~.base.Attention` that defines only :meth:`mix` (and declares the
+extras it needs), so every backbone can use it for its ``L`` stages through ``MODEL.LA.LINEAR_KIND``
+(see ``config.py``), with that backbone's projections, key/value reduction and stripe windows.
+``mask`` (Swin's shifted-window mask) is ignored, as by FLatten's own module: linear-order
+attention cannot mask pairs.
 
 Table 4's ladder, all with the learned positional encoding added to the keys, as FLatten, so that
 the rungs differ only in the kernel and the DWC:
@@ -11,7 +12,7 @@ the rungs differ only in the kernel and the DWC:
 * ``vanilla_linear``: ``φ(x) = ReLU(x) + ε``, no focusing, no DWC;
 * ``focused_only``: the focused function ``φ_p`` (temperature, power p, norm restoration), no DWC;
 * ``dwc_only``: the ReLU kernel plus the depthwise rank-restoration conv;
-* ``focused_linear`` (FLatten itself, :mod:`.generic`): focused function plus DWC.
+* ``focused_linear`` (FLatten itself, :mod:`.kinds`): focused function plus DWC.
 
 Table 3's other efficient attentions:
 
@@ -32,124 +33,53 @@ Table 3's other efficient attentions:
   High-Resolution Dense Prediction", ICCV 2023).
   ``ReLU(Q)(ReLU(K)ᵀV) / (ReLU(Q)·ΣReLU(K) + ε)`` per head, on the projected tokens and on a second
   set aggregated from their neighbourhood (a 5×5 depthwise conv then a grouped 1×1 conv of the
-  q, k, v maps), the two sets of heads concatenated before ``proj`` (2C → C).
+  q, k, v maps, each on its own grid), the two sets of heads concatenated before ``proj`` (2C → C).
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..grid import GridSpec
-from .core import KERNEL_EPS, focused_kernel, linear_attention, make_dwc, rank_restore_dwc, upcast
-from .registry import AttentionOptions, register_attention
+from .base import Attention, AttentionOptions
+from .core import KERNEL_EPS, linear_attention
+from .kinds import FocusedLinearAttention
+from .registry import LINEAR_KINDS, register_attention
 
-__all__ = ['LINEAR_KINDS', 'LadderAttention', 'VanillaLinearAttention', 'FocusedOnlyAttention', 'DWCOnlyAttention',
-           'HydraAttention', 'EfficientAttention', 'AngularLinearAttention', 'ReLULinearAttention']
+__all__ = ['LINEAR_KINDS', 'VanillaLinearAttention', 'FocusedOnlyAttention', 'DWCOnlyAttention', 'HydraAttention',
+           'EfficientAttention', 'AngularLinearAttention', 'ReLULinearAttention']
 
 RELU_LINEAR_EPS = 1e-15  # EfficientViT's denominator epsilon
-
-# The kinds MODEL.LA.LINEAR_KIND may put in the L stages of Swin and DeiT (FLatten's is the default).
-LINEAR_KINDS = ('focused_linear', 'vanilla_linear', 'focused_only', 'dwc_only', 'hydra', 'efficient', 'angular',
-                'relu_linear')
-
-
-class _TokenAttention(nn.Module):
-    """Shared skeleton: ``qkv`` projection, the kind's :meth:`attend` in float32, ``proj``."""
-
-    def __init__(self, dim: int, num_heads: int, grid_size: Tuple[int, int], qkv_bias: bool = True,
-                 attn_drop: float = 0., proj_drop: float = 0., options: AttentionOptions = AttentionOptions(),
-                 proj_in: Optional[int] = None):
-        super().__init__()
-        self.dim = dim
-        self.num_heads = num_heads
-        self.grid_size = tuple(grid_size)
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(proj_in or dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """(B, N, C) float32 projections -> (B, N, proj_in) attention output; defined by each kind."""
-        raise NotImplementedError(f'{type(self).__name__} does not define attend()')
-
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """x: (B, N, C) with N = H·W tokens row-major on ``grid_size``; returns (B, N, C).
-        The kernels and sums run in float32 under autocast (their sums overflow float16)."""
-        C = x.shape[-1]
-        q, k, v = self.qkv(x).unflatten(-1, (3, C)).unbind(dim=2)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            out = self.attend(upcast(q), upcast(k), upcast(v))
-        return self.proj_drop(self.proj(out))
-
-    def extra_repr(self) -> str:
-        return f'dim={self.dim}, num_heads={self.num_heads}, grid_size={self.grid_size}'
-
-
-def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(B, N, C) -> (B, h, N, d)."""
-    B, N, C = x.shape
-    return x.reshape(B, N, num_heads, C // num_heads).transpose(1, 2)
-
-
-def _merge(x: torch.Tensor) -> torch.Tensor:
-    """(B, h, N, d) -> (B, N, h·d)."""
-    B, h, N, d = x.shape
-    return x.transpose(1, 2).reshape(B, N, h * d)
 
 
 # ---------------------------------------------------------------------------------------------
 # Table 4: vanilla linear -> + focused function -> + DWC (FLatten is 'focused_linear')
 # ---------------------------------------------------------------------------------------------
 
-class LadderAttention(_TokenAttention):
-    """Linear attention with the learned key positional encoding, a ReLU or focused kernel, and an
-    optional DWC: ``φ(Q) (φ(K+P)ᵀ V) / (φ(Q) · mean φ(K+P)) [+ DWC(V)]``. Subclasses fix the rung."""
-    focused = False
-    with_dwc = False
-
-    def __init__(self, dim, num_heads, grid_size, qkv_bias=True, attn_drop=0., proj_drop=0.,
-                 options: AttentionOptions = AttentionOptions()):
-        super().__init__(dim, num_heads, grid_size, qkv_bias, attn_drop, proj_drop, options)
-        self.focusing_factor = options.focusing_factor
-        self.positional_encoding = nn.Parameter(torch.zeros(1, self.grid_size[0] * self.grid_size[1], dim))
-        if self.focused:
-            self.scale = nn.Parameter(torch.zeros(1, 1, dim))
-        if self.with_dwc:
-            self.dwc = make_dwc(dim // num_heads, options.kernel_size)
-
-    def kernel(self, x: torch.Tensor) -> torch.Tensor:
-        if self.focused:
-            return focused_kernel(x, self.scale, self.focusing_factor)
-        return F.relu(x) + KERNEL_EPS
-
-    def attend(self, q, k, v):
-        out = linear_attention(self.kernel(q), self.kernel(k + self.positional_encoding), v, self.num_heads)
-        if self.with_dwc:
-            out = out + rank_restore_dwc(self.dwc, v, self.num_heads, self.grid_size)
-        return out
-
-    def parameter_grids(self) -> Dict[str, GridSpec]:
-        return {'positional_encoding': GridSpec(self.grid_size)}
-
-
 @register_attention('vanilla_linear')
-class VanillaLinearAttention(LadderAttention):
-    """Table 4 baseline: ReLU-kernel linear attention, no focusing, no DWC."""
+class VanillaLinearAttention(Attention):
+    """Table 4 baseline: ``φ(Q) (φ(K+P)ᵀ V) / (φ(Q) · mean φ(K+P))`` with ``φ(x) = ReLU(x) + ε``,
+    no focusing, no DWC (the key positional encoding kept, as in FLatten)."""
+    uses_positional_encoding = True
+    float32_core = True
+
+    def mix(self, q, k, v, mask):
+        kernel = F.relu(q) + KERNEL_EPS, F.relu(k + self.positional_encoding) + KERNEL_EPS
+        return linear_attention(*kernel, v, self.num_heads)
 
 
 @register_attention('focused_only')
-class FocusedOnlyAttention(LadderAttention):
-    """Table 4 middle rung: the focused function without the DWC."""
-    focused = True
+class FocusedOnlyAttention(FocusedLinearAttention):
+    """Table 4 middle rung: FLatten's focused function without the DWC."""
+    uses_dwc = False
 
 
 @register_attention('dwc_only')
-class DWCOnlyAttention(LadderAttention):
+class DWCOnlyAttention(VanillaLinearAttention):
     """The DWC without the focused function (ReLU kernel + rank restoration)."""
-    with_dwc = True
+    uses_dwc = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,78 +87,83 @@ class DWCOnlyAttention(LadderAttention):
 # ---------------------------------------------------------------------------------------------
 
 @register_attention('hydra')
-class HydraAttention(_TokenAttention):
+class HydraAttention(Attention):
     """Hydra attention (Bolya et al. 2022): one head per channel, cosine kernel, O(N·C).
 
     ``out[i, c] = q̂[i, c] · Σ_j k̂[j, c] v[j, c]`` with ``q̂ = q/‖q‖``, ``k̂ = k/‖k‖`` over the C
     channels. ``num_heads`` only sets the width check: Hydra always uses C heads.
     """
+    float32_core = True
 
-    def attend(self, q, k, v):
+    def mix(self, q, k, v, mask):
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         return q * (k * v).sum(dim=1, keepdim=True)
 
 
 @register_attention('efficient')
-class EfficientAttention(_TokenAttention):
+class EfficientAttention(Attention):
     """Efficient attention (Shen et al. 2021): ``softmax_d(Q) (softmax_n(K)ᵀ V)`` per head."""
+    float32_core = True
 
-    def attend(self, q, k, v):
-        q = _heads(q, self.num_heads).softmax(dim=-1)
-        k = _heads(k, self.num_heads).softmax(dim=-2)
-        return _merge(q @ (k.transpose(-2, -1) @ _heads(v, self.num_heads)))
+    def mix(self, q, k, v, mask):
+        q = self.heads(q).softmax(dim=-1)
+        k = self.heads(k).softmax(dim=-2)
+        return self.merge_heads(q @ (k.transpose(-2, -1) @ self.heads(v)))
 
 
 @register_attention('angular')
-class AngularLinearAttention(_TokenAttention):
+class AngularLinearAttention(Attention):
     """Linear angular attention (Castling-ViT, You et al. 2023) with a depthwise conv on V.
 
     ``Sim(q, k) = ½ + q̂·k̂/π`` (first-order form of ``1 − arccos(q̂·k̂)/π``), row-normalised:
     ``(½ Σ_j v_j + Q̂ (K̂ᵀ V)/π) / (½ n + Q̂ · Σ_j k̂_j / π) + DWC(V)``.
     """
+    uses_dwc = True
+    float32_core = True
 
-    def __init__(self, dim, num_heads, grid_size, qkv_bias=True, attn_drop=0., proj_drop=0.,
-                 options: AttentionOptions = AttentionOptions()):
-        super().__init__(dim, num_heads, grid_size, qkv_bias, attn_drop, proj_drop, options)
-        self.dwc = make_dwc(dim // num_heads, options.kernel_size)
-
-    def attend(self, q, k, v):
+    def mix(self, q, k, v, mask):
         n = k.shape[1]
-        q = F.normalize(_heads(q, self.num_heads), dim=-1)
-        k = F.normalize(_heads(k, self.num_heads), dim=-1)
-        vh = _heads(v, self.num_heads)
+        q, k = F.normalize(self.heads(q), dim=-1), F.normalize(self.heads(k), dim=-1)
+        vh = self.heads(v)
         num = 0.5 * vh.sum(dim=-2, keepdim=True) + (q @ (k.transpose(-2, -1) @ vh)) / math.pi
         den = 0.5 * n + (q @ k.sum(dim=-2).unsqueeze(-1)) / math.pi
-        return _merge(num / den) + rank_restore_dwc(self.dwc, v, self.num_heads, self.grid_size)
+        return self.merge_heads(num / den)
 
 
 @register_attention('relu_linear')
-class ReLULinearAttention(_TokenAttention):
+class ReLULinearAttention(Attention):
     """EfficientViT's multi-scale ReLU linear attention (Cai et al. 2022/2023).
 
     Heads of the projected tokens and heads of the aggregated tokens (``aggreg``: a 5×5 depthwise
     conv of the q, k, v maps, then a 1×1 conv grouped per head) each compute
     ``ReLU(Q)(ReLU(K)ᵀV) / (ReLU(Q)·ΣReLU(K) + ε)``; ``proj`` maps the 2C concatenation to C.
+    The aggregation never mixes q, k and v channels, so each map is convolved on its own grid
+    (the query grid for q; the key grid, reduced in PVT, for k and v).
     """
+    float32_core = True
+    output_factor = 2
 
-    def __init__(self, dim, num_heads, grid_size, qkv_bias=True, attn_drop=0., proj_drop=0.,
-                 options: AttentionOptions = AttentionOptions()):
-        super().__init__(dim, num_heads, grid_size, qkv_bias, attn_drop, proj_drop, options, proj_in=2 * dim)
-        self.aggreg = nn.Sequential(
-            nn.Conv2d(3 * dim, 3 * dim, 5, padding=2, groups=3 * dim, bias=False),
-            nn.Conv2d(3 * dim, 3 * dim, 1, groups=3 * num_heads, bias=False))
+    def init_kind_modules(self, options: AttentionOptions) -> None:
+        dim = 3 * self.dim
+        self.aggreg = nn.Sequential(nn.Conv2d(dim, dim, 5, padding=2, groups=dim, bias=False),
+                                    nn.Conv2d(dim, dim, 1, groups=3 * self.num_heads, bias=False))
 
     def _relu_linear(self, q, k, v):
-        q, k, v = (_heads(t, self.num_heads) for t in (q, k, v))
-        q, k = F.relu(q), F.relu(k)
+        q, k, v = F.relu(self.heads(q)), F.relu(self.heads(k)), self.heads(v)
         num = q @ (k.transpose(-2, -1) @ v)
         den = q @ k.sum(dim=-2).unsqueeze(-1)
-        return _merge(num / (den + RELU_LINEAR_EPS))
+        return self.merge_heads(num / (den + RELU_LINEAR_EPS))
 
-    def attend(self, q, k, v):
-        B, N, C = q.shape
-        H, W = self.grid_size
-        maps = torch.cat([q, k, v], dim=-1).transpose(1, 2).reshape(B, 3 * C, H, W)
-        agg = self.aggreg(maps)  # float32: autocast is off inside attend()
-        qa, ka, va = agg.reshape(B, 3 * C, N).transpose(1, 2).chunk(3, dim=-1)
-        return torch.cat([self._relu_linear(q, k, v), self._relu_linear(qa, ka, va)], dim=-1)
+    def _aggregate(self, x: torch.Tensor, part: int, grid) -> torch.Tensor:
+        """`aggreg` on channel block `part` (0: q, 1: k, 2: v) of its input, for x (B, n, C) on `grid`."""
+        depthwise, pointwise = self.aggreg
+        rows = slice(part * self.dim, (part + 1) * self.dim)
+        image = x.transpose(1, 2).reshape(x.shape[0], self.dim, *grid)  # float32: autocast is off in mix()
+        image = F.conv2d(image, depthwise.weight[rows], padding=2, groups=self.dim)
+        image = F.conv2d(image, pointwise.weight[rows], groups=self.num_heads)
+        return image.flatten(2).transpose(1, 2)
+
+    def mix(self, q, k, v, mask):
+        aggregated = [self._aggregate(t, i, grid) for i, (t, grid) in
+                      enumerate(((q, self.window), (k, self.key_grid), (v, self.key_grid)))]
+        return torch.cat([self._relu_linear(q, k, v), self._relu_linear(*aggregated)], dim=-1)

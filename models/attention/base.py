@@ -1,0 +1,321 @@
+"""The one attention contract: shared projections, key/value reduction, stripe windows and extras.
+
+Every attention kind is a subclass of :class:`Attention` and defines only how tokens mix,
+:meth:`Attention.mix`: ``(q, k, v) -> out`` for the queries of one grid and the keys/values they
+attend to. Everything around it is decided by the backbone through :class:`AttentionOptions` and
+written once, here:
+
+* **projections** (``options.projections``): one fused ``qkv`` Linear (Swin, DeiT), separate ``q``
+  and ``kv`` Linears (PVT), or none when the block projects and passes the stacked ``(3, B, N, C)``
+  Q, K, V (CSwin); then ``proj`` and its dropout unless the block owns it;
+* **key/value reduction** (PVT): keys and values from a stride-``sr_ratio`` conv of the map then LN,
+  or PVTv2's linear mode ``GELU(LN(Conv1x1(AvgPool(7)(map))))``;
+* **stripe windows** (CSwin, ``options.window``): the map is cut into ``H_sp×W_sp`` windows, each
+  attends on its own, and the result is put back on the map;
+* **extras**: the key positional encoding, the rank-restoration DWC of V, and CSwin's LePE.
+
+A kind declares which extras it needs with class attributes (``uses_positional_encoding``,
+``uses_dwc``, ``uses_attn_drop``, ``float32_core``, ``output_factor``) and may create its own parameters in
+:meth:`Attention.init_kind`. Because all of this is shared, every kind works in every backbone.
+
+State-dict names are the official ones for each backbone: a module's own parameters come first
+(``scale``, ``positional_encoding``, a bias table), then its children in the order
+``qkv | q, kv``, ``proj``, ``pool, sr, norm, act``, the kind's modules, ``get_v``, ``dwc``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..grid import GridSpec
+from .core import make_dwc, rank_restore_dwc, upcast
+
+__all__ = ['AttentionOptions', 'Attention', 'set_fused_attention', 'PROJECTIONS', 'LINEAR_POOL_SIZE',
+           'LEPE_KERNEL_SIZE', 'resolve_window', 'stripe_partition', 'stripe_reverse', 'resample_tokens',
+           'locally_enhanced_pe']
+
+# Where Q, K and V come from (see the module docstring).
+PROJECTIONS = ('qkv', 'q_kv', 'block')
+# PVTv2 linear mode pools the map to a fixed 7×7 grid of key/value tokens, whatever the stage.
+LINEAR_POOL_SIZE = 7
+# LePE: CSwin's locally-enhanced positional encoding, a depthwise 3×3 conv on V inside each window.
+LEPE_KERNEL_SIZE = 3
+
+
+@dataclass(frozen=True)
+class AttentionOptions:
+    """Knobs of an attention module: the kind's (``MODEL.LA``) and the layout the backbone sets."""
+    focusing_factor: int = 3  # power p of the focused function f_p
+    kernel_size: int = 5  # depthwise rank-restoration conv (DWC) kernel
+    qk_scale: Optional[float] = None  # softmax logit scale; None means head_dim ** -0.5
+    projections: str = 'qkv'  # one of PROJECTIONS
+    sr_ratio: int = 1  # keys/values from a stride-sr conv of the map (1: no reduction)
+    linear: bool = False  # PVTv2 "linear" mode: keys/values from a 7×7 average pool of the map
+    window: Optional[Tuple[int, int]] = None  # stripe window inside the grid (None: the whole grid)
+    lepe: bool = False  # add CSwin's LePE(V)
+
+
+def resolve_window(grid_size: Tuple[int, int], window: Optional[Tuple[int, int]]) -> Tuple[int, int]:
+    """The stripe ``(H_sp, W_sp)`` of `window` on the ``grid_size`` map (None: the whole map).
+
+    Raises ValueError naming both sizes when the window does not tile the map, so a bad split is
+    reported when the module is built, never mid-forward.
+    """
+    H, W = grid_size
+    if window is None:
+        return H, W
+    H_sp, W_sp = window
+    if (H_sp < 1) or (W_sp < 1) or (H % H_sp) or (W % W_sp):
+        raise ValueError(f'stripe window {H_sp}x{W_sp} does not tile the {H}x{W} map')
+    return H_sp, W_sp
+
+
+def stripe_partition(x: torch.Tensor, grid_size: Tuple[int, int], window: Tuple[int, int]) -> torch.Tensor:
+    """(B, H·W, C) -> (B·nW, H_sp·W_sp, C): windows batch-major, then window-row, then window-column;
+    tokens row-major inside a window (the official CSwin ``img2windows``)."""
+    B, _, C = x.shape
+    H, W = grid_size
+    H_sp, W_sp = window
+    x = x.reshape(B, H // H_sp, H_sp, W // W_sp, W_sp, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H_sp * W_sp, C)
+
+
+def stripe_reverse(windows: torch.Tensor, grid_size: Tuple[int, int], window: Tuple[int, int]) -> torch.Tensor:
+    """Inverse of :func:`stripe_partition`: (B·nW, H_sp·W_sp, C) -> (B, H·W, C)."""
+    C = windows.shape[-1]
+    H, W = grid_size
+    H_sp, W_sp = window
+    x = windows.reshape(-1, H // H_sp, W // W_sp, H_sp, W_sp, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H * W, C)
+
+
+def resample_tokens(x: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """1-D linear interpolation along the flattened token axis: (B, n, C) -> (B, num_tokens, C).
+
+    Each channel's length-n sequence is resampled independently (``align_corners=False``), so rows
+    of a small grid are smeared along the row-major sequence rather than upsampled in 2-D. That is
+    how the official FLatten-PVT feeds V of a reduced map to the DWC of the full map
+    (docs/numerics.md, "PVT v1 key/value reduction").
+    """
+    if x.shape[1] == num_tokens:
+        return x
+    return F.interpolate(x.transpose(1, 2), size=num_tokens, mode='linear', align_corners=False).transpose(1, 2)
+
+
+def locally_enhanced_pe(get_v: nn.Conv2d, v: torch.Tensor, window: Tuple[int, int]) -> torch.Tensor:
+    """LePE(V): `get_v` (depthwise, one kernel per channel) on each window image, zero-padded at the
+    window border. v: (B·nW, H_sp·W_sp, C) raw values in window layout; returns the same shape."""
+    B_, N, C = v.shape
+    image = v.transpose(1, 2).reshape(B_, C, *window)
+    return get_v(image).reshape(B_, C, N).transpose(1, 2)
+
+
+def _check_options(dim: int, num_heads: int, options: AttentionOptions) -> None:
+    if options.projections not in PROJECTIONS:
+        raise ValueError(f'attention projections={options.projections!r} is not one of {list(PROJECTIONS)}')
+    if dim % num_heads:
+        raise ValueError(f'attention width {dim} is not divisible by num_heads={num_heads}')
+    if options.sr_ratio < 1:
+        raise ValueError(f'attention sr_ratio must be >= 1, got {options.sr_ratio}')
+    if (options.sr_ratio > 1 or options.linear) and (options.projections != 'q_kv'):
+        raise ValueError(f'attention: a key/value reduction needs projections=\'q_kv\' (separate q and kv '
+                         f'Linears, as in PVT), got {options.projections!r}')
+    if (options.window is not None) and (options.sr_ratio > 1 or options.linear):
+        raise ValueError('attention: a stripe window and a key/value reduction cannot be combined')
+
+
+class Attention(nn.Module):
+    """Base of every attention kind (see the module docstring for the contract).
+
+    Args:
+        dim, num_heads: width C and heads h (C divisible by h).
+        grid_size: (H, W) of the token map the module sees; tokens are row-major on it. A kind that
+            needs no grid (softmax without reduction) accepts other token counts (a class token).
+        qkv_bias: bias of the Q/K/V projections; attn_drop: attention-probability dropout of the
+            softmax kinds; proj_drop: dropout after ``proj``.
+        options: :class:`AttentionOptions`.
+
+    ``forward(x)``: x is (B, N, C), or the stacked (3, B, N, C) with ``projections='block'``;
+    returns (B, N, C). ``mask`` (Swin's shifted-window mask) reaches :meth:`mix`, where only the
+    softmax kinds apply it (docs/differences.md, "Swin shift mask ignored by focused attention").
+
+    ``fused``: kinds with a fast path (the focused core, the DWC) use it when True (the default);
+    :func:`~models.attention.core.set_fused_attention` switches every module to the reference.
+    """
+    kind: str  # set by register_attention
+    uses_positional_encoding = False  # a learned (1, n, C) encoding added to the keys
+    uses_dwc = False  # the rank-restoration DWC of V on the query grid
+    float32_core = False  # mix() runs in float32 with autocast off (its sums overflow float16)
+    output_factor = 1  # mix() returns output_factor·C channels (proj maps them back to C)
+    uses_attn_drop = False  # dropout on attention probabilities (softmax kinds; linear kinds have none)
+
+    def __init__(self, dim: int, num_heads: int, grid_size: Tuple[int, int], qkv_bias: bool = True,
+                 attn_drop: float = 0., proj_drop: float = 0., options: AttentionOptions = AttentionOptions()):
+        super().__init__()
+        _check_options(dim, num_heads, options)
+        self.dim, self.num_heads, self.grid_size = dim, num_heads, tuple(grid_size)
+        self.head_dim = dim // num_heads
+        self.projections = options.projections
+        self.window = resolve_window(self.grid_size, options.window)  # the query grid of one attention
+        self.fused = True
+        self.init_kind(options)  # the kind's own parameters first, as in the official state dicts
+        self._init_reduction(dim, options)
+        if self.uses_positional_encoding:
+            self.positional_encoding = nn.Parameter(torch.zeros(1, self.key_grid[0] * self.key_grid[1], dim))
+        self._init_projections(dim, qkv_bias, attn_drop, proj_drop)
+        self._init_reduction_modules(dim, options)
+        self.init_kind_modules(options)
+        self.get_v = nn.Conv2d(dim, dim, LEPE_KERNEL_SIZE, padding=LEPE_KERNEL_SIZE // 2, groups=dim) \
+            if options.lepe else None
+        self.dwc = make_dwc(self.head_dim, options.kernel_size) if self.uses_dwc else None
+
+    # -- construction ------------------------------------------------------------------------
+
+    def init_kind(self, options: AttentionOptions) -> None:
+        """Create the kind's own parameters (before the shared ones); nothing by default."""
+
+    def init_kind_modules(self, options: AttentionOptions) -> None:
+        """Create the kind's own submodules (after projections and reduction); nothing by default."""
+
+    def _init_reduction(self, dim: int, options: AttentionOptions) -> None:
+        H, W = self.window
+        self.sr_ratio, self.linear = options.sr_ratio, options.linear
+        if self.linear:
+            self.key_grid = (LINEAR_POOL_SIZE, LINEAR_POOL_SIZE)
+        elif self.sr_ratio > 1:
+            if self.uses_positional_encoding and ((H % self.sr_ratio) or (W % self.sr_ratio)):
+                # one encoding vector per reduced cell: refuse to drop map borders
+                raise ValueError(f'{self.kind} attention: grid {H}x{W} is not divisible by the spatial-reduction '
+                                 f'ratio {self.sr_ratio}')
+            # a map the stride does not divide loses its last rows/columns, as in the original PVT
+            self.key_grid = (H // self.sr_ratio, W // self.sr_ratio)
+        else:
+            self.key_grid = (H, W)
+
+    def _init_projections(self, dim: int, qkv_bias: bool, attn_drop: float, proj_drop: float) -> None:
+        if self.projections == 'qkv':
+            self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        elif self.projections == 'q_kv':
+            self.q = nn.Linear(dim, dim, bias=qkv_bias)
+            self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        if self.uses_attn_drop:
+            self.attn_drop = nn.Dropout(attn_drop)
+        # the block owns proj with projections='block', unless this kind changes the width
+        if (self.projections != 'block') or (self.output_factor != 1):
+            self.proj = nn.Linear(dim * self.output_factor, dim)
+            self.proj_drop = nn.Dropout(proj_drop)
+        else:
+            self.proj = None
+
+    def _init_reduction_modules(self, dim: int, options: AttentionOptions) -> None:
+        if self.linear:
+            self.pool = nn.AdaptiveAvgPool2d(LINEAR_POOL_SIZE)
+            self.sr = nn.Conv2d(dim, dim, kernel_size=1, stride=1)
+            self.norm = nn.LayerNorm(dim)
+            self.act = nn.GELU()
+        elif self.sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=self.sr_ratio, stride=self.sr_ratio)
+            self.norm = nn.LayerNorm(dim)
+
+    # -- forward -----------------------------------------------------------------------------
+
+    def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Module input -> q (B', N', C) and k, v (B', n', C) on the attention grids: projected,
+        keys/values reduced, cut into stripe windows (B' = B·windows)."""
+        if self.projections == 'block':
+            q, k, v = x.unbind(0)
+        elif self.projections == 'qkv':
+            q, k, v = self.qkv(x).unflatten(-1, (3, self.dim)).unbind(dim=2)
+        else:
+            q = self.q(x)
+            k, v = self.kv(self._key_value_input(x)).unflatten(-1, (2, self.dim)).unbind(dim=2)
+        if self.window != self.grid_size:
+            q, k, v = (stripe_partition(t, self.grid_size, self.window) for t in (q, k, v))
+        return q, k, v
+
+    def _key_value_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, C) tokens of the map -> (B, n, C), the input of ``kv``."""
+        if (not self.linear) and (self.sr_ratio == 1):
+            return x
+        B, N, C = x.shape
+        image = x.transpose(1, 2).reshape(B, C, *self.grid_size)
+        if self.linear:
+            return self.act(self.norm(self.sr(self.pool(image)).flatten(2).transpose(1, 2)))
+        return self.norm(self.sr(image).flatten(2).transpose(1, 2))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The attention of q on (k, v) of one window: the kind's :meth:`mix` plus the DWC and LePE.
+
+        With ``float32_core`` the mixing runs in float32 even under autocast (the cube of the focused
+        function and the unnormalised key sums overflow float16 for inputs of magnitude 1e2), while
+        the projections and the convolutions keep the autocast dtype.
+        """
+        if self.float32_core:
+            with torch.autocast(device_type=q.device.type, enabled=False):
+                out = self.mix(upcast(q), upcast(k), upcast(v), mask)
+        else:
+            out = self.mix(q, k, v, mask)
+        extras = 0
+        if self.dwc is not None:  # V of a reduced map is resampled to the query tokens first
+            v_map = resample_tokens(v, q.shape[1])
+            extras = rank_restore_dwc(self.dwc, v_map, self.num_heads, self.window, self.fused)
+        if self.get_v is not None:
+            extras = extras + locally_enhanced_pe(self.get_v, v, self.window)
+        if isinstance(extras, int):
+            return out
+        if self.output_factor == 1:
+            return out + extras
+        # a multi-scale kind: the extras join the heads of the tokens themselves (the first C channels)
+        return torch.cat([out[..., :self.dim] + extras, out[..., self.dim:]], dim=-1)
+
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """(B, N, C) queries, (B, n, C) keys and values -> (B, N, output_factor·C); each kind's own."""
+        raise NotImplementedError(f'attention kind {type(self).__name__} does not define mix()')
+
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        q, k, v = self.project(x)
+        out = self.attend(q, k, v, mask)
+        if self.window != self.grid_size:
+            out = stripe_reverse(out, self.grid_size, self.window)
+        if self.proj is None:
+            return out.to(x.dtype)
+        return self.proj_drop(self.proj(out))
+
+    # -- introspection -----------------------------------------------------------------------
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, h·d) -> (B, h, N, d)."""
+        B, N, C = x.shape
+        return x.reshape(B, N, self.num_heads, C // self.num_heads).transpose(1, 2)
+
+    @staticmethod
+    def merge_heads(x: torch.Tensor) -> torch.Tensor:
+        """(B, h, N, d) -> (B, N, h·d)."""
+        B, h, N, d = x.shape
+        return x.transpose(1, 2).reshape(B, N, h * d)
+
+    def parameter_grids(self) -> Dict[str, GridSpec]:
+        # one positional encoding per key token: the (window, reduced or 7×7 pooled) key grid
+        return {'positional_encoding': GridSpec(self.key_grid)} if self.uses_positional_encoding else {}
+
+    def extra_repr(self) -> str:
+        text = f'dim={self.dim}, num_heads={self.num_heads}, grid_size={self.grid_size}'
+        if self.window != self.grid_size:
+            text += f', window={self.window}'
+        if self.key_grid != self.window:
+            text += f', key_grid={self.key_grid}'
+        return text
+
+
+def set_fused_attention(model: nn.Module, enabled: bool = True) -> int:
+    """Switch every attention module of `model` to its fast path (the default) or to the reference
+    implementation; returns how many modules were switched."""
+    modules = [module for module in model.modules() if isinstance(module, Attention)]
+    for module in modules:
+        module.fused = enabled
+    return len(modules)
