@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, List
 
 import torch
 
@@ -130,6 +130,56 @@ def memory_in_subprocess(spec: dict) -> Dict[str, float]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _time_tasks(cases: dict, args, dtype: str, autocast, device) -> dict:
+    """{case key: {task: img/s (train, infer) or ms (latency), task_runs: [seconds]}}, every task's
+    cases timed interleaved."""
+    results = {key: {} for key in cases}
+    for task in args.tasks:
+        batch = 1 if task == 'latency' else args.batch_size
+        fns = {}
+        for key, case in cases.items():
+            images = random_images(batch, case['cfg'].DATA.IMG_SIZE, device, key[1].channels_last)
+            if task == 'train':
+                fns[key] = training_step(case['model'], images, case['cfg'].MODEL.NUM_CLASSES, autocast)
+            else:
+                fns[key] = inference_step(case['model'], images, autocast)
+        print(f'[{dtype}] timing {task} of {len(fns)} cases (interleaved, {args.repeats} repeats)', flush=True)
+        # compiled cases compile during warm-up: two warm-up calls cover the first call and any recompile
+        times = measure({str(i): fn for i, fn in enumerate(fns.values())}, device, repeats=args.repeats)
+        for i, key in enumerate(fns):
+            seconds = median(times[str(i)])
+            results[key][task] = 1000 * seconds if task == 'latency' else batch / seconds
+            results[key][task + '_runs'] = times[str(i)]
+    return results
+
+
+def _gemm_bound(cases: dict, results: dict, args, autocast, device, mm: float) -> None:
+    """Each config's eager case (always measured): its nn.Linear calls, each timed alone at its shape."""
+    for path in args.configs:
+        case = cases[(path, Variant())]
+        macs = case['macs']
+        images = random_images(args.batch_size, case['cfg'].DATA.IMG_SIZE, device)
+        seconds, linear_macs = linear_layers_seconds(case['model'], images, autocast, repeats=args.repeats)
+        for key in results:
+            if key[0] == path:
+                results[key].update(linear_ms=1000 * seconds, linear_share=linear_macs / (macs * args.batch_size),
+                                    gemm_bound_pct=100 * 2 * macs * args.batch_size / seconds / (mm * 1e9))
+
+
+def _rows(cases: dict, results: dict, args, dtype: str, mm: float) -> List[dict]:
+    rows = []
+    for (path, variant), res in results.items():
+        case = cases[(path, variant)]
+        first = results[(args.configs[0], variant)]
+        row = dict(config=path, model=case['cfg'].MODEL.NAME, variant=variant.name, dtype=dtype,
+                   img_size=case['cfg'].DATA.IMG_SIZE, batch_size=args.batch_size, gmacs=case['macs'] / 1e9, **res)
+        if 'infer' in res:
+            row['vs_first'] = res['infer'] / first['infer']
+            row['pct_matmul'] = 100 * 2 * case['macs'] * res['infer'] / (mm * 1e9)
+        rows.append(row)
+    return rows
+
+
 def run(args) -> dict:
     device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if device.type == 'cpu':
@@ -148,49 +198,15 @@ def run(args) -> dict:
         for path, variant in itertools.product(args.configs, variants):
             model, cfg, macs = load_model(path, variant, device, args.img_size)
             cases[(path, variant)] = dict(model=model, cfg=cfg, macs=macs)
-        results = {key: {} for key in cases}
-        for task in args.tasks:
-            batch = 1 if task == 'latency' else args.batch_size
-            fns = {}
-            for key, case in cases.items():
-                images = random_images(batch, case['cfg'].DATA.IMG_SIZE, device, key[1].channels_last)
-                if task == 'train':
-                    fns[key] = training_step(case['model'], images, case['cfg'].MODEL.NUM_CLASSES, autocast)
-                else:
-                    fns[key] = inference_step(case['model'], images, autocast)
-            print(f'[{dtype}] timing {task} of {len(fns)} cases (interleaved, {args.repeats} repeats)', flush=True)
-            # compiled cases compile during warm-up: two warm-up calls cover the first call and any recompile
-            times = measure({str(i): fn for i, fn in enumerate(fns.values())}, device, repeats=args.repeats)
-            for i, key in enumerate(fns):
-                seconds = median(times[str(i)])
-                results[key][task] = 1000 * seconds if task == 'latency' else batch / seconds
-                results[key][task + '_runs'] = times[str(i)]
+        results = _time_tasks(cases, args, dtype, autocast, device)
         if args.memory:
             for key in cases:
                 spec = dict(config=key[0], variant=key[1].__dict__, device=str(device), dtype=dtype,
                             batch_size=args.batch_size, img_size=args.img_size)
                 results[key].update(memory_in_subprocess(spec))
         if args.gemm_bound:
-            # each config's eager case (always measured): its nn.Linear calls, each timed alone at its shape
-            for path in args.configs:
-                case = cases[(path, Variant())]
-                macs = case['macs']
-                images = random_images(args.batch_size, case['cfg'].DATA.IMG_SIZE, device)
-                seconds, linear_macs = linear_layers_seconds(case['model'], images, autocast, repeats=args.repeats)
-                for key in results:
-                    if key[0] == path:
-                        results[key].update(linear_ms=1000 * seconds,
-                                            linear_share=linear_macs / (macs * args.batch_size),
-                                            gemm_bound_pct=100 * 2 * macs * args.batch_size / seconds / (mm * 1e9))
-        for (path, variant), res in results.items():
-            case = cases[(path, variant)]
-            first = results[(args.configs[0], variant)]
-            row = dict(config=path, model=case['cfg'].MODEL.NAME, variant=variant.name, dtype=dtype,
-                       img_size=case['cfg'].DATA.IMG_SIZE, batch_size=args.batch_size, gmacs=case['macs'] / 1e9, **res)
-            if 'infer' in res:
-                row['vs_first'] = res['infer'] / first['infer']
-                row['pct_matmul'] = 100 * 2 * case['macs'] * res['infer'] / (mm * 1e9)
-            rows.append(row)
+            _gemm_bound(cases, results, args, autocast, device, mm)
+        rows.extend(_rows(cases, results, args, dtype, mm))
         del cases
     return dict(machine=machine_info(device), matmul_gflops=mm, args=vars(args), rows=rows)
 
