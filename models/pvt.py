@@ -31,7 +31,7 @@ from .registry import common_cfg_kwargs, la_cfg_kwargs, register_model_types, re
 
 __all__ = [
     'PyramidVisionTransformer', 'PyramidBackbone', 'StagePlan', 'parse_sr_ratios', 'check_stage_geometry',
-    'pvt_attention_options',
+    'pvt_attention_options', 'register_size_variants', 'FLATTEN_MODE',
 ]
 
 # PVT's S blocks: spatial-reduction softmax attention; its L blocks take MODEL.LA.LINEAR_KIND.
@@ -290,11 +290,12 @@ PVT_DEPTHS = {
     'medium': (3, 4, 18, 3),
     'large': (3, 8, 27, 3),
 }
-_FLATTEN = dict(attn_type='LLLL', la_sr_ratios='1111')
+# The official FLatten setting of PVT v1 and v2: global focused linear attention in every block.
+FLATTEN_MODE = dict(attn_type='LLLL', la_sr_ratios='1111')
 # The PVT v1 paper's model: SRA with ratios 8-4-2-1 everywhere, class token, final norm applied.
 _SOFTMAX = dict(attn_type='SSSS', sr_ratios=(8, 4, 2, 1), class_token=True)
 
-_MODES = {'flatten': _FLATTEN, 'softmax': _SOFTMAX}  # variant name prefix: attention
+_MODES = {'flatten': FLATTEN_MODE, 'softmax': _SOFTMAX}  # variant name prefix: attention
 # size: descriptions of its FLatten and softmax variants (parameter counts at 1000 classes)
 _DESCRIPTIONS = {
     'tiny': ('FLatten-PVT-T (12.2M): global focused linear attention in every block (paper Table 8).',
@@ -303,10 +304,21 @@ _DESCRIPTIONS = {
     'medium': ('FLatten-PVT-M (37.2M).', 'PVT-M baseline (44.2M).'),
     'large': ('FLatten-PVT-L (50.6M); its official config file is ``flatten_pvt_b.yaml``.', 'PVT-L baseline (61.4M).'),
 }
+
+
+def register_size_variants(cls: type, family: str, archs: Dict[str, dict], modes: Dict[str, dict],
+                           descriptions: Dict[str, Tuple[str, ...]]) -> None:
+    """Register ``{mode}_{family}_{size}`` for every size of `descriptions`: the architecture
+    ``archs[size]`` with the attention settings ``modes[mode]``; ``descriptions[size]`` holds one
+    docstring per mode, in the order of `modes` (PVT v1 and PVTv2 name their variants this way)."""
+    register_variants(cls, {
+        f'{mode}_{family}_{size}': ({**archs[size], **modes[mode]}, doc)
+        for size, docs in descriptions.items() for mode, doc in zip(modes, docs, strict=True)})
+
+
 # flatten_pvt_tiny ... softmax_pvt_large
-register_variants(PyramidVisionTransformer, {
-    f'{mode}_pvt_{size}': ({**_MODES[mode], 'depths': PVT_DEPTHS[size]}, doc)
-    for size, docs in _DESCRIPTIONS.items() for mode, doc in zip(_MODES, docs, strict=True)})
+register_size_variants(PyramidVisionTransformer, 'pvt', {size: {'depths': d} for size, d in PVT_DEPTHS.items()},
+                       _MODES, _DESCRIPTIONS)
 
 
 def flatten_cfg_kwargs(cfg) -> dict:

@@ -27,8 +27,8 @@ import torch.nn as nn
 from timm.layers import to_2tuple
 
 from .layers import Backbone, run_blocks
-from .pvt import PyramidBackbone, StagePlan, flatten_cfg_kwargs
-from .registry import common_cfg_kwargs, register_model_types, register_variants
+from .pvt import FLATTEN_MODE, PyramidBackbone, StagePlan, flatten_cfg_kwargs, register_size_variants
+from .registry import common_cfg_kwargs, register_model_types
 
 __all__ = ['PyramidVisionTransformerV2']
 
@@ -208,10 +208,9 @@ PVT_V2_ARCHS = {
     'b4': dict(**_WIDE, mlp_ratios=(8, 8, 4, 4), depths=(3, 8, 27, 3)),
     'b5': dict(**_WIDE, mlp_ratios=(4, 4, 4, 4), depths=(3, 6, 40, 3)),
 }
-_FLATTEN = dict(attn_type='LLLL', la_sr_ratios='1111')
 _SOFTMAX = dict(attn_type='SSSS', sr_ratios=(8, 4, 2, 1))
 
-_MODES = {'flatten': _FLATTEN, 'softmax': _SOFTMAX}  # variant name prefix: attention
+_MODES = {'flatten': FLATTEN_MODE, 'softmax': _SOFTMAX}  # variant name prefix: attention
 # size: descriptions of its FLatten and softmax variants (parameter counts at 1000 classes)
 _DESCRIPTIONS = {
     'b0': ('FLatten-PVTv2-B0 (3.6M): global focused linear attention in every block (paper Table 8).',
@@ -223,9 +222,7 @@ _DESCRIPTIONS = {
     'b5': ('FLatten-PVTv2-B5: in the official code, without config or reported result.', 'PVTv2-B5 baseline (82.0M).'),
 }
 # flatten_pvt_v2_b0 ... softmax_pvt_v2_b5
-register_variants(PyramidVisionTransformerV2, {
-    f'{mode}_pvt_v2_{size}': ({**PVT_V2_ARCHS[size], **_MODES[mode]}, doc)
-    for size, docs in _DESCRIPTIONS.items() for mode, doc in zip(_MODES, docs, strict=True)})
+register_size_variants(PyramidVisionTransformerV2, 'pvt_v2', PVT_V2_ARCHS, _MODES, _DESCRIPTIONS)
 
 
 def build_flatten_pvt_v2(cfg, arch: dict) -> PyramidVisionTransformerV2:
