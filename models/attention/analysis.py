@@ -65,26 +65,26 @@ def _one_image(module: Attention, x: torch.Tensor) -> torch.Tensor:
     return x[:, :1] if stacked else x[:1]
 
 
-def _float64(module: Attention) -> Attention:
-    """A float64 copy of `module` (the analysis never touches the module itself)."""
+def _float64(module: nn.Module) -> Attention:
+    """A float64 copy of `module` (the analysis never touches the module itself); TypeError for a
+    module that is not an :class:`~.base.Attention`."""
+    if not supports_analysis(module):
+        raise TypeError(f'{type(module).__name__} is not an attention module (models.attention.Attention); the '
+                        f'analysis tools cover every kind of the DeiT, PVT, PVTv2, Swin and CSwin backbones')
     return copy.deepcopy(module).double().eval()
 
 
 @torch.no_grad()
 def token_projections(module: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Module input of one image -> float64 q (N, C) and k, v (n, C) of its first window; k has P added."""
-    if not supports_analysis(module):
-        raise TypeError(f'{type(module).__name__} is not an attention module (models.attention.Attention); the '
-                        f'analysis tools cover every kind of the DeiT, PVT, PVTv2, Swin and CSwin backbones')
     return _projections(_float64(module), _one_image(module, x))
 
 
 def _projections(module: Attention, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q, k, v = module.project(x.double())
     q, k, v = q[0], k[0], v[0]  # the first window of the image
-    pe = getattr(module, 'positional_encoding', None) if module.uses_positional_encoding else None
-    if pe is not None:
-        k = k + pe[0]
+    if module.uses_positional_encoding:
+        k = k + module.positional_encoding[0]
     return q, k, v
 
 
@@ -116,9 +116,6 @@ def _window_conv_matrix(conv: nn.Conv2d, channels, window: Tuple[int, int], num_
 def equivalent_matrices(module: nn.Module, x: torch.Tensor) -> Dict[str, torch.Tensor]:
     """Module input of one image -> {form: (heads, N, n) float64 attention matrix}, plus ``lepe``
     (heads, N, N) when the module has CSwin's LePE (see the module docstring)."""
-    if not supports_analysis(module):
-        raise TypeError(f'{type(module).__name__} is not an attention module (models.attention.Attention); the '
-                        f'analysis tools cover every kind of the DeiT, PVT, PVTv2, Swin and CSwin backbones')
     module = _float64(module)
     h, d = module.num_heads, module.head_dim
     q, k, _ = _projections(module, _one_image(module, x))
