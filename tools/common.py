@@ -12,7 +12,7 @@ import torch.nn as nn
 from config import load_config
 from data.build import build_transform
 from models import build_model
-from models.attention.analysis import supports_analysis
+from models.attention.analysis import first_image, supports_analysis
 from models.registry import UnknownModelError
 from utils.checkpoint import CheckpointError, load_checkpoint
 
@@ -88,9 +88,7 @@ def attention_inputs(model: nn.Module, image: torch.Tensor) -> List[Tuple[str, n
     captured = []
 
     def capture(module, args, name):
-        x = args[0]
-        first = x[:, :1] if module.projections == 'block' else x[:1]
-        captured.append((name, module, first.detach().clone()))
+        captured.append((name, module, first_image(module, args[0]).detach().clone()))
 
     hooks = [module.register_forward_pre_hook(lambda mod, args, name=name: capture(mod, args, name))
              for name, module in model.named_modules() if supports_analysis(module)]

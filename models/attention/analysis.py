@@ -40,7 +40,7 @@ from .base import Attention, resample_tokens
 from .core import KERNEL_EPS, NORMALIZER_EPS, dwc_matrix, focused_kernel
 
 __all__ = ['FORMS', 'supports_analysis', 'token_projections', 'equivalent_matrices', 'query_distributions',
-           'entropy', 'head_ranks', 'resampling_matrix']
+           'entropy', 'head_ranks', 'resampling_matrix', 'first_image']
 
 FORMS = ('softmax', 'linear', 'focused')
 
@@ -50,7 +50,7 @@ def supports_analysis(module: nn.Module) -> bool:
     return isinstance(module, Attention)
 
 
-def _one_image(module: Attention, x: torch.Tensor) -> torch.Tensor:
+def first_image(module: Attention, x: torch.Tensor) -> torch.Tensor:
     """The module input of the first image, with its batch dim of 1.
 
     x: (B, N, C), or (3, B, N, C) for ``projections='block'``; a batch-less (N, C) / (3, N, C) is
@@ -77,7 +77,7 @@ def _float64(module: nn.Module) -> Attention:
 @torch.no_grad()
 def token_projections(module: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Module input of one image -> float64 q (N, C) and k, v (n, C) of its first window; k has P added."""
-    return _projections(_float64(module), _one_image(module, x))
+    return _projections(_float64(module), first_image(module, x))
 
 
 def _projections(module: Attention, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -118,7 +118,7 @@ def equivalent_matrices(module: nn.Module, x: torch.Tensor) -> Dict[str, torch.T
     (heads, N, N) when the module has CSwin's LePE (see the module docstring)."""
     module = _float64(module)
     h, d = module.num_heads, module.head_dim
-    q, k, _ = _projections(module, _one_image(module, x))
+    q, k, _ = _projections(module, first_image(module, x))
     N, n = q.shape[0], k.shape[0]
     logits = _heads(q, h) @ _heads(k, h).transpose(-2, -1) * getattr(module, 'head_scale', d ** -0.5)
     logit_bias = getattr(module, 'logit_bias', None)
