@@ -211,6 +211,10 @@ _C.MODEL.SWIN.WINDOW_SIZE = 7
 # *new* Window of the softmax (S) blocks of FLatten-Swin. 0 keeps the official rule: 7 when
 # WINDOW_SIZE <= 56, else 12.
 _C.MODEL.SWIN.SOFTMAX_WINDOW_SIZE = 0
+# *new* At input sizes other than DATA.IMG_SIZE, L blocks that are global at DATA.IMG_SIZE stay global
+# (False, the default) or keep their window of the build size, the map padded to whole windows (True:
+# windowed focused attention for very large inputs). No effect at DATA.IMG_SIZE.
+_C.MODEL.SWIN.FIXED_WINDOW = False
 _C.MODEL.SWIN.MLP_RATIO = 4.
 _C.MODEL.SWIN.QKV_BIAS = True
 _C.MODEL.SWIN.QK_SCALE = None
@@ -409,8 +413,9 @@ _C.DIST_TIMEOUT = 30
 RANGES: Dict[str, Range] = {
     # data
     'DATA.BATCH_SIZE': Range('[1, inf)', 'images per process and step', integer=True),
-    'DATA.IMG_SIZE': Range('[1, inf)', 'side of the square input in pixels; whether the model can tile it is '
-                                       'checked when the model is built', integer=True),
+    'DATA.IMG_SIZE': Range('[1, inf)', 'side of the square input in pixels, the size the model is built for; it '
+                                       'must be at least the model\'s total stride, checked when the model is built',
+                           integer=True),
     'DATA.NUM_WORKERS': Range('[0, inf)', 'loader processes per process; 0 loads in the main process', integer=True),
     'DATA.TRAIN_SUBSET': Range('[0, inf)', 'training images to keep, 0 = all; more than the split holds is refused '
                                            'when it is loaded', integer=True),
@@ -713,8 +718,9 @@ def ranges_markdown() -> str:
              '`load_config` refuses a value outside its range before anything runs, with a `ConfigError`',
              'that names the key, the value, the range and the yaml file or `--opts` that set it.',
              'In an interval, `[` and `]` include the bound, `(` and `)` exclude it; `inf` is no bound',
-             '(inf and nan are never valid). Whether sizes fit together (image size vs patch, window and',
-             'stripe sizes; width vs heads; one entry per stage) is checked when the model is built.', '',
+             '(inf and nan are never valid). Whether sizes fit together (image size vs the total stride',
+             'and the LA stripe or reduction sizes; width vs heads; one entry per stage) is checked when',
+             'the model is built.', '',
              '| key | default | valid | meaning and reason |', '|---|---|---|---|']
     for key, valid in RANGES.items():
         lines.append(f'| `{key}` | `{_value_of(defaults, key)!r}` | {valid.describe()} | {valid.why} |')

@@ -22,22 +22,32 @@ Stripe rules (official, plus two extensions that the official code does not hand
 * Extension 2: L blocks with a split *smaller* than the map run focused linear attention per stripe
   window (the stripe code of :mod:`models.attention.base`); the official code crashes (docs/differences.md,
   "CSwin with an LA split smaller than the map").
-* A split that does not divide the map raises ValueError at construction, naming the sizes.
+* A map that a stripe width does not divide is zero-padded to whole stripes in the blocks with
+  two branches (Q, K and V of the padded tokens are zero, as in CSWin's detection backbone), at
+  the build size and at any other input size; a global branch never pads.
+
+Any input size runs (docs/numerics.md, "Any input size"): stripes keep their width and span the
+actual map, global branches cover the actual map, and their positional encodings are resized to
+it with the rule of ``--pretrained``, cached per size.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, to_2tuple
 
 from .attention import AttentionOptions, block_kinds, create_attention, letter_kinds
+from .grid import padded_size, size_dependent
 from .layers import Backbone, run_blocks
 from .registry import common_cfg_kwargs, la_cfg_kwargs, register_model_types, register_variants
 
 __all__ = ['CSWinTransformer', 'stage_resolutions', 'branch_windows', 'parse_split_sizes']
+
+torch.fx.wrap('size_dependent')
 
 # CSwin's S blocks: LePE stripe softmax attention; its L blocks take MODEL.LA.LINEAR_KIND.
 CSWIN_SOFTMAX_KIND = 'softmax'
@@ -88,7 +98,7 @@ class ImageToTokens(nn.Module):
 class MergeBlock(nn.Module):
     """Downsampling between stages: Conv2d 3×3 stride 2 (padding 1) then LN.
 
-    x: (B, H·W, C) -> (B, ⌈H/2⌉·⌈W/2⌉, C_out).
+    x: (B, H·W, C) on a `resolution` map (None: the build map) -> (B, ⌈H/2⌉·⌈W/2⌉, C_out).
     """
 
     def __init__(self, dim: int, dim_out: int, resolution: Tuple[int, int], norm_layer: type = nn.LayerNorm):
@@ -97,19 +107,21 @@ class MergeBlock(nn.Module):
         self.conv = nn.Conv2d(dim, dim_out, 3, stride=2, padding=1)
         self.norm = norm_layer(dim_out)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, resolution: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         B, _, C = x.shape
-        x = x.transpose(1, 2).reshape(B, C, *self.resolution)
+        x = x.transpose(1, 2).reshape(B, C, *(resolution or self.resolution))
         return self.norm(self.conv(x).flatten(2).transpose(1, 2))
 
 
 class CSWinBlock(nn.Module):
     """Pre-norm block: shared ``qkv``, one or two stripe branches of kind `attn_kind`, ``proj``, MLP.
 
-    x: (B, H·W, C) -> (B, H·W, C). The projections belong to the block (official layout); a
-    two-branch block gives each branch one channel half of Q, K and V and concatenates the outputs
-    before ``proj``. The official block constructs a ``proj_drop`` it never applies, so there is none
-    here: with ``drop > 0`` only the MLP dropouts act, as in the official code.
+    x: (B, H·W, C) on a `resolution` map (None: the build map) -> (B, H·W, C). The projections
+    belong to the block (official layout); a two-branch block gives each branch one channel half
+    of Q, K and V on the map padded to whole stripes (``stripe``: the stripe height and width
+    that must tile it) and concatenates the outputs before ``proj``. The official block constructs
+    a ``proj_drop`` it never applies, so there is none here: with ``drop > 0`` only the MLP
+    dropouts act, as in the official code.
     """
 
     def __init__(
@@ -133,6 +145,10 @@ class CSWinBlock(nn.Module):
         self.resolution = tuple(resolution)
         windows = branch_windows(self.resolution, split, last_stage)
         branches = len(windows)
+        # two branches: vertical (H, w) and horizontal (h, W) stripes; the map is padded to whole h×w tiles
+        self.stripe = None if branches == 1 else (windows[1][0], windows[0][1])
+        grid = self.padded(self.resolution)
+        windows = [None] if branches == 1 else [(grid[0], self.stripe[1]), (self.stripe[0], grid[1])]
         if (num_heads % branches) or (dim % branches):
             raise ValueError(
                 f'CSwin block on the {resolution[0]}x{resolution[1]} map: split {split} gives {branches} stripe '
@@ -142,7 +158,7 @@ class CSWinBlock(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.attns = nn.ModuleList([
             create_attention(
-                attn_kind, dim // branches, num_heads // branches, grid_size=self.resolution, qkv_bias=qkv_bias,
+                attn_kind, dim // branches, num_heads // branches, grid_size=grid, qkv_bias=qkv_bias,
                 attn_drop=attn_drop, proj_drop=drop, options=dataclasses.replace(
                     attn_options, projections='block', window=window, lepe=True))
             for window in windows])
@@ -150,12 +166,25 @@ class CSWinBlock(nn.Module):
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
         self.norm2 = norm_layer(dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def padded(self, resolution: Tuple[int, int]) -> Tuple[int, int]:
+        """The map the attention branches see: `resolution` padded to whole stripes (two branches)."""
+        return tuple(resolution) if self.stripe is None else padded_size(resolution, self.stripe)
+
+    def forward(self, x: torch.Tensor, resolution: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        return size_dependent(self, x, resolution)
+
+    def size_dependent_forward(self, x: torch.Tensor, resolution: Optional[Tuple[int, int]]) -> torch.Tensor:
         B, L, C = x.shape
+        H, W = resolution or self.resolution
         # (3, B, L, C): Q, K, V are consecutive C-chunks of the qkv output
         qkv = self.qkv(self.norm1(x)).reshape(B, L, 3, C).permute(2, 0, 1, 3)
+        Hp, Wp = self.padded((H, W))
+        if (Hp, Wp) != (H, W):
+            qkv = F.pad(qkv.reshape(3, B, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H)).reshape(3, B, Hp * Wp, C)
         parts = qkv.chunk(len(self.attns), dim=-1)
-        out = torch.cat([attn(part) for attn, part in zip(self.attns, parts, strict=True)], dim=-1)
+        out = torch.cat([attn(part, grid=(Hp, Wp)) for attn, part in zip(self.attns, parts, strict=True)], dim=-1)
+        if (Hp, Wp) != (H, W):
+            out = out.reshape(B, Hp, Wp, C)[:, :H, :W].reshape(B, H * W, C)
         x = x + self.drop_path(self.proj(out))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
@@ -167,7 +196,8 @@ class CSWinTransformer(Backbone):
     """CSWin Transformer whose stages use focused linear (L) or LePE stripe softmax (S) attention.
 
     Args:
-        img_size: input size (int or (H, W)); the input must have exactly this size.
+        img_size: build input size (int or (H, W)): it sizes the positional encodings; the model
+            runs at any size of at least 32 (module docstring).
         depths, num_heads: blocks and heads per stage; widths are ``embed_dim·2^i``.
         split_size: stripe width of the S blocks per stage (the last stage is always global).
         la_split_size: stripe width of the L blocks per stage, as ints or the config's dash string
@@ -179,6 +209,7 @@ class CSWinTransformer(Backbone):
     ``forward_features`` returns the final-normed tokens (B, L, C); ``forward_head`` averages them
     and applies ``head``.
     """
+    first_conv = 'stage1_conv_embed.0'  # timm's pretrained_cfg name of the input layer
 
     def __init__(
             self,
@@ -208,6 +239,8 @@ class CSWinTransformer(Backbone):
         if len(num_heads) != num_stages:
             raise ValueError(f'CSwin: depths {list(depths)} and num_heads {list(num_heads)} must have the same length')
         self.img_size = to_2tuple(img_size)
+        self.min_input_size = 4 * 2 ** (num_stages - 1)
+        self.check_size(self.img_size)
         self.num_classes = num_classes
         self.num_stages = num_stages
         self.num_features = embed_dim * 2 ** (num_stages - 1)
@@ -219,7 +252,7 @@ class CSWinTransformer(Backbone):
         letters = letter_kinds(linear_kind, CSWIN_SOFTMAX_KIND)
         kinds = block_kinds(attn_type, depths, letters)
         letter_of = {kind: letter for letter, kind in letters.items()}
-        self._check_splits(kinds, splits, letter_of)
+        self._check_la_splits(kinds, splits['L'], letter_of)
 
         self.stage1_conv_embed = nn.Sequential(
             nn.Conv2d(in_chans, embed_dim, 7, stride=4, padding=2), ImageToTokens(), norm_layer(embed_dim))
@@ -238,35 +271,47 @@ class CSWinTransformer(Backbone):
                 self.add_module(f'merge{i + 1}', MergeBlock(dim, 2 * dim, self.resolutions[i], norm_layer))
         self.norm = norm_layer(self.num_features)
         self.head = self._make_head()
+        self.feature_info = [dict(num_chs=embed_dim * 2 ** i, reduction=4 * 2 ** i, module=f'stage{i + 1}')
+                             for i in range(num_stages)]
         self._finish_init(use_checkpoint)
 
-    def _check_splits(self, kinds: List[List[str]], splits: dict, letter_of: dict) -> None:
-        """Every stripe must tile its stage map: raise ValueError naming the sizes, at construction."""
+    def _check_la_splits(self, kinds: List[List[str]], splits: Sequence[int], letter_of: dict) -> None:
+        """An explicit MODEL.LA.CSWIN_LA_SPLIT_SIZE must tile the stage maps of the build size: a split
+        written for another image size (56-28-14-7 is "global at 224²") would otherwise turn global
+        focused attention into padded stripes. Raise ValueError naming the sizes. (S-block stripes are
+        padded, as in CSWin's detection backbone.)"""
         for i, stage_kinds in enumerate(kinds):
+            if 'L' not in {letter_of[kind] for kind in stage_kinds}:
+                continue
             H, W = self.resolutions[i]
-            for letter in sorted({letter_of[kind] for kind in stage_kinds}):
-                split = splits[letter][i]
-                for window in branch_windows((H, W), split, last_stage=i == self.num_stages - 1):
-                    if (window is not None) and ((H % window[0]) or (W % window[1])):
-                        key = 'MODEL.LA.CSWIN_LA_SPLIT_SIZE' if letter == 'L' else 'split_size'
-                        raise ValueError(
-                            f'CSwin stage {i + 1} ({letter} blocks): {key} entry {split} does not tile the {H}x{W} '
-                            f'map of a {self.img_size[0]}x{self.img_size[1]} image; use a divisor of {H} and {W} '
-                            f'(or a split >= the map for global attention)')
+            for window in branch_windows((H, W), splits[i], last_stage=i == self.num_stages - 1):
+                if (window is not None) and ((H % window[0]) or (W % window[1])):
+                    raise ValueError(
+                        f'CSwin stage {i + 1} (L blocks): MODEL.LA.CSWIN_LA_SPLIT_SIZE entry {splits[i]} does not '
+                        f'tile the {H}x{W} map of a {self.img_size[0]}x{self.img_size[1]} image; use a divisor of '
+                        f'{H} and {W} (or a split >= the map, or no split, for global attention)')
 
-    def _stages(self) -> Iterator[Tuple[nn.ModuleList, Optional[MergeBlock]]]:
-        for i in range(self.num_stages):
-            yield getattr(self, f'stage{i + 1}'), getattr(self, f'merge{i + 1}', None)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_chans, H, W) with (H, W) = img_size -> final-normed tokens (B, L_last, num_features)."""
-        self.check_input_size(x)
+    def run_levels(self, x: torch.Tensor, keep, last: int):
+        """Levels are the stages, before their merge block: stage i gives (B, H_i·W_i, C·2^i) on
+        the map of :func:`stage_resolutions`; ``forward_features`` final-norms the last."""
+        resolutions = stage_resolutions((x.shape[-2], x.shape[-1]), self.num_stages)
         x = self.stage1_conv_embed(x)
-        for blocks, merge in self._stages():
-            x = run_blocks(blocks, x, self.grad_checkpointing)
-            if merge is not None:
-                x = merge(x)
-        return self.norm(x)
+        kept = {}
+        for i in range(last + 1):
+            x = run_blocks(getattr(self, f'stage{i + 1}'), x, self.grad_checkpointing, resolutions[i])
+            if i in keep:
+                kept[i] = (x, resolutions[i])
+            if i < last:
+                x = getattr(self, f'merge{i + 1}')(x, resolutions[i])
+        return x, kept
+
+    def prune_levels(self, last: int) -> None:
+        for i in range(last, self.num_stages):
+            if i > last:
+                delattr(self, f'stage{i + 1}')
+            if hasattr(self, f'merge{i + 1}'):
+                delattr(self, f'merge{i + 1}')
+        self.num_stages = last + 1
 
 
 # ---------------------------------------------------------------------------------------------

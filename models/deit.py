@@ -38,6 +38,10 @@ sequence to be exactly the grid.
 (timm ``VisionTransformer``: ``cls_token``, ``pos_embed``, ``patch_embed.proj``,
 ``blocks.i.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``, ``norm``, ``head``), and the
 LayerNorm eps is DeiT's 1e-6, so DeiT checkpoints load strictly and reproduce DeiT's outputs.
+
+**Any input size** (docs/numerics.md, "Any input size"): a partial patch is padded, and
+``pos_embed`` and every block's positional encoding are resized to the actual patch grid with the
+rule of ``--pretrained``, cached per size.
 """
 from __future__ import annotations
 
@@ -49,11 +53,13 @@ import torch.nn as nn
 from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
 
 from .attention import AttentionOptions, block_kinds, letter_kinds
-from .grid import GridSpec
+from .grid import GridSpec, ceil_div, resized_tokens
 from .layers import Backbone, Block, run_blocks
 from .registry import common_cfg_kwargs, la_cfg_kwargs, register_model_type, register_variants
 
 __all__ = ['FLattenDeiT']
+
+torch.fx.wrap('resized_tokens')
 
 GLOBAL_POOLS = ('token', 'avg')
 
@@ -62,8 +68,8 @@ class FLattenDeiT(Backbone):
     """DeiT (a plain ViT) whose blocks use focused linear (L) or global softmax (S) attention.
 
     Args:
-        img_size: input size (int or (H, W)); the input must have exactly this size, and it must
-            divide into ``patch_size`` patches. Position tensors are sized from it.
+        img_size: build input size (int or (H, W)); position tensors are sized from it. The model
+            runs at any size of at least ``patch_size`` (a partial patch is padded).
         attn_type: ``'L'``, ``'S'`` or ``'M<k>'`` (first k blocks L, the rest S).
         global_pool: ``'token'`` (class token, DeiT) or ``'avg'`` (mean of the patch tokens);
             None picks ``'avg'`` when any block is L, else ``'token'``.
@@ -74,6 +80,7 @@ class FLattenDeiT(Backbone):
     ``forward_features`` returns the final-normed tokens (B, T, C), class token first when there
     is one; ``forward_head`` pools them and applies ``head``.
     """
+    first_conv = 'patch_embed.proj'  # timm's pretrained_cfg name of the input layer
 
     def __init__(
             self,
@@ -100,10 +107,8 @@ class FLattenDeiT(Backbone):
     ):
         super().__init__()
         img_size = to_2tuple(img_size)
-        if (img_size[0] % patch_size) or (img_size[1] % patch_size):
-            raise ValueError(
-                f'DeiT: image size {img_size[0]}x{img_size[1]} is not divisible by patch size {patch_size}: '
-                f'choose DATA.IMG_SIZE as a multiple of MODEL.DEIT.PATCH_SIZE')
+        self.min_input_size = patch_size
+        self.check_size(img_size)
         kinds = block_kinds(attn_type, (depth,), letter_kinds(linear_kind))[0]
         has_linear = linear_kind in kinds
         if global_pool is None:
@@ -124,8 +129,9 @@ class FLattenDeiT(Backbone):
         self.grad_checkpointing = False
         norm_layer = partial(nn.LayerNorm, eps=1e-6)  # DeiT's eps, so its checkpoints reproduce
 
-        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
-        grid = self.patch_embed.grid_size
+        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                                      strict_img_size=False, dynamic_img_pad=True)
+        self.grid = grid = self.patch_embed.dynamic_feat_size(img_size)
         self.num_prefix_tokens = 1 if global_pool == 'token' else 0
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if self.num_prefix_tokens else None
         num_tokens = grid[0] * grid[1] + self.num_prefix_tokens
@@ -142,6 +148,7 @@ class FLattenDeiT(Backbone):
             for i in range(depth)])
         self.norm = norm_layer(embed_dim)
         self.head = self._make_head()
+        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f'blocks.{i}') for i in range(depth)]
 
         for token in (self.pos_embed, self.cls_token):
             if token is not None:
@@ -155,19 +162,35 @@ class FLattenDeiT(Backbone):
     def parameter_grids(self) -> Dict[str, GridSpec]:
         if self.pos_embed is None:
             return {}
-        return {'pos_embed': GridSpec(self.patch_embed.grid_size, prefix_tokens=self.num_prefix_tokens)}
+        return {'pos_embed': GridSpec(self.grid, prefix_tokens=self.num_prefix_tokens)}
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_chans, H, W) -> final-normed tokens (B, [1 +] H/p·W/p, C), grid tokens row-major."""
-        self.check_input_size(x)
+    @property
+    def pooling(self) -> str:
+        return self.global_pool
+
+    def run_levels(self, x: torch.Tensor, keep, last: int):
+        """Levels are the blocks, all on the ⌈H/p⌉ × ⌈W/p⌉ patch grid: block i gives (B, [1 +] N, C)
+        tokens, class token first; ``forward_features`` final-norms those of the last block."""
+        patch = self.patch_embed.patch_size
+        grid = (ceil_div(x.shape[-2], patch[0]), ceil_div(x.shape[-1], patch[1]))  # a partial patch is padded
         x = self.patch_embed(x)
         if self.cls_token is not None:
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
         if self.pos_embed is not None:
-            x = x + self.pos_embed
+            x = x + resized_tokens(self.pos_embed, self.grid, self.num_prefix_tokens, grid)
         x = self.pos_drop(x)
-        x = run_blocks(self.blocks, x, self.grad_checkpointing)
-        return self.norm(x)
+        kept = {}
+        for i, block in enumerate(self.blocks[:last + 1]):
+            x = run_blocks((block,), x, self.grad_checkpointing, grid)
+            if i in keep:
+                kept[i] = (x, grid)
+        return x, kept
+
+    def level_norm(self, level: int, tokens: torch.Tensor) -> torch.Tensor:
+        return self.norm(tokens)  # every block has the width of the final norm (timm's ViT convention)
+
+    def prune_levels(self, last: int) -> None:
+        self.blocks = self.blocks[:last + 1]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """x: (B, T, C) from :meth:`forward_features` -> logits (B, num_classes) or pooled (B, C)."""

@@ -1,18 +1,32 @@
-"""Resolution-dependent parameters declare the 2-D grid they lay out, so checkpoints can be resized.
+"""Resolution-dependent parameters declare the 2-D grid they lay out, so they can be resized.
 
 A module that owns such a parameter implements ``parameter_grids() -> {name: GridSpec}`` for its
 own (direct) parameters; :func:`collect_parameter_grids` gathers them over a model under their
-state-dict names. ``utils.checkpoint.load_pretrained`` then bicubic-resizes a checkpoint tensor of
-another length over that grid (224² → 384², another window, a non-square stripe).
+state-dict names. One rule resizes them, :func:`resize_grid_tensor` (bicubic over the 2-D grid):
+
+* ``utils.checkpoint.load_pretrained`` applies it to a checkpoint tensor of another length
+  (224² → 384², another window, a non-square stripe);
+* a model run at another input size applies it to its own parameter for the grid of that size
+  (:func:`resized_parameter`, cached per size), so both give the same numbers
+  (docs/numerics.md, "Any input size").
+
+Code whose control flow depends on the input size runs as a *leaf* under ``torch.fx`` tracing
+(:func:`size_dependent`, :func:`resized_tokens`), so torchvision's ``create_feature_extractor``
+traces every model and the traced module still works at any size.
 """
 from __future__ import annotations
 
+import dataclasses
+import weakref
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ['GridSpec', 'collect_parameter_grids']
+__all__ = ['GridSpec', 'collect_parameter_grids', 'resize_grid_tensor', 'resized_parameter', 'padded_size',
+           'resized_tokens', 'size_dependent', 'ceil_div']
 
 
 @dataclass(frozen=True)
@@ -43,3 +57,87 @@ def collect_parameter_grids(model: nn.Module) -> Dict[str, GridSpec]:
         for name, spec in declare().items():
             grids[f'{prefix}.{name}' if prefix else name] = spec
     return grids
+
+
+def resize_grid_tensor(value: torch.Tensor, spec: GridSpec, source_grid: Tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize (``align_corners=False``, PyTorch's A = −0.75) of a tensor laid out on
+    `source_grid` to ``spec.grid``, as the official 224→384 fine-tuning does (docs/checkpoints.md,
+    "Pretrained weights (load_pretrained)").
+
+    tokens: (1, prefix + h·w, C) -> (1, prefix + H·W, C), prefix tokens untouched;
+    table: (h·w, K) -> (H·W, K). Same size in and out returns the values unchanged. Half-precision
+    values are interpolated in float32; float32 and float64 in their own precision.
+    """
+    (h, w), (H, W) = source_grid, spec.grid
+    if spec.layout == 'tokens':
+        prefix, cells = value[:, :spec.prefix_tokens], value[:, spec.prefix_tokens:]
+        image = cells.reshape(1, h, w, -1).permute(0, 3, 1, 2)  # (1, C, h, w), token t at (t // w, t % w)
+    else:
+        image = value.T.reshape(1, -1, h, w)  # (1, K, h, w)
+    if (h, w) != (H, W):
+        work = image if image.dtype in (torch.float32, torch.float64) else image.float()
+        image = F.interpolate(work, size=(H, W), mode='bicubic', align_corners=False).to(value.dtype)
+    if spec.layout == 'tokens':
+        return torch.cat([prefix, image.permute(0, 2, 3, 1).reshape(1, H * W, -1)], dim=1)
+    return image.reshape(-1, H * W).T
+
+
+# resized copies of parameters, per parameter (by id, dropped with it) and grid; see resized_parameter
+_RESIZED: Dict[int, Tuple[weakref.ref, Dict[Tuple[int, int], Tuple[tuple, torch.Tensor]]]] = {}
+
+
+def _resize_cache(param: torch.Tensor) -> Dict[Tuple[int, int], Tuple[tuple, torch.Tensor]]:
+    key = id(param)
+    entry = _RESIZED.get(key)
+    if (entry is None) or (entry[0]() is not param):
+        entry = _RESIZED[key] = (weakref.ref(param, lambda _, key=key: _RESIZED.pop(key, None)), {})
+    return entry[1]
+
+
+def resized_parameter(param: torch.Tensor, spec: GridSpec, grid: Tuple[int, int]) -> torch.Tensor:
+    """`param`, laid out on ``spec.grid``, resized to `grid` by :func:`resize_grid_tensor`; `param`
+    itself when `grid` is ``spec.grid``.
+
+    Without gradients to record (inference, or a frozen parameter) the result is cached per
+    parameter and grid, and recomputed once the parameter changes (its version, storage, device or
+    dtype); in training it is recomputed every call, so gradients reach the parameter. The cache
+    is not part of the model: it is neither saved nor copied, and goes with the parameter.
+    """
+    grid = (int(grid[0]), int(grid[1]))
+    if grid == spec.grid:
+        return param
+    target = dataclasses.replace(spec, grid=grid)
+    if (torch.is_grad_enabled() and param.requires_grad) or torch.compiler.is_compiling():
+        return resize_grid_tensor(param, target, spec.grid)
+    cache = _resize_cache(param)
+    stamp = (param._version, param.data_ptr(), param.device, param.dtype)
+    hit = cache.get(grid)
+    if (hit is None) or (hit[0] != stamp):
+        hit = cache[grid] = (stamp, resize_grid_tensor(param.detach(), target, spec.grid))
+    return hit[1]
+
+
+def padded_size(size: Tuple[int, int], window: Tuple[int, int]) -> Tuple[int, int]:
+    """`size` rounded up to whole `window` tiles (Swin's windows, CSwin's stripes)."""
+    return tuple(-(-side // tile) * tile for side, tile in zip(size, window, strict=True))
+
+
+def ceil_div(size: int, step: int) -> int:
+    """⌈size / step⌉, also for a traced (torch.fx) size."""
+    return -(-size // step)
+
+
+def resized_tokens(param: torch.Tensor, build_grid: Tuple[int, int], prefix_tokens: int,
+                   grid: Tuple[int, int]) -> torch.Tensor:
+    """A (1, prefix + H·W, C) position embedding built for `build_grid`, for the `grid` map
+    (:func:`resized_parameter`). A leaf under torch.fx: modules that call it register it with
+    ``torch.fx.wrap('resized_tokens')``."""
+    return resized_parameter(param, GridSpec(tuple(build_grid), prefix_tokens=prefix_tokens), grid)
+
+
+def size_dependent(module: nn.Module, *args):
+    """``module.size_dependent_forward(*args)``: a forward whose control flow depends on the input
+    size (padding, windows, cached masks and encodings). Modules that call it register it with
+    ``torch.fx.wrap('size_dependent')``, so a traced model records the call as one node and runs
+    it with the actual sizes."""
+    return module.size_dependent_forward(*args)

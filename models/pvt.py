@@ -11,9 +11,11 @@ Differences from the official builders (deliberate):
 
 * ``img_size`` and ``num_classes`` are honoured: ``pos_embed{i}`` and the FLA
   ``positional_encoding`` are sized from the stage maps of ``img_size`` (official: always 224).
-  Only inputs of exactly ``img_size`` are accepted.
-* Geometry that does not fit (image size vs. patch strides, stage maps vs. the L blocks' sr
-  ratios) raises a ValueError naming the sizes at construction.
+* Any input size runs (docs/numerics.md, "Any input size"): every patch embedding pads a partial
+  patch, and ``pos_embed{i}`` and the positional encodings are resized to the actual stage maps
+  with the rule of ``--pretrained``, cached per size.
+* Geometry that does not fit the build size (stage maps vs. the L blocks' sr ratios) raises a
+  ValueError naming the sizes at construction.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch.nn as nn
 from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
 
 from .attention import AttentionOptions, block_kinds, letter_kinds
-from .grid import GridSpec
+from .grid import GridSpec, ceil_div, resized_tokens
 from .layers import Backbone, Block, run_blocks
 from .registry import common_cfg_kwargs, la_cfg_kwargs, register_model_types, register_variants
 
@@ -33,6 +35,8 @@ __all__ = [
     'PyramidVisionTransformer', 'PyramidBackbone', 'StagePlan', 'parse_sr_ratios', 'check_stage_geometry',
     'pvt_attention_options', 'register_size_variants', 'FLATTEN_MODE',
 ]
+
+torch.fx.wrap('resized_tokens')
 
 # PVT's S blocks: spatial-reduction softmax attention; its L blocks take MODEL.LA.LINEAR_KIND.
 PVT_SOFTMAX_KIND = 'softmax'
@@ -129,20 +133,33 @@ class StagePlan:
 
 class PyramidBackbone(Backbone):
     """Base of PVT v1 and PVTv2: stages of :class:`Block` (from a :class:`StagePlan`) on token maps
-    ``grids[i]`` that shrink stage by stage."""
+    ``grids[i]`` that shrink stage by stage; stage i is feature level i, its modules are named
+    ``{patch_embed, block, pos_embed, norm}{i + 1}``."""
+    first_conv = 'patch_embed1.proj'  # timm's pretrained_cfg name of the input layer
     grids: List[Tuple[int, int]]
 
     @property
     def num_stages(self) -> int:
         return len(self.grids)
 
+    def _set_feature_info(self, embed_dims: Sequence[int], module: str) -> None:
+        self.feature_info = [dict(num_chs=dim, reduction=4 * 2 ** i, module=f'{module}{i + 1}')
+                             for i, dim in enumerate(embed_dims)]
+
+    def prune_levels(self, last: int) -> None:
+        for i in range(last + 1, self.num_stages):
+            for name in ('patch_embed', 'block', 'pos_embed', 'norm'):
+                if hasattr(self, f'{name}{i + 1}'):
+                    delattr(self, f'{name}{i + 1}')
+        self.grids = self.grids[:last + 1]
+
 
 class PyramidVisionTransformer(PyramidBackbone):
     """PVT v1 whose blocks use focused linear (L) or spatial-reduction softmax (S) attention.
 
     Args:
-        img_size: input size (int or (H, W)); the input must have exactly this size, which must be
-            divisible by ``patch_size · 2^(stages-1)``.
+        img_size: build input size (int or (H, W)): it sizes ``pos_embed{i}`` and the positional
+            encodings; the model runs at any size of at least ``patch_size · 2^(stages-1)``.
         patch_size: stride of the stage-1 patch embedding (later stages downsample by 2).
         embed_dims, num_heads, mlp_ratios, depths: per-stage width, heads, MLP ratio and depth.
         sr_ratios: key/value reduction ratio of the S blocks per stage.
@@ -198,11 +215,8 @@ class PyramidVisionTransformer(PyramidBackbone):
             kernel_size=kernel_size)
         num_stages, kinds = stages.num_stages, stages.kinds
         img_size = to_2tuple(img_size)
-        stride = patch_size * 2 ** (num_stages - 1)
-        if (img_size[0] % stride) or (img_size[1] % stride):
-            raise ValueError(
-                f'PVT: image size {img_size[0]}x{img_size[1]} is not divisible by {stride} (patch size {patch_size} '
-                f'then {num_stages - 1} stride-2 stages), so the stage maps would not tile')
+        self.min_input_size = patch_size * 2 ** (num_stages - 1)
+        self.check_size(img_size)
         self.img_size = img_size
         self.num_classes = num_classes
         self.num_features = embed_dims[-1]
@@ -213,12 +227,8 @@ class PyramidVisionTransformer(PyramidBackbone):
                 f'PVT: class_token needs softmax attention without reduction in the last stage (the extra token '
                 f'has no place on the map), got attn_type={attn_type!r}, sr_ratios={list(sr_ratios)}')
 
-        grid = (img_size[0] // patch_size, img_size[1] // patch_size)
-        self.grids: List[Tuple[int, int]] = []
-        for i in range(num_stages):
-            if i > 0:
-                grid = (grid[0] // 2, grid[1] // 2)
-            self.grids.append(grid)
+        self.grids: List[Tuple[int, int]] = self.stage_grids(img_size, patch_size, num_stages)
+        for i, grid in enumerate(self.grids):
             stages.check_geometry(img_size, i, grid)
             extra = 1 if (class_token and i == num_stages - 1) else 0
             # own parameters precede the children in the state dict, as the official pos_embed{i}
@@ -234,13 +244,26 @@ class PyramidVisionTransformer(PyramidBackbone):
             in_size = img_size if i == 0 else self.grids[i - 1]
             setattr(self, f'patch_embed{i + 1}', PatchEmbed(
                 img_size=in_size, patch_size=patch_size if i == 0 else 2,
-                in_chans=in_chans if i == 0 else embed_dims[i - 1], embed_dim=embed_dims[i], norm_layer=nn.LayerNorm))
+                in_chans=in_chans if i == 0 else embed_dims[i - 1], embed_dim=embed_dims[i], norm_layer=nn.LayerNorm,
+                strict_img_size=False, dynamic_img_pad=True))
             setattr(self, f'block{i + 1}', stages.blocks(i, self.grids[i]))
         # without class_token this norm is never applied (official FLatten-PVT); it stays so that official
         # checkpoints load strictly
         self.norm = norm_layer(self.num_features)
         self.head = self._make_head()
+        self._set_feature_info(embed_dims, 'block')
         self._finish_init(use_checkpoint)
+
+    @staticmethod
+    def stage_grids(size: Tuple[int, int], patch_size: int, num_stages: int) -> List[Tuple[int, int]]:
+        """The token map of every stage for an input of `size`: patches of `patch_size`, then 2×2,
+        a partial patch padded (⌈H/p⌉ × ⌈W/p⌉, then halved rounding up)."""
+        grid = (ceil_div(size[0], patch_size), ceil_div(size[1], patch_size))
+        grids = [grid]
+        for _ in range(num_stages - 1):
+            grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
+            grids.append(grid)
+        return grids
 
     def parameter_grids(self) -> Dict[str, GridSpec]:
         last = self.num_stages - 1
@@ -257,21 +280,43 @@ class PyramidVisionTransformer(PyramidBackbone):
         # the official set; pos_embed{i} are decayed (docs/training.md, "Optimizer and parameter groups")
         return {'cls_token'} if self.class_token else set()
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_chans, *img_size) -> last-stage tokens (B, N₄, C₄), or (B, 1+N₄, C₄) normed with
-        ``class_token`` (class token first)."""
-        self.check_input_size(x)
+    def run_levels(self, x: torch.Tensor, keep, last: int):
+        """Levels are the stages: stage i gives (B, N_i, C_i) tokens of its map (class token first
+        in the last stage with ``class_token``). ``forward_features`` returns the last stage's
+        tokens, normed only with ``class_token``."""
         B = x.shape[0]
-        for i in range(self.num_stages):
+        grids = self.stage_grids((x.shape[-2], x.shape[-1]), self.patch_embed1.patch_size[0], self.num_stages)
+        kept = {}
+        for i in range(last + 1):
             x = getattr(self, f'patch_embed{i + 1}')(x)  # (B, N_i, C_i)
-            last = i == self.num_stages - 1
-            if last and self.class_token:
+            if self.class_token and (i == self.num_stages - 1):
                 x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
-            x = self.pos_drop(x + getattr(self, f'pos_embed{i + 1}'))
-            x = run_blocks(getattr(self, f'block{i + 1}'), x, self.grad_checkpointing)
-            if not last:
-                x = x.transpose(1, 2).reshape(B, -1, *self.grids[i])
-        return self.norm(x) if self.class_token else x
+            prefix = int(self.class_token and (i == self.num_stages - 1))
+            pos_embed = resized_tokens(getattr(self, f'pos_embed{i + 1}'), self.grids[i], prefix, grids[i])
+            x = self.pos_drop(x + pos_embed)
+            x = run_blocks(getattr(self, f'block{i + 1}'), x, self.grad_checkpointing, grids[i])
+            if i in keep:
+                kept[i] = (x, grids[i])
+            if i < last:
+                x = x.transpose(1, 2).reshape(B, -1, *grids[i])
+        return x, kept
+
+    @property
+    def pooling(self) -> str:
+        return 'token' if self.class_token else 'avg'
+
+    def final_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.norm(tokens) if self.class_token else tokens
+
+    def level_norm(self, level: int, tokens: torch.Tensor) -> torch.Tensor:
+        # the final norm is applied only with the class token (docs/differences.md, "PVT v1's unused final norm")
+        return self.final_features(tokens) if level == self.num_stages - 1 else tokens
+
+    def prune_levels(self, last: int) -> None:
+        super().prune_levels(last)
+        if self.class_token:  # it joins only the last stage, which is gone
+            del self.cls_token
+            self.class_token = False
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x[:, 0] if self.class_token else x.mean(dim=1)

@@ -14,7 +14,9 @@ the map (the key/value reduction of :mod:`models.attention.base`) and a ReLU aft
 Unlike the official builders, ``img_size`` and ``num_classes`` are honoured: the FLA
 ``positional_encoding`` is sized from the stage maps of ``img_size``, and a stage map that the
 spatial-reduction ratio of its focused-linear blocks does not divide raises a ValueError naming
-the sizes.
+the sizes. The model runs at any input size (the overlapping patch embeddings follow the conv
+arithmetic; the positional encodings are resized to the actual maps, docs/numerics.md, "Any
+input size").
 """
 from __future__ import annotations
 
@@ -53,7 +55,8 @@ class OverlapPatchEmbed(nn.Module):
 
 
 class DWConv(nn.Module):
-    """3×3 depthwise conv over the tokens of a ``grid_size`` map: (B, H·W, C) -> (B, H·W, C).
+    """3×3 depthwise conv over the tokens of a `grid` map (None: the build map ``grid_size``):
+    (B, H·W, C) -> (B, H·W, C).
 
     A module of its own only so that the weight is named ``dwconv.dwconv`` as officially.
     """
@@ -63,9 +66,9 @@ class DWConv(nn.Module):
         self.grid_size = tuple(grid_size)
         self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, bias=True, groups=dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         B, N, C = x.shape
-        x = self.dwconv(x.transpose(1, 2).reshape(B, C, *self.grid_size))
+        x = self.dwconv(x.transpose(1, 2).reshape(B, C, *(grid or self.grid_size)))
         return x.flatten(2).transpose(1, 2)
 
 
@@ -86,8 +89,8 @@ class DepthwiseConvMlp(nn.Module):
         self.drop = nn.Dropout(drop)
         self.relu = nn.ReLU() if linear else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dwconv(self.relu(self.fc1(x)))
+    def forward(self, x: torch.Tensor, grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        x = self.dwconv(self.relu(self.fc1(x)), grid)
         x = self.drop(self.act(x))
         return self.drop(self.fc2(x))
 
@@ -96,8 +99,9 @@ class PyramidVisionTransformerV2(PyramidBackbone):
     """PVTv2 whose blocks use focused linear (L) or spatial-reduction softmax (S) attention.
 
     Args:
-        img_size: input size (int or (H, W)); the input must have exactly this size. Stage maps
-            follow the conv arithmetic (224 -> 56, 28, 14, 7; 200 -> 50, 25, 13, 7).
+        img_size: build input size (int or (H, W)): it sizes the positional encodings; the model
+            runs at any size of at least 32. Stage maps follow the conv arithmetic (224 -> 56, 28,
+            14, 7; 200 -> 50, 25, 13, 7).
         embed_dims, num_heads, mlp_ratios, depths: per-stage width, heads, MLP ratio and depth.
         sr_ratios: key/value reduction ratio of the S blocks per stage.
         la_sr_ratios: key/value reduction ratio of the L blocks per stage ('1111' officially);
@@ -144,6 +148,8 @@ class PyramidVisionTransformerV2(PyramidBackbone):
             drop_path_rate=drop_path_rate, norm_layer=norm_layer, focusing_factor=focusing_factor,
             kernel_size=kernel_size, linear=linear)
         self.img_size = to_2tuple(img_size)
+        self.min_input_size = 4 * 2 ** (stages.num_stages - 1)
+        self.check_size(self.img_size)
         self.num_classes = num_classes
         self.num_features = embed_dims[-1]
         self.attn_type = attn_type
@@ -163,6 +169,7 @@ class PyramidVisionTransformerV2(PyramidBackbone):
                 i, size, mlp_layer=partial(DepthwiseConvMlp, grid_size=size, drop=drop_rate, linear=linear)))
             setattr(self, f'norm{i + 1}', norm_layer(embed_dims[i]))
         self.head = self._make_head()
+        self._set_feature_info(embed_dims, 'norm')
         self._finish_init(use_checkpoint)
 
     @staticmethod
@@ -181,17 +188,28 @@ class PyramidVisionTransformerV2(PyramidBackbone):
         # the official set names pos_embed{1..4} and cls_token, which PVTv2 does not have
         return set()
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_chans, *img_size) -> normed last-stage tokens (B, N₄, C₄)."""
-        self.check_input_size(x)
+    def run_levels(self, x: torch.Tensor, keep, last: int):
+        """Levels are the stages, each ending with its norm: stage i gives normed (B, N_i, C_i)
+        tokens; ``forward_features`` returns those of the last stage."""
         B = x.shape[0]
-        for i in range(self.num_stages):
-            x = getattr(self, f'patch_embed{i + 1}')(x)
-            x = run_blocks(getattr(self, f'block{i + 1}'), x, self.grad_checkpointing)
+        grid = (x.shape[-2], x.shape[-1])
+        kept = {}
+        for i in range(last + 1):
+            patch_embed = getattr(self, f'patch_embed{i + 1}')
+            grid = patch_embed.output_size(grid)
+            x = run_blocks(getattr(self, f'block{i + 1}'), patch_embed(x), self.grad_checkpointing, grid)
             x = getattr(self, f'norm{i + 1}')(x)
-            if i < self.num_stages - 1:
-                x = x.transpose(1, 2).reshape(B, -1, *self.grids[i])
-        return x
+            if i in keep:
+                kept[i] = (x, grid)
+            if i < last:
+                x = x.transpose(1, 2).reshape(B, -1, *grid)
+        return x, kept
+
+    def final_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens  # every stage ends with its own norm
+
+    def level_norm(self, level: int, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
 
 
 # ---------------------------------------------------------------------------------------------

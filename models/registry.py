@@ -4,7 +4,9 @@
   architecture (``flatten_swin_tiny_patch4_224``). :func:`register_model` records it here and in
   timm's registry, so ``timm.create_model(name)`` works after ``import models``. A backbone declares
   its variants as a table (name -> architecture and description) that :func:`register_variants`
-  turns into such functions.
+  turns into such functions. They build through timm's ``build_model_with_cfg``, with a
+  ``pretrained_cfg`` (:func:`pretrained_cfg`) and feature extraction by ``forward_intermediates``,
+  so ``timm.create_model(name, features_only=True, out_indices=...)`` gives the feature maps.
 * A **model type** is what ``MODEL.TYPE`` names in a config (``flatten_swin``, ``swin``, ...): a
   function ``(cfg) -> nn.Module`` that reads the architecture keys of the config.
   :func:`register_model_types` registers one builder under several names, each with its own fixed
@@ -19,17 +21,20 @@ import sys
 from typing import Any, Callable, Dict, List, Mapping, Tuple, Type
 
 import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import to_2tuple
+from timm.models import build_model_with_cfg
 from timm.models import register_model as timm_register_model
 
 __all__ = [
     'UnknownModelError', 'register_model', 'register_variants', 'list_models', 'create_model',
-    'register_model_type', 'register_model_types', 'list_model_types', 'get_model_type', 'variant_kwargs',
-    'common_cfg_kwargs', 'la_cfg_kwargs',
+    'register_model_type', 'register_model_types', 'list_model_types', 'get_model_type',
+    'common_cfg_kwargs', 'la_cfg_kwargs', 'pretrained_cfg', 'FEATURE_CFG',
 ]
 
-# Arguments timm.create_model passes to every entry point; they describe hub weights, which this
-# code base does not download.
-_TIMM_FACTORY_KWARGS = ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir')
+# features_only models: timm's FeatureGetterNet over forward_intermediates, by default the last 4 levels
+# (the 4 stages of a hierarchical model, the last 4 blocks of DeiT)
+FEATURE_CFG = dict(feature_cls='getter', out_indices=4)
 
 
 class UnknownModelError(KeyError):
@@ -58,11 +63,34 @@ def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     return timm_register_model(fn)
 
 
+def pretrained_cfg(cls: Type[nn.Module], arch: Mapping[str, Any]) -> Dict[str, Any]:
+    """timm's ``pretrained_cfg`` of a variant of `cls` with the constructor arguments `arch`: the
+    evaluation recipe of the released weights (input size, ImageNet mean and std, bicubic resize,
+    centre crop 0.875 at 224², none at 384²), the first conv and the classifier (``cls.first_conv``,
+    ``head``). ``fixed_input_size`` is False: every model runs at any size."""
+    size = to_2tuple(arch.get('img_size', 224))
+    return dict(
+        input_size=(3, *size), mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+        crop_pct=0.875 if max(size) <= 224 else 1.0, interpolation='bicubic', first_conv=cls.first_conv,
+        classifier='head', num_classes=1000, fixed_input_size=False)
+
+
 def _entry_point(cls: Type[nn.Module], name: str, arch: Dict[str, Any], doc: str) -> Callable[..., nn.Module]:
-    """``name(pretrained=False, **kwargs) -> cls(**arch, **kwargs)``, named and documented as if it had
-    been written with ``def name`` in the module of `cls`."""
+    """``name(pretrained=False, **kwargs)``: ``cls(**arch, **kwargs)`` built by timm's
+    ``build_model_with_cfg`` (``features_only=True`` and ``out_indices`` among the kwargs give timm's
+    feature extractor), named and documented as if it had been written with ``def name`` in the
+    module of `cls`."""
+    default_cfg = pretrained_cfg(cls, arch)
+
     def entry_point(pretrained: bool = False, **kwargs) -> nn.Module:
-        return cls(**{**arch, **variant_kwargs(pretrained, kwargs)})
+        if pretrained:
+            raise ValueError('no weights are downloaded by this code base: build with pretrained=False and use '
+                             'utils.checkpoint.load_pretrained(model, path) with a released checkpoint')
+        # timm.create_model passes these hub arguments; the hub cache is never read here
+        cfg = kwargs.pop('pretrained_cfg', None) or default_cfg
+        kwargs.pop('cache_dir', None)
+        return build_model_with_cfg(cls, name, pretrained=False, pretrained_cfg=cfg, feature_cfg=dict(FEATURE_CFG),
+                                    **{**arch, **kwargs})
 
     entry_point.__name__ = entry_point.__qualname__ = name
     entry_point.__module__ = cls.__module__
@@ -84,14 +112,6 @@ def register_variants(cls: Type[nn.Module], table: Mapping[str, Tuple[Mapping[st
         fn = _entry_point(cls, name, dict(arch), doc)
         setattr(module, name, fn)
         register_model(fn)
-
-
-def variant_kwargs(pretrained: bool, kwargs: dict) -> dict:
-    """Constructor overrides of a variant entry point, minus timm's factory arguments."""
-    if pretrained:
-        raise ValueError('no weights are downloaded by this code base: build with pretrained=False and use '
-                         'utils.checkpoint.load_pretrained(model, path) with a released checkpoint')
-    return {k: v for k, v in kwargs.items() if k not in _TIMM_FACTORY_KWARGS}
 
 
 def list_models() -> List[str]:

@@ -13,6 +13,18 @@ Window rules (official):
 * Odd blocks shift by ``window // 2``.
 * A window that covers the whole stage map (``min(resolution) <= window``) is clamped to the map
   and never shifted: ``window_size=56`` means global attention at 224².
+
+Any input size (docs/numerics.md, "Any input size"), as Swin's detection backbone does it:
+
+* the image is padded to whole patches, an odd map before a patch merging to an even one, and a
+  map to whole windows inside each block (the padded tokens take part in attention, and the shift
+  mask is that of the padded map);
+* **global L blocks stay global**: an L block whose window covers the map at the build size
+  attends over the whole map at any size (non-square maps included), its positional encoding
+  resized to the map; with ``fixed_window=True`` it keeps its build window instead (windows of
+  56×56 at 224², padded), for very large inputs;
+* every other block keeps its window and relative position table; odd blocks shift by
+  ``window // 2`` whenever the map is larger than one window.
 """
 from __future__ import annotations
 
@@ -20,30 +32,37 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 
 from .attention import AttentionOptions, block_kinds, create_attention, letter_kinds
-from .grid import GridSpec
+from .grid import GridSpec, ceil_div, padded_size, resized_tokens, size_dependent
 from .layers import Backbone, run_blocks
 from .registry import common_cfg_kwargs, la_cfg_kwargs, register_model_type, register_variants
 
 __all__ = ['FLattenSwinTransformer', 'window_partition', 'window_reverse', 'shifted_window_mask']
 
+torch.fx.wrap('resized_tokens')
+torch.fx.wrap('size_dependent')
+
 # Swin's S stages: softmax with the relative position bias of the window.
 SWIN_SOFTMAX_KIND = 'window_softmax'
 
 
-def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
-    """(B, H, W, C) -> (B·nW, ws, ws, C); windows row-major, tokens row-major inside."""
+def window_partition(x: torch.Tensor, window_size: Union[int, Tuple[int, int]]) -> torch.Tensor:
+    """(B, H, W, C) -> (B·nW, wh, ww, C); windows row-major, tokens row-major inside. An int
+    `window_size` is a square window."""
     B, H, W, C = x.shape
-    x = x.view(B, H // window_size, window_size, W // window_size, window_size, C)
-    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size, window_size, C)
+    wh, ww = to_2tuple(window_size)
+    x = x.view(B, H // wh, wh, W // ww, ww, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, wh, ww, C)
 
 
-def window_reverse(windows: torch.Tensor, window_size: int, H: int, W: int) -> torch.Tensor:
-    """Inverse of :func:`window_partition`: (B·nW, ws, ws, C) -> (B, H, W, C)."""
+def window_reverse(windows: torch.Tensor, window_size: Union[int, Tuple[int, int]], H: int, W: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: (B·nW, wh, ww, C) -> (B, H, W, C)."""
     C = windows.shape[-1]
-    x = windows.view(-1, H // window_size, W // window_size, window_size, window_size, C)
+    wh, ww = to_2tuple(window_size)
+    x = windows.view(-1, H // wh, W // ww, wh, ww, C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
 
 
@@ -64,9 +83,11 @@ def shifted_window_mask(resolution: Tuple[int, int], window_size: int, shift_siz
 class SwinTransformerBlock(nn.Module):
     """Pre-norm block: (shifted) window attention of kind `attn_kind`, then the MLP.
 
-    x: (B, H·W, C) -> (B, H·W, C). The shift mask is a persistent buffer on the block (official
-    layout); focused linear attention receives it and ignores it (docs/differences.md,
-    "Swin shift mask ignored by focused attention").
+    x: (B, H·W, C) tokens of a `resolution` map -> (B, H·W, C). The shift mask of the build size is
+    a persistent buffer on the block (official layout); focused linear attention receives it and
+    ignores it (docs/differences.md, "Swin shift mask ignored by focused attention"). An L block
+    whose window covers the build map is *global* (``global_attention``): its window is the whole
+    map at any input size, unless `fixed_window`. See the module docstring for other sizes.
     """
 
     def __init__(
@@ -84,56 +105,84 @@ class SwinTransformerBlock(nn.Module):
             norm_layer: type = nn.LayerNorm,
             attn_kind: str = 'window_softmax',
             attn_options: AttentionOptions = AttentionOptions(),
+            fixed_window: bool = False,
     ):
         super().__init__()
         self.dim = dim
         self.input_resolution = tuple(input_resolution)
-        if min(self.input_resolution) <= window_size:
-            # the window covers the map: attend globally, nothing to shift
-            window_size, shift_size = min(self.input_resolution), 0
-        H, W = self.input_resolution
-        if (H % window_size) or (W % window_size):
-            raise ValueError(
-                f'Swin stage resolution {H}x{W} is not divisible by window {window_size}: choose DATA.IMG_SIZE '
-                f'and MODEL.SWIN.WINDOW_SIZE / SOFTMAX_WINDOW_SIZE so every stage map tiles into windows')
+        covers = min(self.input_resolution) <= window_size
+        self.global_attention = covers and (attn_kind != SWIN_SOFTMAX_KIND) and not fixed_window
+        if covers:
+            # the window covers the map: clamp it to the map, nothing to shift at this size
+            window_size = min(self.input_resolution)
         self.window_size = window_size
-        self.shift_size = shift_size
+        self.shift_when_windowed = (window_size // 2) if (shift_size > 0) else 0
+        window, self.shift_size = self.window_for(self.input_resolution)
 
         self.norm1 = norm_layer(dim)
         self.attn = create_attention(
-            attn_kind, dim, num_heads, grid_size=(window_size, window_size), qkv_bias=qkv_bias,
-            attn_drop=attn_drop, proj_drop=drop, options=attn_options)
+            attn_kind, dim, num_heads, grid_size=window, qkv_bias=qkv_bias, attn_drop=attn_drop, proj_drop=drop,
+            options=attn_options)
         self.drop_path = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
-        mask = shifted_window_mask(self.input_resolution, window_size, shift_size) if shift_size > 0 else None
+        padded = padded_size(self.input_resolution, window)
+        mask = shifted_window_mask(padded, window_size, self.shift_size) if self.shift_size > 0 else None
         self.register_buffer('attn_mask', mask)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = self.input_resolution
+    def window_for(self, resolution: Tuple[int, int]) -> Tuple[Tuple[int, int], int]:
+        """The window and the shift of this block on a `resolution` map: the whole map for a global
+        block, else the block's window, shifted (odd blocks) when the map exceeds one window."""
+        if self.global_attention:
+            return tuple(resolution), 0
+        shift = self.shift_when_windowed if min(resolution) > self.window_size else 0
+        return (self.window_size, self.window_size), shift
+
+    def shift_mask(self, padded: Tuple[int, int], shift: int, device: torch.device) -> Optional[torch.Tensor]:
+        """The shift mask of the `padded` map: the buffer at the build size, else computed once per
+        size and device."""
+        if shift == 0:
+            return None
+        if (self.attn_mask is not None) and (padded == padded_size(self.input_resolution, (self.window_size,) * 2)):
+            return self.attn_mask
+        cache = self.__dict__.setdefault('_mask_cache', {})
+        key = (padded, shift, device)
+        if key not in cache:
+            cache[key] = shifted_window_mask(padded, self.window_size, shift).to(device)
+        return cache[key]
+
+    def forward(self, x: torch.Tensor, resolution: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        return size_dependent(self, x, resolution)
+
+    def size_dependent_forward(self, x: torch.Tensor, resolution: Optional[Tuple[int, int]]) -> torch.Tensor:
+        H, W = resolution or self.input_resolution
         B, L, C = x.shape
-        ws, shift = self.window_size, self.shift_size
+        window, shift = self.window_for((H, W))
         shortcut = x
         x = self.norm1(x).view(B, H, W, C)
+        Hp, Wp = padded_size((H, W), window)
+        if (Hp, Wp) != (H, W):
+            x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
         if shift > 0:
             x = torch.roll(x, shifts=(-shift, -shift), dims=(1, 2))
-        windows = window_partition(x, ws).view(-1, ws * ws, C)
-        windows = self.attn(windows, mask=self.attn_mask)
-        x = window_reverse(windows.view(-1, ws, ws, C), ws, H, W)
+        windows = window_partition(x, window).reshape(-1, window[0] * window[1], C)  # may be a strided view
+        windows = self.attn(windows, mask=self.shift_mask((Hp, Wp), shift, x.device), grid=window)
+        x = window_reverse(windows.reshape(-1, *window, C), window, Hp, Wp)
         if shift > 0:
             x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
-        x = shortcut + self.drop_path(x.reshape(B, H * W, C))
+        x = x[:, :H, :W].reshape(B, H * W, C)
+        x = shortcut + self.drop_path(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, input_resolution={self.input_resolution}, window_size={self.window_size}, '
-                f'shift_size={self.shift_size}')
+                f'shift_size={self.shift_size}, global_attention={self.global_attention}')
 
 
 class PatchMerging(nn.Module):
     """2×2 neighbourhood concat (Swin v1 order), LN(4C), Linear 4C→2C without bias.
 
-    x: (B, H·W, C) -> (B, H/2·W/2, 2C).
+    x: (B, H·W, C) on a `resolution` map -> (B, ⌈H/2⌉·⌈W/2⌉, 2C); an odd map is zero-padded first.
     """
 
     def __init__(self, input_resolution: Tuple[int, int], dim: int, norm_layer: type = nn.LayerNorm):
@@ -143,16 +192,22 @@ class PatchMerging(nn.Module):
         self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
         self.norm = norm_layer(4 * dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        H, W = self.input_resolution
+    def forward(self, x: torch.Tensor, resolution: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        return size_dependent(self, x, resolution)
+
+    def size_dependent_forward(self, x: torch.Tensor, resolution: Optional[Tuple[int, int]]) -> torch.Tensor:
+        H, W = resolution or self.input_resolution
         B, L, C = x.shape
         x = x.view(B, H, W, C)
+        if (H % 2) or (W % 2):
+            x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
         return self.reduction(self.norm(x.view(B, -1, 4 * C)))
 
 
 class BasicLayer(nn.Module):
-    """One stage: blocks with alternating shifts, then optional PatchMerging."""
+    """One stage: blocks with alternating shifts, then optional PatchMerging (``downsample``, which
+    the model applies after taking the stage's features)."""
 
     def __init__(
             self,
@@ -169,6 +224,7 @@ class BasicLayer(nn.Module):
             norm_layer: type,
             downsample: bool,
             attn_options: AttentionOptions,
+            fixed_window: bool = False,
     ):
         super().__init__()
         self.grad_checkpointing = False
@@ -177,23 +233,29 @@ class BasicLayer(nn.Module):
                 dim=dim, input_resolution=input_resolution, num_heads=num_heads, window_size=window_sizes[j],
                 shift_size=0 if j % 2 == 0 else window_sizes[j] // 2, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                 drop=drop, attn_drop=attn_drop, drop_path=drop_path[j], norm_layer=norm_layer,
-                attn_kind=attn_kinds[j], attn_options=attn_options)
+                attn_kind=attn_kinds[j], attn_options=attn_options, fixed_window=fixed_window)
             for j in range(len(attn_kinds))])
         self.downsample = PatchMerging(input_resolution, dim, norm_layer) if downsample else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = run_blocks(self.blocks, x, self.grad_checkpointing)
-        if self.downsample is not None:
-            x = self.downsample(x)
-        return x
+    def forward(self, x: torch.Tensor, resolution: Tuple[int, int]) -> torch.Tensor:
+        """The blocks on x (B, H·W, C) of the `resolution` map (without the downsampling)."""
+        return run_blocks(self.blocks, x, self.grad_checkpointing, resolution)
+
+
+def half_size(resolution: Tuple[int, int]) -> Tuple[int, int]:
+    """The map after a 2×2 patch merging (odd sides padded): ⌈H/2⌉ × ⌈W/2⌉."""
+    return (resolution[0] + 1) // 2, (resolution[1] + 1) // 2
 
 
 class FLattenSwinTransformer(Backbone):
     """Swin Transformer v1 whose stages use focused linear (L) or window softmax (S) attention.
 
     Args:
-        img_size: input size (int or (H, W)); the input must have exactly this size.
+        img_size: build input size (int or (H, W)): it sizes the positional tensors; the model
+            runs at any size of at least ``patch_size · 2^(stages−1)`` (module docstring).
         window_size: window of the L blocks (clamped to the stage map, so 56 is global at 224).
+        fixed_window: L blocks global at the build size keep their build window at other sizes
+            (padded) instead of following the map (``MODEL.SWIN.FIXED_WINDOW``).
         softmax_window_size: window of the S blocks; None keeps the official rule (7, or 12 when
             ``window_size > 56``).
         attn_type: one letter per stage (``L``/``S``/``M``) plus the ``M`` block count, e.g. 'LLMS2'.
@@ -202,6 +264,7 @@ class FLattenSwinTransformer(Backbone):
     ``forward_features`` returns the final-normed tokens (B, L, C); ``forward_head`` averages them
     and applies ``head``.
     """
+    first_conv = 'patch_embed.proj'  # timm's pretrained_cfg name of the input layer
 
     def __init__(
             self,
@@ -227,15 +290,15 @@ class FLattenSwinTransformer(Backbone):
             linear_kind: str = 'focused_linear',
             focusing_factor: int = 3,
             kernel_size: int = 5,
+            fixed_window: bool = False,
             use_checkpoint: bool = False,
     ):
         super().__init__()
         if len(depths) != len(num_heads):
             raise ValueError(f'Swin: DEPTHS {list(depths)} and NUM_HEADS {list(num_heads)} must have the same length')
         img_size = to_2tuple(img_size)
-        if (img_size[0] % patch_size) or (img_size[1] % patch_size):
-            raise ValueError(
-                f'Swin: image size {img_size[0]}x{img_size[1]} is not divisible by patch size {patch_size}')
+        self.min_input_size = patch_size * 2 ** (len(depths) - 1)
+        self.check_size(img_size)
         self.img_size = img_size
         self.num_classes = num_classes
         self.num_layers = len(depths)
@@ -248,8 +311,8 @@ class FLattenSwinTransformer(Backbone):
 
         self.patch_embed = PatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-            norm_layer=norm_layer if patch_norm else None)
-        grid = self.patch_embed.grid_size
+            norm_layer=norm_layer if patch_norm else None, strict_img_size=False, dynamic_img_pad=True)
+        self.grid = grid = self.patch_embed.dynamic_feat_size(img_size)  # a partial patch is padded
         if ape:
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim))
             trunc_normal_(self.absolute_pos_embed, std=.02)
@@ -259,21 +322,20 @@ class FLattenSwinTransformer(Backbone):
         options = AttentionOptions(focusing_factor=focusing_factor, kernel_size=kernel_size, qk_scale=qk_scale)
         dpr = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
         self.layers = nn.ModuleList()
+        resolution = grid
         for i in range(self.num_layers):
-            resolution = (grid[0] // 2 ** i, grid[1] // 2 ** i)
             last = i == self.num_layers - 1
-            if not last and ((resolution[0] % 2) or (resolution[1] % 2)):
-                raise ValueError(
-                    f'Swin: stage {i} map {resolution[0]}x{resolution[1]} cannot be patch-merged (odd size); '
-                    f'DATA.IMG_SIZE must be divisible by PATCH_SIZE·2^{self.num_layers - 1}')
             windows = [softmax_window_size if kind == SWIN_SOFTMAX_KIND else window_size for kind in kinds[i]]
             self.layers.append(BasicLayer(
                 dim=embed_dim * 2 ** i, input_resolution=resolution, num_heads=num_heads[i], attn_kinds=kinds[i],
                 window_sizes=windows, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, drop=drop_rate,
                 attn_drop=attn_drop_rate, drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])],
-                norm_layer=norm_layer, downsample=not last, attn_options=options))
+                norm_layer=norm_layer, downsample=not last, attn_options=options, fixed_window=fixed_window))
+            resolution = half_size(resolution)
         self.norm = norm_layer(self.num_features)
         self.head = self._make_head()
+        self.feature_info = [dict(num_chs=embed_dim * 2 ** i, reduction=patch_size * 2 ** i, module=f'layers.{i}')
+                             for i in range(self.num_layers)]
         self._finish_init(use_checkpoint)
 
     @torch.jit.ignore
@@ -281,7 +343,7 @@ class FLattenSwinTransformer(Backbone):
         return {'absolute_pos_embed'}
 
     def parameter_grids(self) -> Dict[str, GridSpec]:
-        return {'absolute_pos_embed': GridSpec(self.patch_embed.grid_size)} if self.ape else {}
+        return {'absolute_pos_embed': GridSpec(self.grid)} if self.ape else {}
 
     @torch.jit.ignore
     def no_weight_decay_keywords(self) -> set:
@@ -292,16 +354,28 @@ class FLattenSwinTransformer(Backbone):
         for layer in self.layers:
             layer.grad_checkpointing = enable
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, in_chans, H, W) -> final-normed tokens (B, H/32·W/32, num_features) for 4 stages."""
-        self.check_input_size(x)
+    def run_levels(self, x: torch.Tensor, keep, last: int):
+        """Levels are the stages, before their patch merging: stage i gives (B, H_i·W_i, C·2^i) on
+        the ⌈H/(p·2^i)⌉ × ⌈W/(p·2^i)⌉ map; ``forward_features`` final-norms the last."""
+        patch = self.patch_embed.patch_size
+        grid = (ceil_div(x.shape[-2], patch[0]), ceil_div(x.shape[-1], patch[1]))  # a partial patch is padded
         x = self.patch_embed(x)
         if self.ape:
-            x = x + self.absolute_pos_embed
+            x = x + resized_tokens(self.absolute_pos_embed, self.grid, 0, grid)
         x = self.pos_drop(x)
-        for layer in self.layers:
-            x = layer(x)
-        return self.norm(x)
+        kept = {}
+        for i, layer in enumerate(self.layers[:last + 1]):
+            x = layer(x, grid)
+            if i in keep:
+                kept[i] = (x, grid)
+            if (i < last) and (layer.downsample is not None):
+                x, grid = layer.downsample(x, grid), half_size(grid)
+        return x, kept
+
+    def prune_levels(self, last: int) -> None:
+        self.layers = self.layers[:last + 1]
+        self.layers[-1].downsample = None
+        self.num_layers = last + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +415,7 @@ def _swin_kwargs(cfg) -> dict:
         **common_cfg_kwargs(cfg), patch_size=swin.PATCH_SIZE, in_chans=swin.IN_CHANS, embed_dim=swin.EMBED_DIM,
         depths=tuple(swin.DEPTHS), num_heads=tuple(swin.NUM_HEADS), window_size=swin.WINDOW_SIZE,
         mlp_ratio=swin.MLP_RATIO, qkv_bias=swin.QKV_BIAS, qk_scale=swin.QK_SCALE, ape=swin.APE,
-        patch_norm=swin.PATCH_NORM)
+        patch_norm=swin.PATCH_NORM, fixed_window=swin.FIXED_WINDOW)
 
 
 @register_model_type('flatten_swin')

@@ -464,7 +464,8 @@ def test_pretrained_224_weights_load_into_384(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('kwargs, message', [
-    (dict(img_size=80), r'split_size entry 2 does not tile the 5x5 map of a 80x80 image'),
+    # S stripes that do not tile a map are padded; an input below the total stride is an error
+    (dict(img_size=16), r'a 16x16 input is too small; every side must be at least 32 pixels'),
     (dict(la_split_size='6-8-4-2'), r'CSWIN_LA_SPLIT_SIZE entry 6 does not tile the 16x16 map'),
     (dict(la_split_size='8-4-2'), r"CSWIN_LA_SPLIT_SIZE='8-4-2': expected 4 positive stripe sizes"),
     (dict(la_split_size='8-4-x-2'), 'expected 4 positive stripe sizes'),
@@ -485,7 +486,7 @@ def test_bad_config_names_the_key_and_sizes():
         models.build_model(cfg)
 
 
-def test_wrong_input_size_is_a_clear_error():
-    with pytest.raises(ValueError, match='built for 64x64 inputs.*got 32x32'):
-        _mini()(torch.randn(1, 3, 32, 32))
+def test_too_small_input_is_a_clear_error():
+    with pytest.raises(ValueError, match='a 31x64 input is too small; every side must be at least 32 pixels'):
+        _mini()(torch.randn(1, 3, 31, 64))
 

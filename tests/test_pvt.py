@@ -535,7 +535,7 @@ def test_non_square_images():
 
 
 @pytest.mark.parametrize('build, message', [
-    (lambda: _mini_v1(img_size=72), r'image size 72x72 is not divisible by 32'),
+    (lambda: _mini_v1(img_size=16), r'a 16x16 input is too small; every side must be at least 32 pixels'),
     (lambda: _mini_v1(la_sr_ratios='1114'), r'image size 64x64 stage 4 has a 2x2 map, which the spatial-reduction '
                                             r'ratio 4'),
     (lambda: _mini_v2(img_size=60, la_sr_ratios='2111'), r'image size 60x60 stage 1 has a 15x15 map'),
@@ -556,18 +556,19 @@ def test_bad_geometry_is_reported_at_construction(build, message):
         build()
 
 
-def test_wrong_input_size_is_reported():
-    with pytest.raises(ValueError, match='built for 64x64 inputs .DATA.IMG_SIZE., got 96x96'):
-        _mini_v1()(torch.randn(1, 3, 96, 96))
-    with pytest.raises(ValueError, match='built for 64x64 inputs .DATA.IMG_SIZE., got 72x64'):
-        _mini_v2()(torch.randn(1, 3, 72, 64))
+def test_too_small_input_is_reported():
+    with pytest.raises(ValueError, match='a 16x96 input is too small; every side must be at least 32 pixels'):
+        _mini_v1()(torch.randn(1, 3, 16, 96))
+    with pytest.raises(ValueError, match='a 72x24 input is too small'):
+        _mini_v2()(torch.randn(1, 3, 72, 24))
 
 
 def test_bad_config_values_are_reported():
     with pytest.raises(ValueError, match='PVT_LINEAR is a PVTv2 mode'):
         models.build_model(load_config(str(REPO / 'configs' / 'flatten_pvt_t.yaml'), ['MODEL.LA.PVT_LINEAR', 'True']))
-    with pytest.raises(ValueError, match='image size 230x230'):
-        models.build_model(load_config(str(REPO / 'configs' / 'flatten_pvt_s.yaml'), ['DATA.IMG_SIZE', '230']))
+    with pytest.raises(ValueError, match='image size 224x224 stage 4 has a 7x7 map'):
+        models.build_model(load_config(str(REPO / 'configs' / 'flatten_pvt_s.yaml'),
+                                       ['MODEL.LA.PVT_LA_SR_RATIOS', '1112']))
     assert parse_sr_ratios(1111, 4) == (1, 1, 1, 1) and parse_sr_ratios((8, 4, 2, 1), 4) == (8, 4, 2, 1)
 
 

@@ -27,9 +27,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from models.grid import GridSpec, collect_parameter_grids
+from models.grid import GridSpec, collect_parameter_grids, resize_grid_tensor
 
 __all__ = [
     'CheckpointError', 'torch_load', 'atomic_save', 'rng_state', 'set_rng_state', 'save_checkpoint',
@@ -439,49 +438,26 @@ class PretrainedReport:
 
 
 def infer_source_grid(length: int, target: GridSpec, key: str) -> Tuple[int, int]:
-    """The grid of a checkpoint tensor with `length` grid cells, assumed to have the shape of the
-    target's grid scaled (same aspect ratio: square stays square, a 56×7 stripe may come from 96×12).
+    """The grid of a checkpoint tensor with `length` grid cells.
 
+    First choice: the target's grid scaled (same aspect ratio: square stays square, a 56×7 stripe
+    may come from 96×12). Failing that, a square grid, the grid of every released checkpoint
+    (224² or 384² models), so square weights load into a model built for a non-square size.
     For ``table`` layouts the aspect ratio is that of the window, (rows + 1) / 2 by (cols + 1) / 2.
     """
     H, W = target.grid
-    matches = []
-    for rows in range(1, length + 1):
-        if length % rows:
-            continue
-        cols = length // rows
-        if target.layout == 'table':
-            same_shape = (rows % 2 == 1) and (cols % 2 == 1) and ((rows + 1) * (W + 1) == (cols + 1) * (H + 1))
-        else:
-            same_shape = rows * W == cols * H
-        if same_shape:
-            matches.append((rows, cols))
+    shapes = [(rows, length // rows) for rows in range(1, length + 1) if length % rows == 0]
+    if target.layout == 'table':
+        shapes = [(r, c) for r, c in shapes if (r % 2 == 1) and (c % 2 == 1)]
+        same_aspect = [(r, c) for r, c in shapes if (r + 1) * (W + 1) == (c + 1) * (H + 1)]
+    else:
+        same_aspect = [(r, c) for r, c in shapes if r * W == c * H]
+    matches = same_aspect or [(r, c) for r, c in shapes if r == c]
     if len(matches) != 1:
         raise CheckpointError(
             f'{key}: cannot tell the grid of the checkpoint\'s {length} cells from the model\'s {H}x{W} grid '
-            f'(it is resized only between grids of the same aspect ratio)')
+            f'(it is resized only from a grid of the same aspect ratio or a square one)')
     return matches[0]
-
-
-def resize_grid_tensor(value: torch.Tensor, spec: GridSpec, source_grid: Tuple[int, int]) -> torch.Tensor:
-    """Bicubic resize (``align_corners=False``, PyTorch's A = −0.75) of a parameter laid out on
-    `source_grid` to ``spec.grid``, as the official 224→384 fine-tuning does (docs/checkpoints.md, "Pretrained weights
-    (load_pretrained)").
-
-    tokens: (1, prefix + h·w, C) -> (1, prefix + H·W, C), prefix tokens untouched;
-    table: (h·w, K) -> (H·W, K). Same size in and out returns the values unchanged.
-    """
-    (h, w), (H, W) = source_grid, spec.grid
-    if spec.layout == 'tokens':
-        prefix, cells = value[:, :spec.prefix_tokens], value[:, spec.prefix_tokens:]
-        image = cells.reshape(1, h, w, -1).permute(0, 3, 1, 2)  # (1, C, h, w), token t at (t // w, t % w)
-    else:
-        image = value.T.reshape(1, -1, h, w)  # (1, K, h, w)
-    if (h, w) != (H, W):
-        image = F.interpolate(image.float(), size=(H, W), mode='bicubic', align_corners=False).to(value.dtype)
-    if spec.layout == 'tokens':
-        return torch.cat([prefix, image.permute(0, 2, 3, 1).reshape(1, H * W, -1)], dim=1)
-    return image.reshape(-1, H * W).T
 
 
 def load_pretrained(model: nn.Module, path: str) -> PretrainedReport:

@@ -15,6 +15,7 @@ from .base import (
     LINEAR_POOL_SIZE,
     PROJECTIONS,
     Attention,
+    AttentionGeometry,
     AttentionOptions,
     resample_tokens,
     resolve_window,
@@ -46,7 +47,8 @@ from .registry import (
 )
 
 __all__ = [
-    'Attention', 'AttentionOptions', 'PROJECTIONS', 'LINEAR_POOL_SIZE', 'register_attention', 'create_attention',
+    'Attention', 'AttentionGeometry', 'AttentionOptions', 'PROJECTIONS', 'LINEAR_POOL_SIZE', 'register_attention',
+    'create_attention',
     'list_attention_kinds', 'parse_attn_type', 'block_kinds', 'letter_kinds', 'KERNEL_EPS', 'NORMALIZER_EPS',
     'focusing', 'focused_kernel', 'linear_attention', 'focused_linear_attention', 'rank_restore_dwc', 'dwc_matrix',
     'make_dwc', 'upcast', 'set_fused_attention', 'resample_tokens', 'resolve_window', 'stripe_partition',

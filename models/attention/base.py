@@ -12,7 +12,12 @@ written once, here:
   or PVTv2's linear mode ``GELU(LN(Conv1x1(AvgPool(7)(map))))``;
 * **stripe windows** (CSwin, ``options.window``): the map is cut into ``H_sp×W_sp`` windows, each
   attends on its own, and the result is put back on the map;
-* **extras**: the key positional encoding, the rank-restoration DWC of V, and CSwin's LePE.
+* **extras**: the key positional encoding, the rank-restoration DWC of V, and CSwin's LePE;
+* **any input size**: ``forward(x, grid=...)`` runs the module on another token map than the one
+  it was built for. An :class:`AttentionGeometry` says where the tokens lie (the map, the window of
+  one attention, the key grid); window sides that span the build map span the new map, the others
+  stay fixed, and the positional encoding is resized to the new key grid with the rule of
+  ``--pretrained`` (:func:`models.grid.resized_parameter`, cached per size).
 
 A kind declares which extras it needs with class attributes (``uses_positional_encoding``,
 ``uses_dwc``, ``uses_attn_drop``, ``float32_core``, ``output_factor``) and may create its own parameters in
@@ -25,18 +30,20 @@ State-dict names are the official ones for each backbone: a module's own paramet
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..grid import GridSpec
+from ..grid import GridSpec, resized_parameter, size_dependent
 from .core import make_dwc, rank_restore_dwc, upcast
 
-__all__ = ['AttentionOptions', 'Attention', 'set_fused_attention', 'PROJECTIONS', 'LINEAR_POOL_SIZE',
-           'LEPE_KERNEL_SIZE', 'resolve_window', 'stripe_partition', 'stripe_reverse', 'resample_tokens',
-           'locally_enhanced_pe']
+__all__ = ['AttentionOptions', 'AttentionGeometry', 'Attention', 'set_fused_attention', 'PROJECTIONS',
+           'LINEAR_POOL_SIZE', 'LEPE_KERNEL_SIZE', 'resolve_window', 'stripe_partition', 'stripe_reverse',
+           'resample_tokens', 'locally_enhanced_pe']
+
+torch.fx.wrap('size_dependent')
 
 # Where Q, K and V come from (see the module docstring).
 PROJECTIONS = ('qkv', 'q_kv', 'block')
@@ -57,6 +64,18 @@ class AttentionOptions:
     linear: bool = False  # PVTv2 "linear" mode: keys/values from a 7×7 average pool of the map
     window: Optional[Tuple[int, int]] = None  # stripe window inside the grid (None: the whole grid)
     lepe: bool = False  # add CSwin's LePE(V)
+
+
+class AttentionGeometry(NamedTuple):
+    """Where the tokens of one forward call lie (each an (H, W) size).
+
+    grid: the token map the module sees; window: the query grid of one attention (a stripe, or
+    the map); key_grid: the grid of the keys of one attention (the window, or its reduced /
+    7×7-pooled map).
+    """
+    grid: Tuple[int, int]
+    window: Tuple[int, int]
+    key_grid: Tuple[int, int]
 
 
 def resolve_window(grid_size: Tuple[int, int], window: Optional[Tuple[int, int]]) -> Tuple[int, int]:
@@ -164,6 +183,7 @@ class Attention(nn.Module):
         self.fused = True
         self.init_kind(options)  # the kind's own parameters first, as in the official state dicts
         self._init_reduction(dim, options)
+        self.build_geometry = AttentionGeometry(self.grid_size, self.window, self.key_grid)
         if self.uses_positional_encoding:
             self.positional_encoding = nn.Parameter(torch.zeros(1, self.key_grid[0] * self.key_grid[1], dim))
         self._init_projections(dim, qkv_bias, attn_drop, proj_drop)
@@ -184,17 +204,42 @@ class Attention(nn.Module):
     def _init_reduction(self, dim: int, options: AttentionOptions) -> None:
         H, W = self.window
         self.sr_ratio, self.linear = options.sr_ratio, options.linear
+        if self.uses_positional_encoding and (self.sr_ratio > 1) and ((H % self.sr_ratio) or (W % self.sr_ratio)):
+            # one encoding vector per reduced cell: refuse to drop map borders of the build size
+            raise ValueError(f'{self.kind} attention: grid {H}x{W} is not divisible by the spatial-reduction '
+                             f'ratio {self.sr_ratio}')
+        self.key_grid = self._key_grid(self.window)
+
+    def _key_grid(self, window: Tuple[int, int]) -> Tuple[int, int]:
+        """The key grid of one attention on `window`: PVTv2's fixed 7×7 pool, the stride-``sr_ratio``
+        conv's map (a map the stride does not divide loses its last rows/columns, as in the
+        original PVT), or the window itself."""
         if self.linear:
-            self.key_grid = (LINEAR_POOL_SIZE, LINEAR_POOL_SIZE)
-        elif self.sr_ratio > 1:
-            if self.uses_positional_encoding and ((H % self.sr_ratio) or (W % self.sr_ratio)):
-                # one encoding vector per reduced cell: refuse to drop map borders
-                raise ValueError(f'{self.kind} attention: grid {H}x{W} is not divisible by the spatial-reduction '
-                                 f'ratio {self.sr_ratio}')
-            # a map the stride does not divide loses its last rows/columns, as in the original PVT
-            self.key_grid = (H // self.sr_ratio, W // self.sr_ratio)
-        else:
-            self.key_grid = (H, W)
+            return LINEAR_POOL_SIZE, LINEAR_POOL_SIZE
+        if self.sr_ratio > 1:
+            return window[0] // self.sr_ratio, window[1] // self.sr_ratio
+        return window
+
+    def geometry(self, grid: Optional[Tuple[int, int]] = None) -> AttentionGeometry:
+        """The geometry of a forward call on the `grid` map (None: the build map).
+
+        A window side that spans the build map spans `grid`; a narrower side (a stripe width) is
+        kept and must divide `grid` (the block pads the map). Raises ValueError naming both sizes.
+        """
+        if (grid is None) or (tuple(grid) == self.grid_size):
+            return self.build_geometry
+        grid = (int(grid[0]), int(grid[1]))
+        window = tuple(size if spans == built else spans
+                       for size, spans, built in zip(grid, self.window, self.grid_size, strict=True))
+        if (grid[0] % window[0]) or (grid[1] % window[1]):
+            raise ValueError(f'{self.kind} attention: its {window[0]}x{window[1]} stripe window does not tile the '
+                             f'{grid[0]}x{grid[1]} map (pad the map to whole stripes)')
+        return AttentionGeometry(grid, window, self._key_grid(window))
+
+    def key_encoding(self, geometry: AttentionGeometry) -> torch.Tensor:
+        """The key positional encoding (1, n, C) for the key grid of `geometry`: the parameter at
+        the build size, else the parameter resized to that grid (cached per size)."""
+        return resized_parameter(self.positional_encoding, GridSpec(self.key_grid), geometry.key_grid)
 
     def _init_projections(self, dim: int, qkv_bias: bool, attn_drop: float, proj_drop: float) -> None:
         if self.projections == 'qkv':
@@ -223,49 +268,53 @@ class Attention(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------
 
-    def project(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def project(self, x: torch.Tensor, geometry: Optional[AttentionGeometry] = None
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Module input -> q (B', N', C) and k, v (B', n', C) on the attention grids: projected,
-        keys/values reduced, cut into stripe windows (B' = B·windows)."""
+        keys/values reduced, cut into stripe windows (B' = B·windows). `geometry`: the build one
+        when None."""
+        geometry = geometry or self.build_geometry
         if self.projections == 'block':
             q, k, v = x.unbind(0)
         elif self.projections == 'qkv':
             q, k, v = self.qkv(x).unflatten(-1, (3, self.dim)).unbind(dim=2)
         else:
             q = self.q(x)
-            k, v = self.kv(self._key_value_input(x)).unflatten(-1, (2, self.dim)).unbind(dim=2)
-        if self.window != self.grid_size:
-            q, k, v = (stripe_partition(t, self.grid_size, self.window) for t in (q, k, v))
+            k, v = self.kv(self._key_value_input(x, geometry.grid)).unflatten(-1, (2, self.dim)).unbind(dim=2)
+        if geometry.window != geometry.grid:
+            q, k, v = (stripe_partition(t, geometry.grid, geometry.window) for t in (q, k, v))
         return q, k, v
 
-    def _key_value_input(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (B, N, C) tokens of the map -> (B, n, C), the input of ``kv``."""
+    def _key_value_input(self, x: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+        """x: (B, N, C) tokens of the `grid` map -> (B, n, C), the input of ``kv``."""
         if (not self.linear) and (self.sr_ratio == 1):
             return x
         B, N, C = x.shape
-        image = x.transpose(1, 2).reshape(B, C, *self.grid_size)
+        image = x.transpose(1, 2).reshape(B, C, *grid)
         if self.linear:
             return self.act(self.norm(self.sr(self.pool(image)).flatten(2).transpose(1, 2)))
         return self.norm(self.sr(image).flatten(2).transpose(1, 2))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor] = None,
+               geometry: Optional[AttentionGeometry] = None) -> torch.Tensor:
         """The attention of q on (k, v) of one window: the kind's :meth:`mix` plus the DWC and LePE.
 
         With ``float32_core`` the mixing runs in float32 even under autocast (the cube of the focused
         function and the unnormalised key sums overflow float16 for inputs of magnitude 1e2), while
         the projections and the convolutions keep the autocast dtype.
         """
+        geometry = geometry or self.build_geometry
         if self.float32_core:
             with torch.autocast(device_type=q.device.type, enabled=False):
-                out = self.mix(upcast(q), upcast(k), upcast(v), mask)
+                out = self.mix(upcast(q), upcast(k), upcast(v), mask, geometry)
         else:
-            out = self.mix(q, k, v, mask)
+            out = self.mix(q, k, v, mask, geometry)
         extras = 0
         if self.dwc is not None:  # V of a reduced map is resampled to the query tokens first
             v_map = resample_tokens(v, q.shape[1])
-            extras = rank_restore_dwc(self.dwc, v_map, self.num_heads, self.window, self.fused)
+            extras = rank_restore_dwc(self.dwc, v_map, self.num_heads, geometry.window, self.fused)
         if self.get_v is not None:
-            extras = extras + locally_enhanced_pe(self.get_v, v, self.window)
+            extras = extras + locally_enhanced_pe(self.get_v, v, geometry.window)
         if isinstance(extras, int):
             return out
         if self.output_factor == 1:
@@ -273,15 +322,24 @@ class Attention(nn.Module):
         # a multi-scale kind: the extras join the heads of the tokens themselves (the first C channels)
         return torch.cat([out[..., :self.dim] + extras, out[..., self.dim:]], dim=-1)
 
-    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """(B, N, C) queries, (B, n, C) keys and values -> (B, N, output_factor·C); each kind's own."""
+    def mix(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
+            geometry: AttentionGeometry) -> torch.Tensor:
+        """(B, N, C) queries, (B, n, C) keys and values on the grids of `geometry` ->
+        (B, N, output_factor·C); each kind's own."""
         raise NotImplementedError(f'attention kind {type(self).__name__} does not define mix()')
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        q, k, v = self.project(x)
-        out = self.attend(q, k, v, mask)
-        if self.window != self.grid_size:
-            out = stripe_reverse(out, self.grid_size, self.window)
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
+        """x on the `grid` map (None: the build map ``grid_size``); see the class docstring."""
+        return size_dependent(self, x, mask, grid)
+
+    def size_dependent_forward(self, x: torch.Tensor, mask: Optional[torch.Tensor],
+                               grid: Optional[Tuple[int, int]]) -> torch.Tensor:
+        geometry = self.geometry(grid)
+        q, k, v = self.project(x, geometry)
+        out = self.attend(q, k, v, mask, geometry)
+        if geometry.window != geometry.grid:
+            out = stripe_reverse(out, geometry.grid, geometry.window)
         if self.proj is None:
             return out.to(x.dtype)
         return self.proj_drop(self.proj(out))

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from ..grid import GridSpec
-from .base import Attention, AttentionOptions
+from .base import Attention, AttentionGeometry, AttentionOptions
 from .core import focused_linear_attention
 from .registry import register_attention
 
@@ -42,13 +42,14 @@ class SoftmaxAttention(Attention):
     def init_kind(self, options: AttentionOptions) -> None:
         self.head_scale = options.qk_scale or self.head_dim ** -0.5
 
-    def logit_bias(self) -> Optional[torch.Tensor]:
-        """An additive (h, N, n) bias of the logits; none for plain softmax."""
+    def logit_bias(self, geometry: Optional[AttentionGeometry] = None) -> Optional[torch.Tensor]:
+        """An additive (h, N, n) bias of the logits on `geometry` (None: the build one); none for
+        plain softmax."""
         return None
 
-    def mix(self, q, k, v, mask):
+    def mix(self, q, k, v, mask, geometry):
         q, k, v = self.heads(q), self.heads(k), self.heads(v)  # (B, h, N|n, d)
-        bias = self.logit_bias()
+        bias = self.logit_bias(geometry)
         if (mask is not None) and (mask.dim() == 3):  # Swin's (nW, N, N) shift mask: windows on their own axis
             num_windows = mask.shape[0]
             q, k, v = (t.view(-1, num_windows, *t.shape[1:]) for t in (q, k, v))
@@ -90,7 +91,11 @@ class WindowAttention(SoftmaxAttention):
         self.register_buffer('relative_position_index', relative_position_index(self.window))
         trunc_normal_(self.relative_position_bias_table, std=.02)
 
-    def logit_bias(self) -> torch.Tensor:
+    def logit_bias(self, geometry: Optional[AttentionGeometry] = None) -> torch.Tensor:
+        if (geometry is not None) and (geometry.window != self.window):
+            (H, W), (h, w) = self.window, geometry.window
+            raise ValueError(f'window_softmax attention: its relative position bias is learned for the {H}x{W} '
+                             f'window, got a {h}x{w} one (Swin keeps softmax windows fixed and pads the map)')
         N = self.relative_position_index.shape[0]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(N, N, self.num_heads).permute(2, 0, 1)  # (h, N, N)
@@ -122,8 +127,8 @@ class FocusedLinearAttention(Attention):
         self.focusing_factor = options.focusing_factor
         self.scale = nn.Parameter(torch.zeros(1, 1, self.dim))
 
-    def mix(self, q, k, v, mask):
-        return focused_linear_attention(q, k, v, self.scale, self.positional_encoding, self.num_heads,
+    def mix(self, q, k, v, mask, geometry):
+        return focused_linear_attention(q, k, v, self.scale, self.key_encoding(geometry), self.num_heads,
                                         self.focusing_factor, self.fused)
 
     def extra_repr(self) -> str:

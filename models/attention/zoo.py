@@ -65,8 +65,8 @@ class VanillaLinearAttention(Attention):
     uses_positional_encoding = True
     float32_core = True
 
-    def mix(self, q, k, v, mask):
-        kernel = F.relu(q) + KERNEL_EPS, F.relu(k + self.positional_encoding) + KERNEL_EPS
+    def mix(self, q, k, v, mask, geometry):
+        kernel = F.relu(q) + KERNEL_EPS, F.relu(k + self.key_encoding(geometry)) + KERNEL_EPS
         return linear_attention(*kernel, v, self.num_heads)
 
 
@@ -95,7 +95,7 @@ class HydraAttention(Attention):
     """
     float32_core = True
 
-    def mix(self, q, k, v, mask):
+    def mix(self, q, k, v, mask, geometry):
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
         return q * (k * v).sum(dim=1, keepdim=True)
 
@@ -105,7 +105,7 @@ class EfficientAttention(Attention):
     """Efficient attention (Shen et al. 2021): ``softmax_d(Q) (softmax_n(K)ᵀ V)`` per head."""
     float32_core = True
 
-    def mix(self, q, k, v, mask):
+    def mix(self, q, k, v, mask, geometry):
         q = self.heads(q).softmax(dim=-1)
         k = self.heads(k).softmax(dim=-2)
         return self.merge_heads(q @ (k.transpose(-2, -1) @ self.heads(v)))
@@ -121,7 +121,7 @@ class AngularLinearAttention(Attention):
     uses_dwc = True
     float32_core = True
 
-    def mix(self, q, k, v, mask):
+    def mix(self, q, k, v, mask, geometry):
         n = k.shape[1]
         q, k = F.normalize(self.heads(q), dim=-1), F.normalize(self.heads(k), dim=-1)
         vh = self.heads(v)
@@ -163,7 +163,7 @@ class ReLULinearAttention(Attention):
         image = F.conv2d(image, pointwise.weight[rows], groups=self.num_heads)
         return image.flatten(2).transpose(1, 2)
 
-    def mix(self, q, k, v, mask):
+    def mix(self, q, k, v, mask, geometry):
         aggregated = [self._aggregate(t, i, grid) for i, (t, grid) in
-                      enumerate(((q, self.window), (k, self.key_grid), (v, self.key_grid)))]
+                      enumerate(((q, geometry.window), (k, geometry.key_grid), (v, geometry.key_grid)))]
         return torch.cat([self._relu_linear(q, k, v), self._relu_linear(*aggregated)], dim=-1)
