@@ -286,13 +286,14 @@ class PyramidVisionTransformer(PyramidBackbone):
         tokens, normed only with ``class_token``."""
         B = x.shape[0]
         grids = self.stage_grids((x.shape[-2], x.shape[-1]), self.patch_embed1.patch_size[0], self.num_stages)
+        specs = self.parameter_grids()  # each pos_embed's build grid and class-token prefix
         kept = {}
         for i in range(last + 1):
             x = getattr(self, f'patch_embed{i + 1}')(x)  # (B, N_i, C_i)
-            if self.class_token and (i == self.num_stages - 1):
+            name = f'pos_embed{i + 1}'
+            if specs[name].prefix_tokens:
                 x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)
-            prefix = int(self.class_token and (i == self.num_stages - 1))
-            pos_embed = resized_tokens(getattr(self, f'pos_embed{i + 1}'), self.grids[i], prefix, grids[i])
+            pos_embed = resized_tokens(getattr(self, name), specs[name].grid, specs[name].prefix_tokens, grids[i])
             x = self.pos_drop(x + pos_embed)
             x = run_blocks(getattr(self, f'block{i + 1}'), x, self.grad_checkpointing, grids[i])
             if i in keep:
