@@ -181,7 +181,8 @@ _C.DATA.REPEATED_AUG_COUNT = 3
 # Model settings
 # -----------------------------------------------------------------------------
 _C.MODEL = CN()
-# Model type: a family builder ('flatten_swin', 'swin', ...); see models.build.list_model_types().
+# Model type ('flatten_swin', 'swin', ...): a row of models.build.MODEL_TYPES, which maps it to a registered
+# variant plus the constructor arguments read from this config (models.build.describe(cfg) prints them)
 _C.MODEL.TYPE = 'swin'
 # Model name, used for the output folder <OUTPUT>/<NAME>/<TAG>
 _C.MODEL.NAME = 'swin_tiny_patch4_window7_224'

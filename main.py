@@ -30,6 +30,7 @@ from config import ConfigError, config_to_yaml, load_config, scale_lr
 from data import DataBundle, DataError, DatasetNotFoundError, build_loaders, build_mixup
 from logger import create_logger
 from models import UnknownModelError, build_model
+from models.build import describe
 from utils.checkpoint import (
     CheckpointError,
     latest_valid_checkpoint,
@@ -394,7 +395,7 @@ def build_models(cfg: CN, ctx: DistContext, source: str, resume: Optional[str]):
     wrapper. Returns (model to train, bare model, EMA or None)."""
     model = build_model_for(cfg, source)
     n_parameters = count_parameters(model)
-    logger.info(f'{cfg.MODEL.NAME}: {n_parameters:,} parameters ({n_parameters / 1e6:.2f}M)')
+    logger.info(f'{cfg.MODEL.NAME}: {describe(cfg)}, {n_parameters:,} parameters ({n_parameters / 1e6:.2f}M)')
     model.to(ctx.device)
     if cfg.MODEL.PRETRAINED and not resume:
         load_pretrained(model, cfg.MODEL.PRETRAINED)

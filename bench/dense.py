@@ -31,7 +31,8 @@ import torch
 if __package__ in (None, ''):  # run as `python bench/x.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import create_model  # noqa: E402
+from models import create_model, list_families  # noqa: E402
+from models.registry import variant_spec  # noqa: E402
 from utils.benchmark import (  # noqa: E402
     autocast_for,
     exact_cpu_memory_accounting,
@@ -44,14 +45,19 @@ from utils.benchmark import (  # noqa: E402
     write_json,
 )
 
-# pair: (FLatten label, FLatten variant, baseline label, baseline variant), all built at 224²
-PAIRS: Dict[str, Tuple[str, str, str, str]] = {
-    'swin': ('FLatten-Swin-T', 'flatten_swin_tiny_patch4_224', 'Swin-T', 'softmax_swin_tiny_patch4_window7_224'),
-    'pvt': ('FLatten-PVT-T', 'flatten_pvt_tiny', 'PVT-T', 'softmax_pvt_tiny'),
-    'cswin': ('FLatten-CSwin-T', 'flatten_cswin_tiny_224', 'CSwin-T', 'softmax_cswin_tiny_224'),
-    'pvt_v2': ('FLatten-PVTv2-b0', 'flatten_pvt_v2_b0', 'PVTv2-b0', 'softmax_pvt_v2_b0'),
-    'deit': ('FLatten-DeiT-T', 'flatten_deit_tiny_patch16_224', 'DeiT-T', 'softmax_deit_tiny_patch16_224'),
-}
+
+def family_pairs() -> Dict[str, Tuple[str, str, str, str]]:
+    """Family -> (FLatten label, FLatten variant, baseline label, baseline variant): the smallest FLatten
+    variant of every registered family and its smallest softmax baseline (both built at 224²)."""
+    pairs = {}
+    for family, names in list_families().items():
+        flatten = next(n for n in names if n.startswith('flatten_'))
+        baseline = next(n for n in names if n.startswith('softmax_'))
+        pairs[family] = (variant_spec(flatten).label, flatten, variant_spec(baseline).label, baseline)
+    return pairs
+
+
+PAIRS = family_pairs()
 DEFAULT_PAIRS = ['swin', 'pvt', 'cswin']
 DENSE_SIZES = ['512x2048', '800x1333']  # ADE20K/Cityscapes-style crop; COCO's 1333×800 short-side resize
 MICRO_SIZES = ['64x96', '96x64']

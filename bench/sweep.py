@@ -84,7 +84,7 @@ def model_sweep(args, device: torch.device):
                 except ValueError as err:  # a size the windows do not tile
                     print(f'skip {path} at {img_size}: {err}')
                     continue
-                patch = cfg.MODEL.SWIN.PATCH_SIZE if 'swin' in cfg.MODEL.TYPE else cfg.MODEL.DEIT.PATCH_SIZE
+                patch = model.feature_info[0]['reduction']  # the patch size: stride of the first level
                 fns[path] = inference_step(model, random_images(1, img_size, device))
                 labels[path] = (cfg.MODEL.NAME, (img_size // patch) ** 2)
         times = measure(fns, device, repeats=args.repeats, warmup=1)

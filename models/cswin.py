@@ -43,7 +43,7 @@ from timm.layers import DropPath, Mlp, to_2tuple
 from .attention import AttentionOptions, block_kinds, create_attention, letter_kinds
 from .grid import padded_size, size_dependent
 from .layers import Backbone, run_blocks
-from .registry import common_cfg_kwargs, la_cfg_kwargs, register_model_types, register_variants
+from .registry import register_variants
 
 __all__ = ['CSWinTransformer', 'stage_resolutions', 'branch_windows', 'parse_split_sizes']
 
@@ -315,7 +315,7 @@ class CSWinTransformer(Backbone):
 
 
 # ---------------------------------------------------------------------------------------------
-# Variants (timm-style entry points) and the MODEL.TYPE builders
+# Variants (timm-style entry points)
 # ---------------------------------------------------------------------------------------------
 
 # FLatten's CSwin-T and -B change the original depths (paper appendix: deeper stages 1-2, shallower 3)
@@ -329,9 +329,9 @@ _FLATTEN = dict(attn_type='LLSS')
 _SOFTMAX = dict(attn_type='SSSS')
 # S-block stripe widths per stage at 224² and 384²
 _SPLITS_224 = (1, 2, 7, 7)
-_SPLITS_384 = (1, 2, 12, 12)
+SPLITS_384 = (1, 2, 12, 12)
 _AT_224 = dict(img_size=224, split_size=_SPLITS_224)
-_AT_384 = dict(img_size=384, split_size=_SPLITS_384)
+_AT_384 = dict(img_size=384, split_size=SPLITS_384)
 
 # name: (architecture, description with the parameter count at 1000 classes)
 register_variants(CSWinTransformer, {
@@ -353,38 +353,3 @@ register_variants(CSWinTransformer, {
         {**_CSWIN_BASE, **_SOFTMAX, **_AT_384}, 'CSWin-B baseline at 384² (stripes 12 in stage 3).'),
 })
 
-
-def _config_kwargs(cfg) -> dict:
-    """What every CSwin MODEL.TYPE takes from the config (the architecture comes from the type name)."""
-    return dict(**common_cfg_kwargs(cfg), in_chans=cfg.MODEL.SWIN.IN_CHANS)
-
-
-def _build_flatten(cfg, arch: dict, split_size: Tuple[int, ...]) -> CSWinTransformer:
-    """FLatten-CSwin types: stages from MODEL.LA.ATTN_TYPE, L splits from MODEL.LA.CSWIN_LA_SPLIT_SIZE,
-    S splits `split_size` (fixed by the type name, like the architecture `arch`)."""
-    return CSWinTransformer(
-        **_config_kwargs(cfg), **la_cfg_kwargs(cfg), **arch, split_size=split_size,
-        la_split_size=cfg.MODEL.LA.CSWIN_LA_SPLIT_SIZE)
-
-
-def _build_softmax(cfg, arch: dict, split_size: Tuple[int, ...]) -> CSWinTransformer:
-    """The CSWin baselines (official CSWin type names): LePE softmax in every block; MODEL.LA is ignored."""
-    return CSWinTransformer(**_config_kwargs(cfg), **arch, **_SOFTMAX, split_size=split_size)
-
-
-register_model_types(_build_flatten, {
-    'FLatten_CSWin_64_24181_tiny_224': dict(arch=_FLATTEN_TINY, split_size=_SPLITS_224),
-    'FLatten_CSWin_64_24322_small_224': dict(arch=_FLATTEN_SMALL, split_size=_SPLITS_224),
-    'FLatten_CSWin_96_36292_base_224': dict(arch=_FLATTEN_BASE, split_size=_SPLITS_224),
-    # its config sets CSWIN_LA_SPLIT_SIZE 96-48-24-12
-    'FLatten_CSWin_96_36292_base_384': dict(arch=_FLATTEN_BASE, split_size=_SPLITS_384),
-    # FLatten-CSwin-T and -S at 384² (no official config; LA splits from the config)
-    'FLatten_CSWin_64_24181_tiny_384': dict(arch=_FLATTEN_TINY, split_size=_SPLITS_384),
-    'FLatten_CSWin_64_24322_small_384': dict(arch=_FLATTEN_SMALL, split_size=_SPLITS_384),
-})
-register_model_types(_build_softmax, {
-    'CSWin_64_12211_tiny_224': dict(arch=_CSWIN_TINY, split_size=_SPLITS_224),
-    'CSWin_64_24322_small_224': dict(arch=_CSWIN_SMALL, split_size=_SPLITS_224),
-    'CSWin_96_24322_base_224': dict(arch=_CSWIN_BASE, split_size=_SPLITS_224),
-    'CSWin_96_24322_base_384': dict(arch=_CSWIN_BASE, split_size=_SPLITS_384),
-})

@@ -55,7 +55,7 @@ from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
 from .attention import AttentionOptions, block_kinds, letter_kinds
 from .grid import GridSpec, ceil_div, resized_tokens
 from .layers import Backbone, Block, run_blocks
-from .registry import common_cfg_kwargs, la_cfg_kwargs, register_model_type, register_variants
+from .registry import register_variants
 
 __all__ = ['FLattenDeiT']
 
@@ -199,7 +199,7 @@ class FLattenDeiT(Backbone):
 
 
 # ---------------------------------------------------------------------------------------------
-# Variants (timm-style entry points) and the MODEL.TYPE builders
+# Variants (timm-style entry points)
 # ---------------------------------------------------------------------------------------------
 
 _TINY = dict(embed_dim=192, depth=12, num_heads=3)
@@ -223,23 +223,3 @@ register_variants(FLattenDeiT, {
     'softmax_deit_base_patch16_224': ({**_BASE, **_SOFTMAX}, 'DeiT-B baseline (86.6M).'),
 })
 
-
-def _deit_kwargs(cfg) -> dict:
-    """The MODEL.DEIT architecture keys (and the keys every builder reads) of both DeiT types."""
-    deit = cfg.MODEL.DEIT
-    return dict(
-        **common_cfg_kwargs(cfg), patch_size=deit.PATCH_SIZE, in_chans=deit.IN_CHANS, embed_dim=deit.EMBED_DIM,
-        depth=deit.DEPTH, num_heads=deit.NUM_HEADS, mlp_ratio=deit.MLP_RATIO, qkv_bias=deit.QKV_BIAS,
-        global_pool=deit.GLOBAL_POOL or None, use_abs_pos=deit.ABS_POS_EMBED)
-
-
-@register_model_type('flatten_deit')
-def build_flatten_deit(cfg) -> FLattenDeiT:
-    """MODEL.TYPE 'flatten_deit': block kinds from the one-letter MODEL.LA.ATTN_TYPE ('L', 'S', 'M6', ...)."""
-    return FLattenDeiT(**_deit_kwargs(cfg), **la_cfg_kwargs(cfg))
-
-
-@register_model_type('deit')
-def build_deit(cfg) -> FLattenDeiT:
-    """MODEL.TYPE 'deit': the softmax baseline; every block is softmax and MODEL.LA is ignored."""
-    return FLattenDeiT(**_deit_kwargs(cfg), **_SOFTMAX)

@@ -29,7 +29,7 @@ from timm.layers import PatchEmbed, to_2tuple, trunc_normal_
 from .attention import AttentionOptions, block_kinds, letter_kinds
 from .grid import GridSpec, ceil_div, resized_tokens
 from .layers import Backbone, Block, run_blocks
-from .registry import common_cfg_kwargs, la_cfg_kwargs, register_model_types, register_variants
+from .registry import register_variants
 
 __all__ = [
     'PyramidVisionTransformer', 'PyramidBackbone', 'StagePlan', 'parse_sr_ratios', 'check_stage_geometry',
@@ -325,7 +325,7 @@ class PyramidVisionTransformer(PyramidBackbone):
 
 
 # ---------------------------------------------------------------------------------------------
-# Variants (timm-style entry points) and the MODEL.TYPE builders
+# Variants (timm-style entry points)
 # ---------------------------------------------------------------------------------------------
 
 # Widths, heads and MLP ratios are shared by every size (docs/numerics.md, "PVT v1 backbone"); sizes differ in
@@ -366,32 +366,3 @@ def register_size_variants(cls: type, family: str, archs: Dict[str, dict], modes
 register_size_variants(PyramidVisionTransformer, 'pvt', {size: {'depths': d} for size, d in PVT_DEPTHS.items()},
                        _MODES, _DESCRIPTIONS)
 
-
-def flatten_cfg_kwargs(cfg) -> dict:
-    """The MODEL.LA keys of the FLatten PVT v1/v2 builders: those of every FLatten builder plus the
-    L-block reduction MODEL.LA.PVT_LA_SR_RATIOS (the softmax baselines ignore MODEL.LA)."""
-    return dict(**la_cfg_kwargs(cfg), la_sr_ratios=cfg.MODEL.LA.PVT_LA_SR_RATIOS)
-
-
-def _no_linear_mode(cfg) -> None:
-    if cfg.MODEL.LA.PVT_LINEAR:
-        raise ValueError(f'MODEL.LA.PVT_LINEAR is a PVTv2 mode; MODEL.TYPE {cfg.MODEL.TYPE!r} is PVT v1')
-
-
-def build_flatten_pvt(cfg, depths: Tuple[int, ...]) -> PyramidVisionTransformer:
-    """MODEL.TYPE 'flatten_pvt_{tiny,small,medium,large}': stage letters from MODEL.LA.ATTN_TYPE, L-block
-    reduction from MODEL.LA.PVT_LA_SR_RATIOS, S blocks with the PVT ratios 8-4-2-1."""
-    _no_linear_mode(cfg)
-    return PyramidVisionTransformer(depths=depths, **common_cfg_kwargs(cfg), **flatten_cfg_kwargs(cfg))
-
-
-def build_pvt(cfg, depths: Tuple[int, ...]) -> PyramidVisionTransformer:
-    """MODEL.TYPE 'pvt_{tiny,small,medium,large}': the PVT v1 softmax baseline. MODEL.LA is ignored (an
-    original PVT config has none), except that the PVTv2-only MODEL.LA.PVT_LINEAR is refused."""
-    _no_linear_mode(cfg)
-    return PyramidVisionTransformer(depths=depths, **common_cfg_kwargs(cfg), **_SOFTMAX)
-
-
-# the size in the type name fixes the depths
-register_model_types(build_flatten_pvt, {f'flatten_pvt_{size}': dict(depths=d) for size, d in PVT_DEPTHS.items()})
-register_model_types(build_pvt, {f'pvt_{size}': dict(depths=d) for size, d in PVT_DEPTHS.items()})

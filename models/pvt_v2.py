@@ -29,8 +29,7 @@ import torch.nn as nn
 from timm.layers import to_2tuple
 
 from .layers import Backbone, run_blocks
-from .pvt import FLATTEN_MODE, PyramidBackbone, StagePlan, flatten_cfg_kwargs, register_size_variants
-from .registry import common_cfg_kwargs, register_model_types
+from .pvt import FLATTEN_MODE, PyramidBackbone, StagePlan, register_size_variants
 
 __all__ = ['PyramidVisionTransformerV2']
 
@@ -213,7 +212,7 @@ class PyramidVisionTransformerV2(PyramidBackbone):
 
 
 # ---------------------------------------------------------------------------------------------
-# Variants (timm-style entry points) and the MODEL.TYPE builders
+# Variants (timm-style entry points)
 # ---------------------------------------------------------------------------------------------
 
 _WIDE = dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8))
@@ -242,20 +241,3 @@ _DESCRIPTIONS = {
 # flatten_pvt_v2_b0 ... softmax_pvt_v2_b5
 register_size_variants(PyramidVisionTransformerV2, 'pvt_v2', PVT_V2_ARCHS, _MODES, _DESCRIPTIONS)
 
-
-def build_flatten_pvt_v2(cfg, arch: dict) -> PyramidVisionTransformerV2:
-    """MODEL.TYPE 'flatten_pvt_v2_b{0..5}': stage letters from MODEL.LA.ATTN_TYPE, L-block reduction
-    from MODEL.LA.PVT_LA_SR_RATIOS, linear mode from MODEL.LA.PVT_LINEAR (every block, as officially)."""
-    return PyramidVisionTransformerV2(
-        **arch, **common_cfg_kwargs(cfg), **flatten_cfg_kwargs(cfg), linear=cfg.MODEL.LA.PVT_LINEAR)
-
-
-def build_pvt_v2(cfg, arch: dict) -> PyramidVisionTransformerV2:
-    """MODEL.TYPE 'pvt_v2_b{0..5}': the PVTv2 softmax baseline. Of MODEL.LA only PVT_LINEAR is read
-    (the original PVTv2 "-Li" models, e.g. PVTv2-B2-Li); the attention letters and FLA keys are ignored."""
-    return PyramidVisionTransformerV2(**arch, **common_cfg_kwargs(cfg), **_SOFTMAX, linear=cfg.MODEL.LA.PVT_LINEAR)
-
-
-# the size in the type name fixes the architecture
-register_model_types(build_flatten_pvt_v2, {f'flatten_pvt_v2_{size}': dict(arch=a) for size, a in PVT_V2_ARCHS.items()})
-register_model_types(build_pvt_v2, {f'pvt_v2_{size}': dict(arch=a) for size, a in PVT_V2_ARCHS.items()})

@@ -1,24 +1,22 @@
-"""Two registries: model variants (timm-style entry points) and config model types.
+"""The model registry: every buildable model is a named variant (a timm-style entry point).
 
-* A **variant** is a tiny function ``name(pretrained=False, **kwargs) -> nn.Module`` that fixes an
+A **variant** is a tiny function ``name(pretrained=False, **kwargs) -> nn.Module`` that fixes an
   architecture (``flatten_swin_tiny_patch4_224``). :func:`register_model` records it here and in
   timm's registry, so ``timm.create_model(name)`` works after ``import models``. A backbone declares
   its variants as a table (name -> architecture and description) that :func:`register_variants`
   turns into such functions. They build through timm's ``build_model_with_cfg``, with a
   ``pretrained_cfg`` (:func:`pretrained_cfg`) and feature extraction by ``forward_intermediates``,
-  so ``timm.create_model(name, features_only=True, out_indices=...)`` gives the feature maps.
-* A **model type** is what ``MODEL.TYPE`` names in a config (``flatten_swin``, ``swin``, ...): a
-  function ``(cfg) -> nn.Module`` that reads the architecture keys of the config.
-  :func:`register_model_types` registers one builder under several names, each with its own fixed
-  arguments; :func:`common_cfg_kwargs` and :func:`la_cfg_kwargs` read the config keys that every
-  builder (or every FLatten builder) passes on.
+so ``timm.create_model(name, features_only=True, out_indices=...)`` gives the feature maps.
+:func:`variant_spec` gives the class and architecture behind a name, and :func:`list_families` the
+variants of each backbone family (the module that registered them), so tools and benchmarks list
+families from here. A config's ``MODEL.TYPE`` resolves to one of these variants plus constructor
+overrides through the table in :mod:`models.build`.
 """
 from __future__ import annotations
 
 import difflib
-import functools
 import sys
-from typing import Any, Callable, Dict, List, Mapping, Tuple, Type
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Tuple, Type
 
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -27,9 +25,8 @@ from timm.models import build_model_with_cfg
 from timm.models import register_model as timm_register_model
 
 __all__ = [
-    'UnknownModelError', 'register_model', 'register_variants', 'list_models', 'create_model',
-    'register_model_type', 'register_model_types', 'list_model_types', 'get_model_type',
-    'common_cfg_kwargs', 'la_cfg_kwargs', 'pretrained_cfg', 'FEATURE_CFG',
+    'UnknownModelError', 'VariantSpec', 'register_model', 'register_variants', 'list_models', 'list_families',
+    'variant_spec', 'create_model', 'unknown_name', 'pretrained_cfg', 'FEATURE_CFG',
 ]
 
 # features_only models: timm's FeatureGetterNet over forward_intermediates, by default the last 4 levels
@@ -44,11 +41,27 @@ class UnknownModelError(KeyError):
         return str(self.args[0])
 
 
+class VariantSpec(NamedTuple):
+    """What a variant built by :func:`register_variants` is: ``cls(**arch)``, described by `doc`; `family` is
+    the short name of the module that registered it (``swin``, ``pvt_v2``, ...)."""
+    cls: Type[nn.Module]
+    arch: Dict[str, Any]
+    doc: str
+    family: str
+
+    @property
+    def label(self) -> str:
+        """The display name, the description's first word: ``FLatten-Swin-T``, ``Swin-T`` (of ``Swin-T baseline``)."""
+        return self.doc.split()[0].rstrip(':.,')
+
+
 _VARIANTS: Dict[str, Callable[..., nn.Module]] = {}
-_MODEL_TYPES: Dict[str, Callable] = {}
+_SPECS: Dict[str, VariantSpec] = {}
 
 
-def _unknown(what: str, name: str, known: List[str]) -> UnknownModelError:
+def unknown_name(what: str, name: str, known: List[str]) -> UnknownModelError:
+    """The error for an unregistered `name` of kind `what` (``'model'``, ``'MODEL.TYPE'``), listing the
+    close matches among `known` first."""
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
     hint = f' Close matches: {", ".join(close)}.' if close else ''
     return UnknownModelError(f'unknown {what} {name!r}.{hint} Known: {", ".join(known)}')
@@ -79,15 +92,14 @@ def _entry_point(cls: Type[nn.Module], name: str, arch: Dict[str, Any], doc: str
     """``name(pretrained=False, **kwargs)``: ``cls(**arch, **kwargs)`` built by timm's
     ``build_model_with_cfg`` (``features_only=True`` and ``out_indices`` among the kwargs give timm's
     feature extractor), named and documented as if it had been written with ``def name`` in the
-    module of `cls`."""
-    default_cfg = pretrained_cfg(cls, arch)
-
+    module of `cls`. Its ``pretrained_cfg`` describes the model actually built (an ``img_size`` among the
+    kwargs sets its input size)."""
     def entry_point(pretrained: bool = False, **kwargs) -> nn.Module:
         if pretrained:
             raise ValueError('no weights are downloaded by this code base: build with pretrained=False and use '
                              'utils.checkpoint.load_pretrained(model, path) with a released checkpoint')
         # timm.create_model passes these hub arguments; the hub cache is never read here
-        cfg = kwargs.pop('pretrained_cfg', None) or default_cfg
+        cfg = kwargs.pop('pretrained_cfg', None) or pretrained_cfg(cls, {**arch, **kwargs})
         kwargs.pop('cache_dir', None)
         return build_model_with_cfg(cls, name, pretrained=False, pretrained_cfg=cfg, feature_cfg=dict(FEATURE_CFG),
                                     **{**arch, **kwargs})
@@ -112,59 +124,31 @@ def register_variants(cls: Type[nn.Module], table: Mapping[str, Tuple[Mapping[st
         fn = _entry_point(cls, name, dict(arch), doc)
         setattr(module, name, fn)
         register_model(fn)
+        _SPECS[name] = VariantSpec(cls, dict(arch), doc, cls.__module__.rsplit('.', 1)[-1])
 
 
 def list_models() -> List[str]:
     return sorted(_VARIANTS)
 
 
+def list_families() -> Dict[str, List[str]]:
+    """Family (``cswin``, ``deit``, ``pvt``, ``pvt_v2``, ``swin``: the module that registered it) -> its
+    variant names in the order they were registered. Every FLatten name starts with ``flatten_`` and
+    every softmax baseline's with ``softmax_``; within each the smallest model comes first."""
+    families: Dict[str, List[str]] = {}
+    for name, spec in _SPECS.items():
+        families.setdefault(spec.family, []).append(name)
+    return families
+
+
+def variant_spec(name: str) -> VariantSpec:
+    if name not in _SPECS:
+        raise unknown_name('model', name, list_models())
+    return _SPECS[name]
+
+
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build the registered variant `name`; `kwargs` override its constructor arguments."""
     if name not in _VARIANTS:
-        raise _unknown('model', name, list_models())
+        raise unknown_name('model', name, list_models())
     return _VARIANTS[name](**kwargs)
-
-
-def register_model_type(*names: str) -> Callable:
-    """Decorator: ``fn(cfg) -> nn.Module`` builds the model for these ``MODEL.TYPE`` values."""
-    def wrap(fn):
-        for name in names:
-            if name in _MODEL_TYPES:
-                raise ValueError(f'MODEL.TYPE {name!r} is registered twice')
-            _MODEL_TYPES[name] = fn
-        return fn
-    return wrap
-
-
-def register_model_types(builder: Callable[..., nn.Module], table: Mapping[str, Mapping[str, Any]]) -> None:
-    """Register ``cfg -> builder(cfg, **fixed)`` for each row ``MODEL.TYPE name: fixed kwargs`` of `table`
-    (the fixed kwargs are what the type name decides, e.g. the depths of a size)."""
-    for name, fixed in table.items():
-        register_model_type(name)(functools.update_wrapper(functools.partial(builder, **fixed), builder))
-
-
-def common_cfg_kwargs(cfg) -> Dict[str, Any]:
-    """Constructor arguments every MODEL.TYPE builder reads from the config: image size, classes,
-    dropout and stochastic-depth rates, gradient checkpointing."""
-    return dict(
-        img_size=cfg.DATA.IMG_SIZE, num_classes=cfg.MODEL.NUM_CLASSES, drop_rate=cfg.MODEL.DROP_RATE,
-        drop_path_rate=cfg.MODEL.DROP_PATH_RATE, use_checkpoint=cfg.TRAIN.USE_CHECKPOINT)
-
-
-def la_cfg_kwargs(cfg) -> Dict[str, Any]:
-    """The MODEL.LA keys every FLatten builder passes on: the block letters (ATTN_TYPE), the attention
-    kind of the L blocks (LINEAR_KIND), the focusing power and the DWC kernel. The softmax baselines
-    ignore MODEL.LA."""
-    la = cfg.MODEL.LA
-    return dict(attn_type=la.ATTN_TYPE, linear_kind=la.LINEAR_KIND, focusing_factor=la.FOCUSING_FACTOR,
-                kernel_size=la.KERNEL_SIZE)
-
-
-def list_model_types() -> List[str]:
-    return sorted(_MODEL_TYPES)
-
-
-def get_model_type(name: str) -> Callable:
-    if name not in _MODEL_TYPES:
-        raise _unknown('MODEL.TYPE', name, list_model_types())
-    return _MODEL_TYPES[name]

@@ -38,7 +38,7 @@ from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 from .attention import AttentionOptions, block_kinds, create_attention, letter_kinds
 from .grid import GridSpec, ceil_div, padded_size, resized_tokens, size_dependent
 from .layers import Backbone, run_blocks
-from .registry import common_cfg_kwargs, la_cfg_kwargs, register_model_type, register_variants
+from .registry import register_variants
 
 __all__ = ['FLattenSwinTransformer', 'window_partition', 'window_reverse', 'shifted_window_mask']
 
@@ -379,7 +379,7 @@ class FLattenSwinTransformer(Backbone):
 
 
 # ---------------------------------------------------------------------------------------------
-# Variants (timm-style entry points) and the MODEL.TYPE builders
+# Variants (timm-style entry points)
 # ---------------------------------------------------------------------------------------------
 
 _FLATTEN = dict(attn_type='LLSS', window_size=56)
@@ -407,28 +407,3 @@ register_variants(FLattenSwinTransformer, {
         'Swin-B baseline at 384² (87.9M): window-12 softmax attention everywhere.'),
 })
 
-
-def _swin_kwargs(cfg) -> dict:
-    """The MODEL.SWIN architecture keys (and the keys every builder reads) of both Swin types."""
-    swin = cfg.MODEL.SWIN
-    return dict(
-        **common_cfg_kwargs(cfg), patch_size=swin.PATCH_SIZE, in_chans=swin.IN_CHANS, embed_dim=swin.EMBED_DIM,
-        depths=tuple(swin.DEPTHS), num_heads=tuple(swin.NUM_HEADS), window_size=swin.WINDOW_SIZE,
-        mlp_ratio=swin.MLP_RATIO, qkv_bias=swin.QKV_BIAS, qk_scale=swin.QK_SCALE, ape=swin.APE,
-        patch_norm=swin.PATCH_NORM, fixed_window=swin.FIXED_WINDOW)
-
-
-@register_model_type('flatten_swin')
-def build_flatten_swin(cfg) -> FLattenSwinTransformer:
-    """MODEL.TYPE 'flatten_swin': stages from MODEL.LA.ATTN_TYPE, L window MODEL.SWIN.WINDOW_SIZE."""
-    return FLattenSwinTransformer(
-        **_swin_kwargs(cfg), **la_cfg_kwargs(cfg), softmax_window_size=cfg.MODEL.SWIN.SOFTMAX_WINDOW_SIZE or None)
-
-
-@register_model_type('swin')
-def build_swin(cfg) -> FLattenSwinTransformer:
-    """MODEL.TYPE 'swin': the softmax baseline; every block uses window MODEL.SWIN.WINDOW_SIZE and
-    MODEL.LA is ignored (an official Swin config has no LA section)."""
-    kwargs = _swin_kwargs(cfg)
-    return FLattenSwinTransformer(
-        **kwargs, attn_type='S' * len(kwargs['depths']), softmax_window_size=cfg.MODEL.SWIN.WINDOW_SIZE)
