@@ -27,7 +27,7 @@ from .augment import use_stable_posterize
 from .datasets import CheckedImageFolder, SeededAugmentation
 from .errors import DataError, DatasetNotFoundError
 from .fashion_mnist import FashionMNIST
-from .samplers import ResumableDistributedSampler, ResumableRepeatAugSampler, ShardedEvalSampler
+from .samplers import EpochTaggedSampler, ResumableDistributedSampler, ResumableRepeatAugSampler, ShardedEvalSampler
 
 __all__ = ['DataBundle', 'build_dataset', 'build_transform', 'build_loaders', 'build_mixup']
 
@@ -134,17 +134,21 @@ def build_loaders(cfg, rank: int = 0, world_size: int = 1, train: bool = True, p
 
     Each training sample is augmented from its own seed (SEED, epoch, index), so neither the worker
     count nor a mid-epoch resume changes what the model sees; the train loop calls
-    ``dataset_train.set_epoch`` and ``loader_train.sampler.set_epoch`` / ``skip`` every epoch.
+    ``dataset_train.set_epoch`` and ``loader_train.sampler.set_epoch`` / ``skip`` every epoch. The
+    workers (``DATA.NUM_WORKERS`` > 0) live for the whole run.
     """
     dataset_val, val_classes = build_dataset(False, cfg)
     num_classes = len(val_classes)
     # Each loader draws its workers' base seed from its own generator, not from the global RNG: a
     # global draw per epoch would shift drop-path and Mixup randomness between an uninterrupted and
-    # a resumed run (augmentations do not depend on worker seeds, see SeededAugmentation).
+    # a resumed run (augmentations do not depend on worker seeds, see SeededAugmentation). Workers
+    # persist across epochs: the training sampler hands every index its epoch (EpochTaggedSampler).
+    persistent = cfg.DATA.NUM_WORKERS > 0
     loader_val = torch.utils.data.DataLoader(
         dataset_val, sampler=ShardedEvalSampler(len(dataset_val), rank, world_size),
         batch_size=cfg.DATA.BATCH_SIZE, num_workers=cfg.DATA.NUM_WORKERS, pin_memory=pin_memory, drop_last=False,
-        generator=torch.Generator().manual_seed(cfg.SEED), worker_init_fn=ignore_stop_signals)
+        persistent_workers=persistent, generator=torch.Generator().manual_seed(cfg.SEED),
+        worker_init_fn=ignore_stop_signals)
     dataset_train = loader_train = None
     if train:
         dataset_train, train_classes = build_dataset(True, cfg)
@@ -169,7 +173,7 @@ def build_loaders(cfg, rank: int = 0, world_size: int = 1, train: bool = True, p
                 f'DATA.BATCH_SIZE={cfg.DATA.BATCH_SIZE} is larger than the {len(sampler)} training images of each '
                 f'of the {world_size} process(es) ({len(dataset_train)} in all): no full batch can be formed')
         loader_train = torch.utils.data.DataLoader(
-            dataset_train, sampler=sampler, batch_size=cfg.DATA.BATCH_SIZE, num_workers=cfg.DATA.NUM_WORKERS,
-            pin_memory=pin_memory, drop_last=True, persistent_workers=False,
+            dataset_train, sampler=EpochTaggedSampler(sampler), batch_size=cfg.DATA.BATCH_SIZE,
+            num_workers=cfg.DATA.NUM_WORKERS, pin_memory=pin_memory, drop_last=True, persistent_workers=persistent,
             generator=torch.Generator().manual_seed(cfg.SEED), worker_init_fn=ignore_stop_signals)
     return DataBundle(dataset_train, dataset_val, loader_train, loader_val, num_classes)

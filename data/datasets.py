@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Callable, Optional, Set, Tuple
+from typing import Any, Callable, Optional, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -11,7 +11,7 @@ from torchvision import datasets
 
 from .errors import DataError
 
-__all__ = ['SeededAugmentation', 'CheckedImageFolder']
+__all__ = ['SeededAugmentation', 'CheckedImageFolder', 'sample_seed', 'seed_sample']
 
 logger = logging.getLogger('flatten.data')
 
@@ -19,6 +19,17 @@ logger = logging.getLogger('flatten.data')
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed that differs for every (run seed, epoch, sample)."""
     return ((seed * 1_000_003 + epoch) * 1_000_003 + index) % (2 ** 63)
+
+
+def seed_sample(seed: int) -> None:
+    """Seed the three generators timm's augmentations draw from: torch's CPU generator, ``random``, numpy.
+
+    Only the CPU generator of torch: ``torch.manual_seed`` also seeds every accelerator backend and
+    costs ~0.15 ms, a few per cent of a 224² RandAugment sample; this costs ~10 µs (bench/loader.py).
+    """
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
 
 
 class SeededAugmentation(torch.utils.data.Dataset):
@@ -34,6 +45,9 @@ class SeededAugmentation(torch.utils.data.Dataset):
     An index ``copy * N + i`` (N = ``len(dataset)``, from :class:`data.samplers.ResumableRepeatAugSampler`)
     loads sample i with the seed of that encoded index: the copies of a repeated sample are augmented
     differently, and copy 0 (every index a plain sampler yields) keeps the seed of i.
+
+    A key ``(epoch, index)`` (from :class:`data.samplers.EpochTaggedSampler`) uses that epoch instead
+    of the one of :meth:`set_epoch`, which persistent DataLoader workers never see.
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
@@ -47,14 +61,13 @@ class SeededAugmentation(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> Any:
-        seed = sample_seed(self.seed, self.epoch, index)
+    def __getitem__(self, key: Union[int, Tuple[int, int]]) -> Any:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        seed = sample_seed(self.seed, epoch, index)
         sample_index = index % len(self.dataset)  # the repeat copy only changes the seed
         in_worker = torch.utils.data.get_worker_info() is not None
         saved = None if in_worker else (torch.get_rng_state(), random.getstate(), np.random.get_state())
-        torch.manual_seed(seed)
-        random.seed(seed)
-        np.random.seed(seed % 2 ** 32)
+        seed_sample(seed)
         try:
             return self.dataset[sample_index]
         finally:

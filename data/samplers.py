@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sized
+from typing import Iterator, Sized, Tuple
 
 import torch
 
-__all__ = ['ShardedEvalSampler', 'ResumableDistributedSampler', 'ResumableRepeatAugSampler']
+__all__ = ['ShardedEvalSampler', 'ResumableDistributedSampler', 'ResumableRepeatAugSampler', 'EpochTaggedSampler']
 
 
 class ShardedEvalSampler(torch.utils.data.Sampler):
@@ -115,3 +115,34 @@ class ResumableRepeatAugSampler(_StartsMidEpoch, torch.utils.data.Sampler):
         positions = torch.arange(self.rank, self.num_samples * self.num_replicas, self.num_replicas)
         encoded = (positions % self.num_repeats) * self.dataset_len + order[positions // self.num_repeats]
         return iter(encoded[self.start:].tolist())
+
+
+class EpochTaggedSampler(torch.utils.data.Sampler):
+    """Yield ``(epoch, index)`` for every index of a training sampler `base` (one of the two above).
+
+    :class:`data.datasets.SeededAugmentation` seeds a sample from (seed, epoch, index). With
+    ``persistent_workers`` each DataLoader worker keeps its own copy of the dataset from the first
+    epoch, so a ``set_epoch`` on the main process's dataset never reaches it; the epoch travels with
+    the index instead, and the workers can live for the whole run. ``set_epoch``, ``skip``, ``epoch``
+    and ``len`` are those of `base`.
+    """
+
+    def __init__(self, base: _StartsMidEpoch):
+        self.base = base
+
+    @property
+    def epoch(self) -> int:
+        return self.base.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.base.set_epoch(epoch)
+
+    def skip(self, num_indices: int) -> None:
+        self.base.skip(num_indices)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        epoch = self.base.epoch
+        return ((epoch, index) for index in self.base)

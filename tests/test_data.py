@@ -105,6 +105,35 @@ def test_image_folder_loaders(image_folder):
     assert sum(len(batch[1]) for batch in bundle.loader_val) == 9
 
 
+def _epochs(bundle, epochs, skip=0):
+    """The training batches of each epoch, driven as main.run_epoch drives them."""
+    out = []
+    for epoch in range(epochs):
+        bundle.dataset_train.set_epoch(epoch)
+        bundle.loader_train.sampler.set_epoch(epoch)
+        bundle.loader_train.sampler.skip(skip if epoch == epochs - 1 else 0)
+        out.append([(images, labels) for images, labels in bundle.loader_train])
+    return out
+
+
+def test_persistent_workers_see_every_epoch(image_folder):
+    """Workers live for the run (persistent_workers), yet each epoch's augmentations are those of the
+    main process at that epoch, including an epoch resumed part-way through."""
+    opts = ['DATA.DATA_PATH', str(image_folder), 'DATA.BATCH_SIZE', '4', 'DATA.IMG_SIZE', '32']
+    reference = _epochs(build_loaders(load_config(None, opts + ['DATA.NUM_WORKERS', '0'])), 3, skip=8)
+    bundle = build_loaders(load_config(None, opts + ['DATA.NUM_WORKERS', '2']))
+    assert bundle.loader_train.persistent_workers and bundle.loader_val.persistent_workers
+    workers = _epochs(bundle, 3, skip=8)
+    iterator = bundle.loader_train._iterator
+    assert len(workers[2]) == 4  # 6 batches, the first 2 skipped
+    for ref_epoch, epoch in zip(reference, workers, strict=True):
+        for (ref_images, ref_labels), (images, labels) in zip(ref_epoch, epoch, strict=True):
+            assert torch.equal(ref_labels, labels) and torch.equal(ref_images, images)
+    assert not torch.equal(workers[0][0][0], workers[1][0][0])  # the epochs differ
+    next(iter(bundle.loader_train))
+    assert bundle.loader_train._iterator is iterator  # the same workers, not new ones
+
+
 def test_image_folder_errors(tmp_path):
     root = make_image_folder(tmp_path / 'data', classes=2, train_per_class=2, val_per_class=1)
     base = ['DATA.BATCH_SIZE', '2', 'DATA.IMG_SIZE', '32', 'DATA.NUM_WORKERS', '0']

@@ -146,10 +146,10 @@ def test_copies_get_different_seeds_and_plain_seeds_are_unchanged():
 def test_build_loaders_uses_the_repeat_sampler(tmp_path):
     root = make_image_folder(tmp_path / 'data', classes=3, train_per_class=8, val_per_class=1)
     base = ['DATA.DATA_PATH', str(root), 'DATA.IMG_SIZE', '32', 'DATA.NUM_WORKERS', '0', 'DATA.BATCH_SIZE', '6']
-    assert isinstance(build_loaders(load_config(None, base)).loader_train.sampler, ResumableDistributedSampler)
+    assert isinstance(build_loaders(load_config(None, base)).loader_train.sampler.base, ResumableDistributedSampler)
 
     bundle = build_loaders(load_config(None, base + ['DATA.REPEATED_AUG', 'True']), rank=0, world_size=1)
-    sampler = bundle.loader_train.sampler
+    sampler = bundle.loader_train.sampler.base
     assert isinstance(sampler, ResumableRepeatAugSampler) and sampler.num_repeats == 3
     assert len(sampler) == 24 and len(bundle.loader_train) == 4  # 8 of the 24 images, 3 times each
     images, labels = next(iter(bundle.loader_train))
@@ -160,7 +160,7 @@ def test_build_loaders_uses_the_repeat_sampler(tmp_path):
 
     counted = build_loaders(load_config(None, base + ['DATA.REPEATED_AUG', 'True', 'DATA.REPEATED_AUG_COUNT', '2']),
                             rank=1, world_size=3)
-    assert counted.loader_train.sampler.num_repeats == 2 and len(counted.loader_train.sampler) == 8
+    assert counted.loader_train.sampler.base.num_repeats == 2 and len(counted.loader_train.sampler) == 8
 
     small = make_image_folder(tmp_path / 'small', classes=2, train_per_class=2, val_per_class=1)
     with pytest.raises(DataError, match='larger than the 3 training images of each of the 1 process'):

@@ -1,0 +1,215 @@
+"""Where a training step's time goes: torch.profiler breakdown, FLatten model vs its softmax baseline.
+
+    python -m bench.profile_step --pair flatten_swin_tiny_patch4_224 softmax_swin_tiny_patch4_window7_224 \\
+        --batch 8 --dtypes fp32 bf16 --steps 3 --json bench/results/profile_step_cpu.json
+
+One step is forward, cross-entropy, backward and an AdamW step (``utils.benchmark.training_step``), in
+float32 or under bf16/fp16 autocast, at the model's build size. After ``--warmup`` steps, ``--steps``
+steps run under ``torch.profiler`` and every operator's *self* time (its own, children excluded) is put
+in one category, so the categories add up to the profiled time:
+
+* ``focused core fwd`` / ``focused core bwd``: everything inside the fused focused attention's chunked
+  forward and its hand-written backward (``models.attention.core``), its matmuls included;
+* ``DWC fwd`` / ``DWC bwd``: the rank-restoration depthwise conv (``rank_restore_dwc``) and, in the
+  backward, every convolution's gradient (the DWC's and the patch embedding's, input and weight);
+* ``GEMM``: the other matmuls (linear layers, softmax attention), forward and backward;
+* ``softmax`` (softmax or fused scaled-dot-product attention), ``norms`` (LayerNorm), ``GELU``: those
+  ops and their gradients;
+* ``optimizer``: the whole AdamW step; ``copies``: copy_, clone, cat, contiguous, roll, index ops;
+* ``other``: the rest (element-wise ops, reductions, the loss, autograd bookkeeping).
+
+The table gives ms per step for each category and model, side by side, and the JSON also lists the
+15 costliest operators of each. Profiling adds overhead: compare categories, not totals, with bench/models.py.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import os
+import sys
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+if __package__ in (None, ''):  # run as `python bench/x.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import models  # noqa: E402
+from models.attention import base, core  # noqa: E402
+from utils.benchmark import (  # noqa: E402
+    autocast_for,
+    machine_info,
+    random_images,
+    training_step,
+    tune_cpu_allocator,
+    write_json,
+)
+
+CATEGORIES = ['focused core fwd', 'focused core bwd', 'DWC fwd', 'DWC bwd', 'GEMM', 'softmax', 'norms', 'GELU',
+              'optimizer', 'copies', 'other']
+# ranges (record_function labels or autograd node names) -> category, checked from the innermost ancestor out
+_RANGES = [('focused core fwd', 'focused core fwd'), ('focused core bwd', 'focused core bwd'),
+           ('DWC fwd', 'DWC fwd'), ('Optimizer.step', 'optimizer'), ('ConvolutionBackward', 'DWC bwd'),
+           ('NativeLayerNormBackward', 'norms'), ('GeluBackward', 'GELU'), ('SoftmaxBackward', 'softmax'),
+           ('ScaledDotProduct', 'softmax')]
+_OPS = {'aten::mm': 'GEMM', 'aten::bmm': 'GEMM', 'aten::addmm': 'GEMM', 'aten::baddbmm': 'GEMM',
+        'aten::_softmax': 'softmax', 'aten::_softmax_backward_data': 'softmax',
+        'aten::native_layer_norm': 'norms', 'aten::native_layer_norm_backward': 'norms',
+        'aten::gelu': 'GELU', 'aten::gelu_backward': 'GELU', 'aten::convolution_backward': 'DWC bwd',
+        'aten::copy_': 'copies', 'aten::clone': 'copies', 'aten::cat': 'copies', 'aten::contiguous': 'copies',
+        'aten::roll': 'copies', 'aten::index': 'copies', 'aten::index_put_': 'copies',
+        'aten::constant_pad_nd': 'copies'}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--pair', nargs=2, metavar=('FLATTEN', 'BASELINE'),
+                        default=['flatten_swin_tiny_patch4_224', 'softmax_swin_tiny_patch4_window7_224'],
+                        help='two registered variants (models.list_models())')
+    parser.add_argument('--batch', type=int, default=8)
+    parser.add_argument('--dtypes', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16', 'fp16'])
+    parser.add_argument('--steps', type=int, default=3, help='profiled steps')
+    parser.add_argument('--warmup', type=int, default=2)
+    parser.add_argument('--threads', type=int, default=None, help='torch threads (default: all)')
+    parser.add_argument('--overrides', default='', help='constructor overrides for both models, e.g. '
+                        '"img_size=32,num_classes=10" (ints, floats and tuples of ints)')
+    parser.add_argument('--json', default=None)
+    args = parser.parse_args(argv)
+    for name in ('batch', 'steps'):
+        if getattr(args, name) < 1:
+            parser.error(f'--{name} must be at least 1')
+    unknown = [n for n in args.pair if n not in models.list_models()]
+    if unknown:
+        parser.error(f'unknown model {unknown[0]!r}; see models.list_models()')
+    try:
+        args.kwargs = parse_overrides(args.overrides)
+    except ValueError as err:
+        parser.error(str(err))
+    return args
+
+
+def parse_overrides(text: str) -> dict:
+    """'a=1,b=(2,2),c=0.5,d=LS' -> {'a': 1, 'b': (2, 2), 'c': 0.5, 'd': 'LS'} (commas inside () kept)."""
+    parts, depth, current = [], 0, ''
+    for ch in text.replace(' ', ''):
+        depth += (ch == '(') - (ch == ')')
+        if ch == ',' and depth == 0:
+            parts.append(current)
+            current = ''
+        else:
+            current += ch
+    parts.append(current)
+    out = {}
+    for part in filter(None, parts):
+        if '=' not in part:
+            raise ValueError(f'--overrides item {part!r} is not name=value')
+        name, value = part.split('=', 1)
+        out[name] = _value(value)
+    return out
+
+
+def _value(text: str):
+    if text.startswith('('):
+        return tuple(int(v) for v in text.strip('()').split(',') if v)
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+@contextlib.contextmanager
+def labelled_ranges():
+    """Wrap the focused core's forward and backward and the DWC in record_function ranges."""
+    patched = [(core, '_fused_forward', 'focused core fwd'), (core, '_fused_backward', 'focused core bwd'),
+               (base, 'rank_restore_dwc', 'DWC fwd')]
+    originals = [getattr(module, name) for module, name, _ in patched]
+    for (module, name, label), original in zip(patched, originals, strict=True):
+        setattr(module, name, _in_range(original, label))
+    try:
+        yield
+    finally:
+        for (module, name, _), original in zip(patched, originals, strict=True):
+            setattr(module, name, original)
+
+
+def _in_range(fn: Callable, label: str) -> Callable:
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with torch.profiler.record_function(label):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+def categorise(event) -> str:
+    node = event.cpu_parent
+    while node is not None:  # innermost labelled ancestor first
+        for key, category in _RANGES:
+            if key in node.name:
+                return category
+        node = node.cpu_parent
+    if 'scaled_dot_product' in event.name:  # fused softmax attention, forward and backward
+        return 'softmax'
+    return _OPS.get(event.name, 'other')
+
+
+def profile(name: str, args, dtype: str) -> dict:
+    torch.manual_seed(0)
+    model = models.create_model(name, **args.kwargs)
+    size = model.pretrained_cfg['input_size'][1]
+    step = training_step(model, random_images(args.batch, size, torch.device('cpu')), model.num_classes,
+                         autocast_for(dtype, torch.device('cpu')))
+    for _ in range(args.warmup):
+        step()
+    with labelled_ranges(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        seconds = time.perf_counter() - start
+    per_category = dict.fromkeys(CATEGORIES, 0.0)
+    per_op: Dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CPU:
+            continue
+        ms = event.self_cpu_time_total / 1000 / args.steps
+        per_category[categorise(event)] += ms
+        per_op[event.name] = per_op.get(event.name, 0.0) + ms
+    top = sorted(per_op.items(), key=lambda kv: -kv[1])[:15]
+    return dict(model=name, dtype=dtype, batch=args.batch, img_size=size, step_ms=1000 * seconds / args.steps,
+                categories=per_category, top_ops=[dict(op=k, ms=v) for k, v in top])
+
+
+def print_table(rows: List[dict], pair: List[str]) -> None:
+    for dtype in dict.fromkeys(r['dtype'] for r in rows):
+        a, b = (next(r for r in rows if r['model'] == m and r['dtype'] == dtype) for m in pair)
+        print(f'\n{dtype}, batch {a["batch"]}, ms per step (profiled)\n')
+        print(f'| category | {pair[0]} | {pair[1]} |')
+        print('|---|---|---|')
+        for category in CATEGORIES:
+            print(f'| {category} | {a["categories"][category]:.1f} | {b["categories"][category]:.1f} |')
+        total_a, total_b = (sum(r['categories'].values()) for r in (a, b))
+        print(f'| **sum** | {total_a:.1f} | {total_b:.1f} |')
+        print(f'| wall (profiler on) | {a["step_ms"]:.1f} | {b["step_ms"]:.1f} |')
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tune_cpu_allocator()
+    rows = []
+    for dtype in args.dtypes:
+        for name in args.pair:
+            rows.append(profile(name, args, dtype))
+            print(f'{name} {dtype}: {rows[-1]["step_ms"]:.0f} ms/step under the profiler', flush=True)
+    print_table(rows, args.pair)
+    write_json(args.json, dict(machine=machine_info(torch.device('cpu')), args={k: v for k, v in vars(args).items()},
+                               rows=rows))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
