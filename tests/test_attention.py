@@ -14,6 +14,7 @@ from models.attention import (
     create_attention,
     dwc_matrix,
     list_attention_kinds,
+    make_dwc,
     parse_attn_type,
     rank_restore_dwc,
 )
@@ -91,6 +92,19 @@ def test_matches_official_module_golden():
     module.load_state_dict(golden['state_dict'], strict=True)
     with torch.no_grad():
         torch.testing.assert_close(module.eval()(golden['input']), golden['output'], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('fused', [True, False])
+def test_dwc_runs_in_float32_under_cpu_autocast(fused):
+    """bfloat16 values in, the float32 convolution of those values out, gradients to v and the kernels."""
+    conv = randomize(make_dwc(8, 5))
+    v = torch.randn(2, 30, 16).bfloat16().requires_grad_(True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = rank_restore_dwc(conv, v, 2, (5, 6), fused)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, rank_restore_dwc(conv, v.float(), 2, (5, 6), fused), rtol=0, atol=0)
+    out.sum().backward()
+    assert v.grad.dtype == torch.bfloat16 and conv.weight.grad.abs().sum() > 0
 
 
 def test_mask_is_ignored_like_the_official_module():

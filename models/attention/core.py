@@ -307,7 +307,13 @@ def rank_restore_dwc(dwc: nn.Conv2d, v: torch.Tensor, num_heads: int, grid_size:
     dwc: Conv2d(d, d, k, groups=d). Returns (B, H·W, C), head-major. The reference folds the heads
     into the batch (B·h, d, H, W); the fused path convolves the channels-last view (B, C, H, W) of V
     directly with the d kernels repeated for each head (the same weights, so the same gradient).
+    Under CPU autocast it runs in float32 (and returns float32).
     """
+    if v.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
+        # in float32 under CPU autocast: oneDNN's bfloat16 depthwise backward (input and weight gradients)
+        # takes 3x the float32 time at FLatten-Swin-T's stage 1 (90 vs 29 ms, batch 8, bench/profile_step.py)
+        with torch.autocast('cpu', enabled=False):
+            return rank_restore_dwc(dwc, v.float(), num_heads, grid_size, fused)
     B, N, C = v.shape
     H, W = grid_size
     head_dim = C // num_heads
