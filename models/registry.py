@@ -1,11 +1,11 @@
 """The model registry: every buildable model is a named variant (a timm-style entry point).
 
 A **variant** is a tiny function ``name(pretrained=False, **kwargs) -> nn.Module`` that fixes an
-  architecture (``flatten_swin_tiny_patch4_224``). :func:`register_model` records it here and in
-  timm's registry, so ``timm.create_model(name)`` works after ``import models``. A backbone declares
-  its variants as a table (name -> architecture and description) that :func:`register_variants`
-  turns into such functions. They build through timm's ``build_model_with_cfg``, with a
-  ``pretrained_cfg`` (:func:`pretrained_cfg`) and feature extraction by ``forward_intermediates``,
+architecture (``flatten_swin_tiny_patch4_224``). :func:`register_model` records it here and in
+timm's registry, so ``timm.create_model(name)`` works after ``import models``. A backbone declares
+its variants as a table (name -> architecture and description) that :func:`register_variants`
+turns into such functions. They build through timm's ``build_model_with_cfg``, with a
+``pretrained_cfg`` (:func:`pretrained_cfg`) and feature extraction by ``forward_intermediates``,
 so ``timm.create_model(name, features_only=True, out_indices=...)`` gives the feature maps.
 :func:`variant_spec` gives the class and architecture behind a name, and :func:`list_families` the
 variants of each backbone family (the module that registered them), so tools and benchmarks list
