@@ -198,6 +198,13 @@ def targets_for(model: torch.nn.Module, batch: int, device: torch.device) -> tor
 # Part 1: correctness checks; each returns (passed, detail)
 # ---------------------------------------------------------------------------------------------
 
+def flatten_inputs(pair: str, args, device: torch.device, train: bool = False):
+    """(FLatten model of `pair` in train or eval mode, a batch of random images, random targets)."""
+    model = build(pair, 'flatten', device, args.micro).train(train)
+    batch, img = sizes(args)
+    return model, random_images(batch, img, device), targets_for(model, batch, device)
+
+
 def check_fused_core(args, device: torch.device) -> Tuple[bool, str]:
     """The focused core, fused vs reference, float32: output and all five input gradients."""
     batch, tokens, channels, heads = (2, 3136, 96, 3) if args.micro else (4, 3136, 96, 3)
@@ -223,9 +230,7 @@ def check_fused_core(args, device: torch.device) -> Tuple[bool, str]:
 
 def check_fused_model(pair: str) -> Callable:
     def check(args, device: torch.device) -> Tuple[bool, str]:
-        model = build(pair, 'flatten', device, args.micro).eval()
-        batch, img = sizes(args)
-        images = random_images(batch, img, device)
+        model, images, _ = flatten_inputs(pair, args, device)
         weights = None
         results = {}
         with ieee_float32():
@@ -240,16 +245,14 @@ def check_fused_model(pair: str) -> Callable:
         set_fused_attention(model, True)
         ok, text = combine([compare(k, results[True][k], results[False][k], FUSED_TOL) for k in results[False]],
                            FUSED_TOL)
+        batch, _, img, _ = images.shape
         return ok, f'{label(pair, "flatten")}, {switched} attention modules, batch {batch} at {img}²: {text}'
     return check
 
 
 def check_autocast(pair: str, dtype: str) -> Callable:
     def check(args, device: torch.device) -> Tuple[bool, str]:
-        model = build(pair, 'flatten', device, args.micro).eval()
-        batch, img = sizes(args)
-        images = random_images(batch, img, device)
-        targets = targets_for(model, batch, device)
+        model, images, targets = flatten_inputs(pair, args, device)
         with torch.no_grad(), autocast_for(dtype, device)():
             logits = model(images)
             loss = F.cross_entropy(logits, targets)
@@ -261,10 +264,7 @@ def check_autocast(pair: str, dtype: str) -> Callable:
 
 def check_fp16_train_step(pair: str) -> Callable:
     def check(args, device: torch.device) -> Tuple[bool, str]:
-        model = build(pair, 'flatten', device, args.micro).train()
-        batch, img = sizes(args)
-        images = random_images(batch, img, device)
-        targets = targets_for(model, batch, device)
+        model, images, targets = flatten_inputs(pair, args, device, train=True)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         scaler = torch.amp.GradScaler(device.type)
         autocast = autocast_for('fp16', device)
@@ -302,9 +302,7 @@ def check_fp16_train_step(pair: str) -> Callable:
 
 def check_channels_last(pair: str) -> Callable:
     def check(args, device: torch.device) -> Tuple[bool, str]:
-        model = build(pair, 'flatten', device, args.micro).eval()
-        batch, img = sizes(args)
-        images = random_images(batch, img, device)
+        model, images, _ = flatten_inputs(pair, args, device)
         last = prepare_model(copy.deepcopy(model), device, channels_last=True).eval()
         with ieee_float32(), torch.no_grad():
             ref = model(images)
@@ -316,9 +314,7 @@ def check_channels_last(pair: str) -> Callable:
 
 def check_compile(pair: str) -> Callable:
     def check(args, device: torch.device) -> Tuple[bool, str]:
-        model = build(pair, 'flatten', device, args.micro).eval()
-        batch, img = sizes(args)
-        images = random_images(batch, img, device)
+        model, images, _ = flatten_inputs(pair, args, device)
         compiled = torch.compile(model, dynamic=False)
         with ieee_float32(), torch.no_grad():
             ref = model(images)
