@@ -203,8 +203,10 @@ def test_official_swin_t_recipe_trains_saves_and_evaluates(tmp_path, fashion_mni
     train = run_main(['--cfg', cfg, '--data-path', data, '--batch-size', '8', '--output', out,
                       '--opts', 'TRAIN.EPOCHS', '1'], threads=None, timeout=1200)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
-    # the full FLatten-Swin-T body; main.py sizes the head to the dataset's 10 classes (29.19M with 1000)
-    assert 'flatten_swin_tiny_patch4_224: 28,431,074 parameters' in train.stdout
+    # the full FLatten-Swin-T body, logged as the registered variant it is; main.py sizes the head to the
+    # dataset's 10 classes (29.19M with 1000)
+    assert ('flatten_swin_tiny_patch4_224: flatten_swin_tiny_patch4_224(num_classes=10, drop_path_rate=0.2), '
+            '28,431,074 parameters') in train.stdout
     assert 'start training: epoch 0 update 0 of 1 epochs x 5 updates' in train.stdout
     assert re.search(r'Train: \[0/1\]\[4/5\]', train.stdout)
     trained = ACC.findall(train.stdout)
