@@ -30,6 +30,7 @@ from config import ConfigError, config_to_yaml, load_config, scale_lr
 from data import DataBundle, DataError, DatasetNotFoundError, build_loaders, build_mixup
 from logger import create_logger
 from models import UnknownModelError, build_model
+from models.attention import set_compiled_core
 from models.build import describe
 from utils.checkpoint import (
     CheckpointError,
@@ -81,6 +82,7 @@ FLAG_TO_KEY = {
     'amp_dtype': ('AMP_DTYPE', str),
     'device': ('DEVICE', str),
     'compile': ('COMPILE', bool),
+    'compile_core': ('COMPILE_CORE', bool),
     'channels_last': ('CHANNELS_LAST', bool),
     'output': ('OUTPUT', str),
     'tag': ('TAG', str),
@@ -123,6 +125,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--device', type=str, help="'cpu', 'cuda' or 'cuda:N' (default: cuda when available)")
     parser.add_argument('--compile', action='store_true', default=None,
                         help='torch.compile the model (checkpoints keep the plain parameter names)')
+    parser.add_argument('--compile-core', action='store_true', default=None,
+                        help='torch.compile only the focused-attention cores, for training steps')
     parser.add_argument('--channels-last', action='store_true', default=None,
                         help='channels_last memory format for the model and the input images')
     # torch.distributed.launch passes --local_rank; torchrun uses the LOCAL_RANK variable instead
@@ -396,6 +400,9 @@ def build_models(cfg: CN, ctx: DistContext, source: str, resume: Optional[str]):
     model = build_model_for(cfg, source)
     n_parameters = count_parameters(model)
     logger.info(f'{cfg.MODEL.NAME}: {describe(cfg)}, {n_parameters:,} parameters ({n_parameters / 1e6:.2f}M)')
+    if cfg.COMPILE_CORE:
+        logger.info(f'--compile-core: {set_compiled_core(model)} focused-attention modules compile their core '
+                    'for training steps')
     model.to(ctx.device)
     if cfg.MODEL.PRETRAINED and not resume:
         load_pretrained(model, cfg.MODEL.PRETRAINED)

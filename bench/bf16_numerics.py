@@ -62,11 +62,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 @contextlib.contextmanager
 def recording(calls: List[dict]):
     """Record the inputs of every focused-core call the attention kinds make."""
-    def record(q, k, v, scale, positional_encoding, num_heads, focusing_factor, fused=True):
+    def record(q, k, v, scale, positional_encoding, num_heads, focusing_factor, fused=True, compiled=False):
         calls.append(dict(q=q.detach().float(), k=k.detach().float(), v=v.detach().float(),
                           scale=scale.detach().float(), pe=positional_encoding.detach().float(),
                           num_heads=num_heads, p=focusing_factor))
-        return focused_linear_attention(q, k, v, scale, positional_encoding, num_heads, focusing_factor, fused)
+        return focused_linear_attention(q, k, v, scale, positional_encoding, num_heads, focusing_factor, fused,
+                                        compiled=compiled)
     kinds.focused_linear_attention = record
     try:
         yield

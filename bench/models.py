@@ -29,7 +29,7 @@ if __package__ in (None, ''):  # run as `python bench/x.py`: make the repository
 
 from config import ConfigError, load_config  # noqa: E402
 from models import build_model  # noqa: E402
-from models.attention import set_fused_attention  # noqa: E402
+from models.attention import set_compiled_core, set_fused_attention  # noqa: E402
 from utils.benchmark import (  # noqa: E402
     autocast_for,
     exact_cpu_memory_accounting,
@@ -56,6 +56,7 @@ class Variant:
     compile: bool = False
     channels_last: bool = False
     reference: bool = False  # the reference (unfused) focused-attention implementation
+    compiled_core: bool = False  # eager model, focused cores compiled for training (--compile-core)
 
     @property
     def name(self) -> str:
@@ -64,6 +65,8 @@ class Variant:
             parts.append('channels_last')
         if self.reference:
             parts.append('reference')
+        if self.compiled_core:
+            parts.append('core compiled')
         return '+'.join(parts)
 
 
@@ -78,6 +81,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--channels-last', action='store_true', help='also measure channels_last variants')
     parser.add_argument('--reference', action='store_true',
                         help='also measure the reference focused-attention implementation (eager only)')
+    parser.add_argument('--compile-core', action='store_true',
+                        help='also measure eager models whose focused cores are compiled for training (models '
+                             'without focused attention are skipped in that variant)')
     parser.add_argument('--memory', action='store_true', help='peak training and inference memory (subprocesses)')
     parser.add_argument('--gemm-bound', action='store_true',
                         help="time each config's linear layers alone: the %%mm reached if nothing else cost time")
@@ -98,6 +104,8 @@ def load_model(path: str, variant: Variant, device: torch.device, img_size=None)
     model = build_model(cfg)
     if variant.reference:
         set_fused_attention(model, False)
+    if variant.compiled_core:
+        set_compiled_core(model)
     macs, _ = count_macs(model, (cfg.MODEL.IN_CHANS if 'IN_CHANS' in cfg.MODEL else 3,
                                  cfg.DATA.IMG_SIZE, cfg.DATA.IMG_SIZE))
     return prepare_model(model, device, variant.channels_last, variant.compile), cfg, macs
@@ -170,10 +178,10 @@ def _rows(cases: dict, results: dict, args, dtype: str, mm: float) -> List[dict]
     rows = []
     for (path, variant), res in results.items():
         case = cases[(path, variant)]
-        first = results[(args.configs[0], variant)]
+        first = results.get((args.configs[0], variant))
         row = dict(config=path, model=case['cfg'].MODEL.NAME, variant=variant.name, dtype=dtype,
                    img_size=case['cfg'].DATA.IMG_SIZE, batch_size=args.batch_size, gmacs=case['macs'] / 1e9, **res)
-        if 'infer' in res:
+        if ('infer' in res) and first:
             row['vs_first'] = res['infer'] / first['infer']
             row['pct_matmul'] = 100 * 2 * case['macs'] * res['infer'] / (mm * 1e9)
         rows.append(row)
@@ -189,6 +197,8 @@ def run(args) -> dict:
                                                [False, True] if args.channels_last else [False])]
     if args.reference:
         variants.append(Variant(reference=True))
+    if args.compile_core:
+        variants.append(Variant(compiled_core=True))
     mm = matmul_gflops(device)
     print(f'fp32 matmul rate: {mm:.1f} GFLOP/s on {device}', flush=True)
     rows = []
@@ -197,6 +207,8 @@ def run(args) -> dict:
         cases = {}
         for path, variant in itertools.product(args.configs, variants):
             model, cfg, macs = load_model(path, variant, device, args.img_size)
+            if variant.compiled_core and not any(getattr(m, 'compiled_core', False) for m in model.modules()):
+                continue  # no focused core: the eager case already measures this model
             cases[(path, variant)] = dict(model=model, cfg=cfg, macs=macs)
         results = _time_tasks(cases, args, dtype, autocast, device)
         if args.memory:
@@ -214,7 +226,7 @@ def run(args) -> dict:
 def print_table(payload: dict) -> None:
     columns = [('model', '{}', 'model'), ('variant', '{}', 'variant'), ('dtype', '{}', 'dtype'),
                ('infer', '{:.1f}', 'infer img/s'), ('vs_first', '{:.2f}x', 'vs'), ('pct_matmul', '{:.0f}%', '%mm'),
-               ('train', '{:.1f}', 'train img/s'), ('latency', '{:.1f}', 'b=1 ms'),
+               ('train', '{:.2f}', 'train img/s'), ('latency', '{:.1f}', 'b=1 ms'),
                ('train_mb', '{:.0f}', 'train MiB'), ('infer_mb', '{:.0f}', 'infer MiB'),
                ('linear_share', '{:.0%}', 'linear MACs'), ('linear_ms', '{:.1f}', 'linear ms'),
                ('gemm_bound_pct', '{:.0f}%', '%mm bound')]

@@ -19,6 +19,7 @@ from .base import (
     AttentionOptions,
     resample_tokens,
     resolve_window,
+    set_compiled_core,
     set_fused_attention,
     stripe_partition,
     stripe_reverse,
@@ -51,7 +52,7 @@ __all__ = [
     'create_attention',
     'list_attention_kinds', 'parse_attn_type', 'block_kinds', 'letter_kinds', 'KERNEL_EPS', 'NORMALIZER_EPS',
     'focusing', 'focused_kernel', 'linear_attention', 'focused_linear_attention', 'rank_restore_dwc', 'dwc_matrix',
-    'make_dwc', 'upcast', 'set_fused_attention', 'resample_tokens', 'resolve_window', 'stripe_partition',
-    'stripe_reverse', 'FocusedLinearAttention', 'WindowAttention', 'SoftmaxAttention', 'relative_position_index',
-    'LINEAR_KINDS',
+    'make_dwc', 'upcast', 'set_fused_attention', 'set_compiled_core', 'resample_tokens', 'resolve_window',
+    'stripe_partition', 'stripe_reverse', 'FocusedLinearAttention', 'WindowAttention', 'SoftmaxAttention',
+    'relative_position_index', 'LINEAR_KINDS',
 ]

@@ -39,9 +39,9 @@ import torch.nn.functional as F
 from ..grid import GridSpec, resized_parameter, size_dependent
 from .core import make_dwc, rank_restore_dwc, upcast
 
-__all__ = ['AttentionOptions', 'AttentionGeometry', 'Attention', 'set_fused_attention', 'PROJECTIONS',
-           'LINEAR_POOL_SIZE', 'LEPE_KERNEL_SIZE', 'resolve_window', 'stripe_partition', 'stripe_reverse',
-           'resample_tokens', 'locally_enhanced_pe']
+__all__ = ['AttentionOptions', 'AttentionGeometry', 'Attention', 'set_fused_attention', 'set_compiled_core',
+           'PROJECTIONS', 'LINEAR_POOL_SIZE', 'LEPE_KERNEL_SIZE', 'resolve_window', 'stripe_partition',
+           'stripe_reverse', 'resample_tokens', 'locally_enhanced_pe']
 
 torch.fx.wrap('size_dependent')
 
@@ -163,7 +163,8 @@ class Attention(nn.Module):
     softmax kinds apply it (docs/differences.md, "Swin shift mask ignored by focused attention").
 
     ``fused``: kinds with a fast path (the focused core, the DWC) use it when True (the default);
-    :func:`~models.attention.core.set_fused_attention` switches every module to the reference.
+    :func:`set_fused_attention` switches every module to the reference. ``compiled_core``: the
+    focused kinds run their core through ``torch.compile`` in training (:func:`set_compiled_core`).
     """
     kind: str  # set by register_attention
     uses_positional_encoding = False  # a learned (1, n, C) encoding added to the keys
@@ -171,6 +172,7 @@ class Attention(nn.Module):
     float32_core = False  # mix() runs in float32 with autocast off (its sums overflow float16)
     output_factor = 1  # mix() returns output_factor·C channels (proj maps them back to C)
     uses_attn_drop = False  # dropout on attention probabilities (softmax kinds; linear kinds have none)
+    has_compiled_core = False  # mix() honours ``compiled_core`` (set_compiled_core)
 
     def __init__(self, dim: int, num_heads: int, grid_size: Tuple[int, int], qkv_bias: bool = True,
                  attn_drop: float = 0., proj_drop: float = 0., options: AttentionOptions = AttentionOptions()):
@@ -181,6 +183,7 @@ class Attention(nn.Module):
         self.projections = options.projections
         self.window = resolve_window(self.grid_size, options.window)  # the query grid of one attention
         self.fused = True
+        self.compiled_core = False
         self.init_kind(options)  # the kind's own parameters first, as in the official state dicts
         self._init_reduction(dim, options)
         self.build_geometry = AttentionGeometry(self.grid_size, self.window, self.key_grid)
@@ -376,4 +379,14 @@ def set_fused_attention(model: nn.Module, enabled: bool = True) -> int:
     modules = [module for module in model.modules() if isinstance(module, Attention)]
     for module in modules:
         module.fused = enabled
+    return len(modules)
+
+
+def set_compiled_core(model: nn.Module, enabled: bool = True) -> int:
+    """Run the core of every focused attention module of `model` through ``torch.compile`` when it
+    needs gradients (``--compile-core``; models.attention.core, ``compiled=True``), or back on the
+    eager fused path; returns how many modules were switched (those with ``has_compiled_core``)."""
+    modules = [module for module in model.modules() if isinstance(module, Attention) and module.has_compiled_core]
+    for module in modules:
+        module.compiled_core = enabled
     return len(modules)

@@ -122,6 +122,7 @@ class FocusedLinearAttention(Attention):
     uses_positional_encoding = True
     uses_dwc = True
     float32_core = True
+    has_compiled_core = True
 
     def init_kind(self, options: AttentionOptions) -> None:
         self.focusing_factor = options.focusing_factor
@@ -129,7 +130,7 @@ class FocusedLinearAttention(Attention):
 
     def mix(self, q, k, v, mask, geometry):
         return focused_linear_attention(q, k, v, self.scale, self.key_encoding(geometry), self.num_heads,
-                                        self.focusing_factor, self.fused)
+                                        self.focusing_factor, self.fused, compiled=self.compiled_core)
 
     def extra_repr(self) -> str:
         return f'{super().extra_repr()}, p={self.focusing_factor}'

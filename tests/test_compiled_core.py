@@ -1,0 +1,129 @@
+"""The compiled focused core (--compile-core): same numbers as the eager fused path, the same saved
+activations, the eager path wherever compiling cannot be trusted, and a warning instead of a crash
+when the compiler fails. Tests that compile are ``slow`` (about 5-15 s per input shape on CPU)."""
+from __future__ import annotations
+
+import copy
+import re
+import warnings
+
+import pytest
+import timm
+import torch
+from conftest import run_main
+
+import models  # noqa: F401  (registers the variants)
+from models.attention import core, set_compiled_core
+
+
+def _inputs(B: int, N: int, C: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, N, C, generator=gen).requires_grad_() for _ in range(3))
+    scale = (0.5 * torch.randn(1, 1, C, generator=gen)).requires_grad_()
+    pe = (0.1 * torch.randn(1, N, C, generator=gen)).requires_grad_()
+    return [q, k, v, scale, pe]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('B,N,C,heads', [(2, 49, 24, 3), (3, 16, 16, 2)])
+def test_compiled_core_matches_eager(B, N, C, heads):
+    """Output and the gradients of all five inputs equal the eager fused path's, and the compiled
+    graph saves only its inputs (so training memory stays that of the eager path)."""
+    inputs = _inputs(B, N, C)
+    grad = torch.randn(B, N, C)
+    eager = core.focused_linear_attention(*inputs, heads, 3)
+    compiled = core.focused_linear_attention(*inputs, heads, 3, compiled=True)
+    assert type(compiled.grad_fn).__name__ == 'CompiledFunctionBackward', core.compiled_focused_core.failed
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    assert sum(t.numel() for t in compiled.grad_fn.saved_tensors) == sum(t.numel() for t in inputs)
+    for name, a, b in zip('q k v scale pe'.split(), torch.autograd.grad(compiled, inputs, grad),
+                          torch.autograd.grad(eager, inputs, grad), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f'grad {name}: {m}')
+
+
+def test_compiled_core_not_used_without_gradients():
+    """Inference keeps the eager fused path: the same bits, nothing compiled."""
+    inputs = [t.detach() for t in _inputs(2, 49, 24)]
+    function = core.compiled_focused_core.function
+    with torch.no_grad():
+        out = core.focused_linear_attention(*inputs, 3, 3, compiled=True)
+    assert torch.equal(out, core.focused_linear_attention(*inputs, 3, 3))
+    assert core.compiled_focused_core.function is function
+
+
+def test_compiled_core_not_used_under_saved_tensor_hooks():
+    """Under activation checkpointing (saved-tensor hooks) the eager autograd function runs: its
+    recomputation must run the code its forward ran."""
+    inputs = _inputs(2, 16, 16)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        out = core.focused_linear_attention(*inputs, 2, 3, compiled=True)
+    assert type(out.grad_fn).__name__ == '_FusedFocusedLinearAttentionBackward'
+
+
+def test_compiler_failure_warns_once_and_falls_back(monkeypatch):
+    """A compiler that raises (here: a stand-in for a missing C++ toolchain) costs one RuntimeWarning
+    naming the error; that call and every later one return the eager result."""
+    def broken_compile(function, **kwargs):
+        def run(*args):
+            raise RuntimeError('InvalidCxxCompiler: no working C++ compiler found')
+        return run
+    monkeypatch.setattr(core, 'compiled_focused_core', core._CompiledCore())
+    monkeypatch.setattr(torch, 'compile', broken_compile)
+    inputs = _inputs(2, 16, 16)
+    eager = core.focused_linear_attention(*inputs, 2, 3)
+    with pytest.warns(RuntimeWarning, match='compiled focused core failed .*no working C\\+\\+ compiler'):
+        first = core.focused_linear_attention(*inputs, 2, 3, compiled=True)
+    assert type(first.grad_fn).__name__ == '_FusedFocusedLinearAttentionBackward'
+    torch.testing.assert_close(first, eager, rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        second = core.focused_linear_attention(*inputs, 2, 3, compiled=True)
+    torch.testing.assert_close(second, eager, rtol=0, atol=0)
+    assert 'no working C++ compiler' in core.compiled_focused_core.failed
+
+
+def test_set_compiled_core_switches_focused_modules_only():
+    flatten = timm.create_model('flatten_swin_tiny_patch4_224', img_size=64, num_classes=5)
+    assert set_compiled_core(flatten) == 4  # the four L blocks of stages 1-2; the S blocks have no focused core
+    focused = [m for m in flatten.modules() if getattr(m, 'has_compiled_core', False)]
+    assert len(focused) == 4 and all(m.compiled_core for m in focused)
+    assert set_compiled_core(flatten, False) == 4 and not any(m.compiled_core for m in focused)
+    swin = timm.create_model('softmax_swin_tiny_patch4_window7_224', img_size=64, num_classes=5)
+    assert set_compiled_core(swin) == 0
+
+
+@pytest.mark.slow
+def test_compiled_core_model_gradients_match_eager():
+    """A whole FLatten-Swin-T (64², train mode) with compiled cores: the loss and every parameter
+    gradient equal the eager model's. Under grad checkpointing the eager core runs: the gradients are
+    those of the checkpointed eager model, bit for bit."""
+    torch.manual_seed(0)
+    eager = timm.create_model('flatten_swin_tiny_patch4_224', img_size=64, num_classes=5, drop_path_rate=0.).train()
+    compiled = copy.deepcopy(eager)
+    set_compiled_core(compiled)
+    images = torch.randn(2, 3, 64, 64)
+    eager(images).square().mean().backward()
+    compiled(images).square().mean().backward()
+    assert core.compiled_focused_core.failed is None
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f'{name}: {m}')
+    reference, checkpointed = copy.deepcopy(eager), copy.deepcopy(compiled)
+    for model in (reference, checkpointed):
+        model.zero_grad()
+        model.set_grad_checkpointing(True)
+        model(images).square().mean().backward()
+    for (name, a), b in zip(reference.named_parameters(), checkpointed.parameters(), strict=True):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=0, msg=lambda m, name=name: f'{name}: {m}')
+
+
+@pytest.mark.slow
+def test_compile_core_cli(tmp_path, image_folder, micro_cfg):
+    """main.py --compile-core trains the micro config, says how many cores it compiles and saves the key."""
+    out = tmp_path / 'out'
+    result = run_main(['--cfg', micro_cfg, '--data-path', image_folder, '--output', out, '--compile-core',
+                       '--opts', 'TRAIN.EPOCHS', '1'], threads=None)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert re.search(r'--compile-core: [1-9]\d* focused-attention modules compile their core', result.stdout)
+    assert 'compiled focused core failed' not in result.stdout + result.stderr
+    config = next(out.rglob('config.yaml')).read_text()
+    assert 'COMPILE_CORE: true' in config
