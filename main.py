@@ -126,7 +126,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--compile', action='store_true', default=None,
                         help='torch.compile the model (checkpoints keep the plain parameter names)')
     parser.add_argument('--compile-core', action='store_true', default=None,
-                        help='torch.compile only the focused-attention cores, for training steps')
+                        help='torch.compile only the focused-attention cores (and DWC weight gradients), '
+                             'for training steps')
     parser.add_argument('--channels-last', action='store_true', default=None,
                         help='channels_last memory format for the model and the input images')
     # torch.distributed.launch passes --local_rank; torchrun uses the LOCAL_RANK variable instead

@@ -1,6 +1,7 @@
-"""The compiled focused core (--compile-core): same numbers as the eager fused path, the same saved
-activations, the eager path wherever compiling cannot be trusted, and a warning instead of a crash
-when the compiler fails. Tests that compile are ``slow`` (about 5-15 s per input shape on CPU)."""
+"""The compiled focused core and DWC weight gradient (--compile-core): same numbers as the eager
+fused path, the same saved activations, the eager path wherever compiling cannot be trusted, and a
+warning instead of a crash when the compiler fails. Tests that compile are ``slow`` (about 5-15 s
+per input shape on CPU)."""
 from __future__ import annotations
 
 import copy
@@ -41,6 +42,44 @@ def test_compiled_core_matches_eager(B, N, C, heads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f'grad {name}: {m}')
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize('B,H,C,heads,kernel', [(2, 7, 24, 3, 5), (1, 5, 8, 2, 3)])
+def test_compiled_dwc_weight_gradient_matches_eager(B, H, C, heads, kernel):
+    """The DWC with its weight gradient compiled: the same output and input gradient bit for bit
+    (oneDNN computes both), and the weight and bias gradients of the eager conv to float rounding."""
+    dwc = core.make_dwc(C // heads, kernel)
+    v = torch.randn(B, H * H, C, requires_grad=True)
+    grad = torch.randn(B, H * H, C)
+    eager = core.rank_restore_dwc(dwc, v, heads, (H, H))
+    compiled = core.rank_restore_dwc(dwc, v, heads, (H, H), compiled=True)
+    assert torch.equal(compiled, eager)
+    expected = torch.autograd.grad(eager, [v, dwc.weight, dwc.bias], grad)
+    got = torch.autograd.grad(compiled, [v, dwc.weight, dwc.bias], grad)
+    assert core.compiled_dwc_weight_grad.failed is None
+    assert torch.equal(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-5, atol=1e-5)
+
+
+def test_dwc_weight_gradient_falls_back_when_the_compiler_fails(monkeypatch):
+    def broken_compile(function, **kwargs):
+        def run(*args):
+            raise RuntimeError('InvalidCxxCompiler: no working C++ compiler found')
+        return run
+    monkeypatch.setattr(core, 'compiled_dwc_weight_grad', core._CompiledCore(
+        core._dwc_weight_grad, core._probe_dwc_weight_grad, 'DWC weight gradient'))
+    monkeypatch.setattr(torch, 'compile', broken_compile)
+    dwc = core.make_dwc(8, 5)
+    v = torch.randn(2, 36, 24, requires_grad=True)
+    grad = torch.randn(2, 36, 24)
+    expected = torch.autograd.grad(core.rank_restore_dwc(dwc, v, 3, (6, 6)), [v, dwc.weight, dwc.bias], grad)
+    with pytest.warns(RuntimeWarning, match='compiled DWC weight gradient failed .*no working C\\+\\+ compiler'):
+        got = torch.autograd.grad(core.rank_restore_dwc(dwc, v, 3, (6, 6), compiled=True),
+                                  [v, dwc.weight, dwc.bias], grad)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
 def test_compiled_core_not_used_without_gradients():
     """Inference keeps the eager fused path: the same bits, nothing compiled."""
     inputs = [t.detach() for t in _inputs(2, 49, 24)]
@@ -67,7 +106,8 @@ def test_compiler_failure_warns_once_and_falls_back(monkeypatch):
         def run(*args):
             raise RuntimeError('InvalidCxxCompiler: no working C++ compiler found')
         return run
-    monkeypatch.setattr(core, 'compiled_focused_core', core._CompiledCore())
+    monkeypatch.setattr(core, 'compiled_focused_core', core._CompiledCore(core._recomputed_fused, core._probe_core,
+                                                                          'focused core'))
     monkeypatch.setattr(torch, 'compile', broken_compile)
     inputs = _inputs(2, 16, 16)
     eager = core.focused_linear_attention(*inputs, 2, 3)

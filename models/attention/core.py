@@ -21,8 +21,9 @@ runs the fused forward as one graph of plain tensor ops under ``torch.compile``,
 shape, with activation checkpointing inside the graph: it saves only its inputs, as the eager path
 does, and inductor fuses the element-wise chains of the forward, its recomputation and the derived
 backward into a few loops (FLatten-Swin-T's stage-1 core: 63 ms forward + backward against 110 ms
-eager, batch 8, 2 CPU threads). Calls without gradients and calls under saved-tensor hooks (grad
-checkpointing) keep the eager path; a compiler that fails warns once and the eager path takes over.
+eager, batch 8, 2 CPU threads). The DWC's weight gradient is compiled too (:class:`_DepthwiseConv`).
+Calls without gradients and calls under saved-tensor hooks (grad checkpointing) keep the eager
+path; a compiler that fails warns once and the eager path takes over.
 """
 from __future__ import annotations
 
@@ -290,6 +291,20 @@ def _plain_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch
                           chunked=False)[0]
 
 
+def _saved_tensor_hooks() -> bool:
+    """Whether saved-tensor hooks are active (activation checkpointing: TRAIN.USE_CHECKPOINT). The
+    compiled paths stay off there: a checkpoint's recomputation must run the code its forward ran,
+    which a compiled graph with its own checkpoint cannot promise."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+
+
+def _compilable(dwc: nn.Conv2d) -> bool:
+    """The DWC shape :class:`_DepthwiseConv` handles: stride 1, zero padding k//2, square kernel."""
+    k = dwc.kernel_size[0]
+    return (dwc.kernel_size == (k, k)) and (dwc.stride == (1, 1)) and (dwc.padding == (k // 2, k // 2)) \
+        and (dwc.dilation == (1, 1)) and (dwc.padding_mode == 'zeros') and (dwc.bias is not None)
+
+
 def _recomputed_fused(*args) -> torch.Tensor:
     """:func:`_plain_fused` under non-reentrant activation checkpointing: the compiled graph saves
     only its inputs and recomputes the forward in its backward, as the eager path does. Left to
@@ -299,47 +314,48 @@ def _recomputed_fused(*args) -> torch.Tensor:
 
 
 class _CompiledCore:
-    """:func:`_recomputed_fused` under ``torch.compile``, built on first use, one graph per input shape
+    """`function` under ``torch.compile``, built on first use, one graph per input shape
     (``dynamic=False``: a stage's shape is fixed during training, and static kernels are the fastest).
 
-    The first call first compiles and runs a forward and backward on a 4-token input of the same
-    device and dtype (the backward graph is compiled lazily, inside ``loss.backward()``, where a
-    failure could not fall back). If that probe or a later compiled forward raises, the error is
+    The first call first compiles and runs `probe` (a forward and backward on a tiny input of the
+    same device and dtype: the backward graph is compiled lazily, inside ``loss.backward()``, where
+    a failure could not fall back). If that probe or a later compiled call raises, the error is
     reported once as a RuntimeWarning and every later call returns None, so that callers use the
     eager path (which raises again if the inputs themselves are at fault).
     """
 
-    def __init__(self):
+    def __init__(self, function, probe, what: str):
+        self.target, self.probe, self.what = function, probe, what
         self.function = None
         self.failed: Optional[str] = None
 
-    def __call__(self, q, k, v, scale, positional_encoding, num_heads, focusing_factor) -> Optional[torch.Tensor]:
+    def __call__(self, *args) -> Optional[torch.Tensor]:
         if self.failed is not None:
             return None
         if self.function is None:
-            self.function = torch.compile(_recomputed_fused, dynamic=False)
-            if not self._guarded(self._probe, q, focusing_factor):
+            self.function = torch.compile(self.target, dynamic=False)
+            if self._guarded(self.probe, self.function, *args) is None:
                 return None
-        return self._guarded(self.function, q, k, v, scale, positional_encoding, num_heads, focusing_factor)
-
-    def _probe(self, like: torch.Tensor, focusing_factor: int) -> bool:
-        q, k, v, pe = (torch.randn(1, 4, 4, dtype=like.dtype, device=like.device, requires_grad=True)
-                       for _ in range(4))
-        scale = torch.zeros(1, 1, 4, dtype=like.dtype, device=like.device, requires_grad=True)
-        self.function(q, k, v, scale, pe, 1, focusing_factor).sum().backward()
-        return True
+        return self._guarded(self.function, *args)
 
     def _guarded(self, function, *args):
         try:
             return function(*args)
         except Exception as error:  # any compiler failure: the eager path is always correct
             self.failed = f'{type(error).__name__}: {error}'.splitlines()[0]
-            warnings.warn(f'the compiled focused core failed ({self.failed}); the eager fused path is used instead',
+            warnings.warn(f'the compiled {self.what} failed ({self.failed}); the eager path is used instead',
                           RuntimeWarning, stacklevel=4)
             return None
 
 
-compiled_focused_core = _CompiledCore()
+def _probe_core(function, q, k, v, scale, positional_encoding, num_heads, focusing_factor) -> bool:
+    q, k, v, pe = (torch.randn(1, 4, 4, dtype=q.dtype, device=q.device, requires_grad=True) for _ in range(4))
+    scale = torch.zeros(1, 1, 4, dtype=q.dtype, device=q.device, requires_grad=True)
+    function(q, k, v, scale, pe, 1, focusing_factor).sum().backward()
+    return True
+
+
+compiled_focused_core = _CompiledCore(_recomputed_fused, _probe_core, 'focused core')
 
 
 def focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
@@ -365,19 +381,63 @@ def focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return _plain_fused(q, k, v, scale, positional_encoding, num_heads, focusing_factor)
     inv_s = 1 / F.softplus(scale)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, inv_s, positional_encoding)):
-        # under saved-tensor hooks (activation checkpointing: TRAIN.USE_CHECKPOINT) the recomputation must
-        # run the code the forward ran, which a compiled graph with its own checkpoint cannot promise
-        hooked = torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
         out = compiled_focused_core(q, k, v, scale, positional_encoding, num_heads, focusing_factor) \
-            if (compiled and not hooked) else None
+            if (compiled and not _saved_tensor_hooks()) else None
         if out is not None:
             return out
         return _FusedFocusedLinearAttention.apply(q, k, v, inv_s, positional_encoding, num_heads, focusing_factor)
     return _fused_forward(q, k, v, inv_s, positional_encoding, num_heads, focusing_factor)[0]
 
 
+def _dwc_weight_grad(image: torch.Tensor, grad: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """The weight gradient of a stride-1 depthwise conv with zero padding k//2, as plain ops (compiled
+    by :data:`compiled_dwc_weight_grad`): ``Σ_{b,y,x} grad[b,c,y,x] · image_pad[b,c,y+i,x+j]`` for each
+    tap (i, j), on the channels-last views. image, grad: (B, C, H, W); returns (C, 1, k, k)."""
+    pad = kernel_size // 2
+    x = F.pad(image.permute(0, 2, 3, 1), (0, 0, pad, pad, pad, pad))
+    g = grad.permute(0, 2, 3, 1)
+    H, W = g.shape[1:3]
+    taps = [(g * x[:, i:i + H, j:j + W]).sum((0, 1, 2)) for i in range(kernel_size) for j in range(kernel_size)]
+    return torch.stack(taps, dim=-1).view(-1, 1, kernel_size, kernel_size)
+
+
+def _probe_dwc_weight_grad(function, image, grad, kernel_size) -> bool:
+    x = torch.randn(1, 2, 4, 4, dtype=image.dtype, device=image.device)
+    function(x, x, kernel_size)
+    return True
+
+
+compiled_dwc_weight_grad = _CompiledCore(_dwc_weight_grad, _probe_dwc_weight_grad, 'DWC weight gradient')
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """``F.conv2d(image, weight, bias, padding=k//2, groups=C)`` whose weight gradient is
+    :func:`_dwc_weight_grad` compiled: oneDNN's depthwise weight gradient on a channels-last input
+    takes 13.6 ms at FLatten-Swin-T's stage 1 (batch 8, 2 threads) against 7.1 ms compiled, and its
+    input gradient (2.3 ms) and the bias sum (0.7 ms) stay as they are. Falls back to oneDNN's weight
+    gradient if the compiler fails."""
+
+    @staticmethod
+    def forward(ctx, image, weight, bias):
+        ctx.save_for_backward(image, weight)
+        return F.conv2d(image, weight, bias, padding=weight.shape[-1] // 2, groups=image.shape[1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        image, weight = ctx.saved_tensors
+        C, pad = image.shape[1], weight.shape[-1] // 2
+        grad_image = torch.ops.aten.convolution_backward(
+            grad, image, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], C, [True, False, False])[0]
+        grad_weight = compiled_dwc_weight_grad(image, grad, weight.shape[-1])
+        if grad_weight is None:
+            grad_weight = torch.ops.aten.convolution_backward(
+                grad, image, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], C, [False, True, False])[1]
+        return grad_image, grad_weight, grad.sum((0, 2, 3))
+
+
 def rank_restore_dwc(dwc: nn.Conv2d, v: torch.Tensor, num_heads: int, grid_size: Tuple[int, int],
-                     fused: bool = True) -> torch.Tensor:
+                     fused: bool = True, compiled: bool = False) -> torch.Tensor:
     """Depthwise conv over the value grid, one kernel set shared by all heads (docs/numerics.md, "Common core",
     step 9).
 
@@ -385,20 +445,25 @@ def rank_restore_dwc(dwc: nn.Conv2d, v: torch.Tensor, num_heads: int, grid_size:
     dwc: Conv2d(d, d, k, groups=d). Returns (B, H·W, C), head-major. The reference folds the heads
     into the batch (B·h, d, H, W); the fused path convolves the channels-last view (B, C, H, W) of V
     directly with the d kernels repeated for each head (the same weights, so the same gradient).
-    Under CPU autocast it runs in float32 (and returns float32).
+    Under CPU autocast it runs in float32 (and returns float32). ``compiled`` (with ``fused``, in
+    training, not under saved-tensor hooks) computes the weight gradient with a compiled kernel
+    (:class:`_DepthwiseConv`).
     """
     if v.device.type == 'cpu' and torch.is_autocast_enabled('cpu'):
         # in float32 under CPU autocast: oneDNN's bfloat16 depthwise backward (input and weight gradients)
         # takes 3x the float32 time at FLatten-Swin-T's stage 1 (90 vs 29 ms, batch 8, bench/profile_step.py)
         with torch.autocast('cpu', enabled=False):
-            return rank_restore_dwc(dwc, v.float(), num_heads, grid_size, fused)
+            return rank_restore_dwc(dwc, v.float(), num_heads, grid_size, fused, compiled)
     B, N, C = v.shape
     H, W = grid_size
     head_dim = C // num_heads
     if fused:
         image = v.reshape(B, H, W, C).permute(0, 3, 1, 2)
         weight, bias = dwc.weight.repeat(num_heads, 1, 1, 1), dwc.bias.repeat(num_heads)
-        out = F.conv2d(image, weight, bias, stride=dwc.stride, padding=dwc.padding, groups=C)
+        if compiled and _compilable(dwc) and torch.is_grad_enabled() and not _saved_tensor_hooks():
+            out = _DepthwiseConv.apply(image, weight, bias)
+        else:
+            out = F.conv2d(image, weight, bias, stride=dwc.stride, padding=dwc.padding, groups=C)
         return out.permute(0, 2, 3, 1).reshape(B, N, C)
     v = v.reshape(B, H, W, num_heads, head_dim).permute(0, 3, 4, 1, 2).reshape(B * num_heads, head_dim, H, W)
     out = dwc(v)
