@@ -309,8 +309,10 @@ class Attention(nn.Module):
         """
         geometry = geometry or self.build_geometry
         if self.float32_core:
+            # a compiled core converts q, k, v inside its graph, so no float32 copies are stored for the backward
+            cast = upcast if not (self.has_compiled_core and self.compiled_core) else (lambda t: t)
             with torch.autocast(device_type=q.device.type, enabled=False):
-                out = self.mix(upcast(q), upcast(k), upcast(v), mask, geometry)
+                out = self.mix(cast(q), cast(k), cast(v), mask, geometry)
         else:
             out = self.mix(q, k, v, mask, geometry)
         extras = 0

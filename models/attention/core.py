@@ -286,7 +286,9 @@ class _FusedFocusedLinearAttention(torch.autograd.Function):
 
 def _plain_fused(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
                  positional_encoding: torch.Tensor, num_heads: int, focusing_factor: int) -> torch.Tensor:
-    """The fused forward as one chunk of plain tensor ops: what torch.compile traces."""
+    """The fused forward as one chunk of plain tensor ops, in float32 whatever the dtype of q, k, v:
+    what torch.compile traces."""
+    q, k, v = upcast(q), upcast(k), upcast(v)
     return _fused_forward(q, k, v, 1 / F.softplus(scale), positional_encoding, num_heads, focusing_factor,
                           chunked=False)[0]
 
@@ -371,7 +373,9 @@ def focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     under torch.compile it runs as one chunk of plain tensor ops that inductor fuses and
     differentiates itself. ``compiled=True`` (with ``fused``) compiles that chunk on its own for
     calls that need gradients (:class:`_CompiledCore`), except under saved-tensor hooks (activation
-    checkpointing), and takes the eager path if the compiler fails.
+    checkpointing), and takes the eager path if the compiler fails; q, k, v may then be float16 or
+    bfloat16 (the autocast dtype), converted to float32 inside the graph, so that no float32 copy
+    of them is stored for the backward; the core computes in float32 on every path.
     """
     if not fused:
         k = k + positional_encoding
@@ -380,11 +384,14 @@ def focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if torch.compiler.is_compiling():
         return _plain_fused(q, k, v, scale, positional_encoding, num_heads, focusing_factor)
     inv_s = 1 / F.softplus(scale)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, inv_s, positional_encoding)):
-        out = compiled_focused_core(q, k, v, scale, positional_encoding, num_heads, focusing_factor) \
-            if (compiled and not _saved_tensor_hooks()) else None
+    training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, inv_s, positional_encoding))
+    if compiled and training and not _saved_tensor_hooks():
+        out = compiled_focused_core(q, k, v, scale, positional_encoding, num_heads, focusing_factor)
         if out is not None:
             return out
+    if compiled:  # the compiled graph computes in float32 whatever q, k, v are: so do the eager paths then
+        q, k, v = upcast(q), upcast(k), upcast(v)
+    if training:
         return _FusedFocusedLinearAttention.apply(q, k, v, inv_s, positional_encoding, num_heads, focusing_factor)
     return _fused_forward(q, k, v, inv_s, positional_encoding, num_heads, focusing_factor)[0]
 
