@@ -434,13 +434,10 @@ class _DepthwiseConv(torch.autograd.Function):
     def backward(ctx, grad):
         image, weight = ctx.saved_tensors
         C, pad = image.shape[1], weight.shape[-1] // 2
-        grad_image = torch.ops.aten.convolution_backward(
-            grad, image, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], C, [True, False, False])[0]
-        grad_weight = compiled_dwc_weight_grad(image, grad, weight.shape[-1])
-        if grad_weight is None:
-            grad_weight = torch.ops.aten.convolution_backward(
-                grad, image, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], C, [False, True, False])[1]
-        return grad_image, grad_weight, grad.sum((0, 2, 3))
+        compiled = compiled_dwc_weight_grad(image, grad, weight.shape[-1])
+        grad_image, onednn_weight, _ = torch.ops.aten.convolution_backward(
+            grad, image, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], C, [True, compiled is None, False])
+        return grad_image, onednn_weight if compiled is None else compiled, grad.sum((0, 2, 3))
 
 
 def rank_restore_dwc(dwc: nn.Conv2d, v: torch.Tensor, num_heads: int, grid_size: Tuple[int, int],
