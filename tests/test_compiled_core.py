@@ -25,6 +25,13 @@ def _inputs(B: int, N: int, C: int, seed: int = 0):
     return [q, k, v, scale, pe]
 
 
+def _broken_compile(function, **kwargs):
+    """A stand-in for torch.compile on a machine without a working C++ toolchain."""
+    def run(*args):
+        raise RuntimeError('InvalidCxxCompiler: no working C++ compiler found')
+    return run
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('B,N,C,heads', [(2, 49, 24, 3), (3, 16, 16, 2)])
 def test_compiled_core_matches_eager(B, N, C, heads):
@@ -62,13 +69,9 @@ def test_compiled_dwc_weight_gradient_matches_eager(B, H, C, heads, kernel):
 
 
 def test_dwc_weight_gradient_falls_back_when_the_compiler_fails(monkeypatch):
-    def broken_compile(function, **kwargs):
-        def run(*args):
-            raise RuntimeError('InvalidCxxCompiler: no working C++ compiler found')
-        return run
     monkeypatch.setattr(core, 'compiled_dwc_weight_grad', core._CompiledCore(
         core._dwc_weight_grad, core._probe_dwc_weight_grad, 'DWC weight gradient'))
-    monkeypatch.setattr(torch, 'compile', broken_compile)
+    monkeypatch.setattr(torch, 'compile', _broken_compile)
     dwc = core.make_dwc(8, 5)
     v = torch.randn(2, 36, 24, requires_grad=True)
     grad = torch.randn(2, 36, 24)
@@ -76,8 +79,10 @@ def test_dwc_weight_gradient_falls_back_when_the_compiler_fails(monkeypatch):
     with pytest.warns(RuntimeWarning, match='compiled DWC weight gradient failed .*no working C\\+\\+ compiler'):
         got = torch.autograd.grad(core.rank_restore_dwc(dwc, v, 3, (6, 6), compiled=True),
                                   [v, dwc.weight, dwc.bias], grad)
-    for a, b in zip(got, expected, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # input and weight gradients: oneDNN's on both paths; the bias gradient is a differently ordered float32
+    # sum (grad.sum against oneDNN's), equal to float rounding as in test_compiled_dwc_weight_gradient_matches_eager
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    torch.testing.assert_close(got[2], expected[2], rtol=1e-5, atol=1e-5)
 
 
 def test_compiled_core_not_used_without_gradients():
@@ -102,13 +107,9 @@ def test_compiled_core_not_used_under_saved_tensor_hooks():
 def test_compiler_failure_warns_once_and_falls_back(monkeypatch):
     """A compiler that raises (here: a stand-in for a missing C++ toolchain) costs one RuntimeWarning
     naming the error; that call and every later one return the eager result."""
-    def broken_compile(function, **kwargs):
-        def run(*args):
-            raise RuntimeError('InvalidCxxCompiler: no working C++ compiler found')
-        return run
     monkeypatch.setattr(core, 'compiled_focused_core', core._CompiledCore(core._recomputed_fused, core._probe_core,
                                                                           'focused core'))
-    monkeypatch.setattr(torch, 'compile', broken_compile)
+    monkeypatch.setattr(torch, 'compile', _broken_compile)
     inputs = _inputs(2, 16, 16)
     eager = core.focused_linear_attention(*inputs, 2, 3)
     with pytest.warns(RuntimeWarning, match='compiled focused core failed .*no working C\\+\\+ compiler'):
