@@ -9,9 +9,11 @@ steps run under ``torch.profiler`` and every operator's *self* time (its own, ch
 in one category, so the categories add up to the profiled time:
 
 * ``focused core fwd`` / ``focused core bwd``: everything inside the fused focused attention's chunked
-  forward and its hand-written backward (``models.attention.core``), its matmuls included;
+  forward and its hand-written backward (``models.attention.core``), its matmuls included; with
+  ``--compile-core``, its compiled forward and backward graphs;
 * ``DWC fwd`` / ``DWC bwd``: the rank-restoration depthwise conv (``rank_restore_dwc``) and, in the
-  backward, every convolution's gradient (the DWC's and the patch embedding's, input and weight);
+  backward, every convolution's gradient (the DWC's and the patch embedding's, input and weight; the
+  compiled DWC weight gradient with ``--compile-core``);
 * ``GEMM``: the other matmuls (linear layers, softmax attention), forward and backward;
 * ``softmax`` (softmax or fused scaled-dot-product attention), ``norms`` (LayerNorm), ``GELU``: those
   ops and their gradients;
@@ -37,7 +39,7 @@ if __package__ in (None, ''):  # run as `python bench/x.py`: make the repository
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
-from models.attention import base, core  # noqa: E402
+from models.attention import base, core, set_compiled_core  # noqa: E402
 from utils.benchmark import (  # noqa: E402
     autocast_for,
     machine_info,
@@ -52,6 +54,7 @@ CATEGORIES = ['focused core fwd', 'focused core bwd', 'DWC fwd', 'DWC bwd', 'GEM
 # ranges (record_function labels or autograd node names) -> category, checked from the innermost ancestor out
 _RANGES = [('focused core fwd', 'focused core fwd'), ('focused core bwd', 'focused core bwd'),
            ('DWC fwd', 'DWC fwd'), ('Optimizer.step', 'optimizer'), ('ConvolutionBackward', 'DWC bwd'),
+           ('_DepthwiseConvBackward', 'DWC bwd'), ('CompiledFunctionBackward', 'focused core bwd'),
            ('NativeLayerNormBackward', 'norms'), ('GeluBackward', 'GELU'), ('SoftmaxBackward', 'softmax'),
            ('ScaledDotProduct', 'softmax')]
 _OPS = {'aten::mm': 'GEMM', 'aten::bmm': 'GEMM', 'aten::addmm': 'GEMM', 'aten::baddbmm': 'GEMM',
@@ -75,6 +78,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=None, help='torch threads (default: all)')
     parser.add_argument('--overrides', default='', help='constructor overrides for both models, e.g. '
                         '"img_size=32,num_classes=10" (ints, floats and tuples of ints)')
+    parser.add_argument('--compile-core', action='store_true',
+                        help='compile the focused cores for training, as --compile-core does (models.attention.core)')
     parser.add_argument('--json', default=None)
     args = parser.parse_args(argv)
     for name in ('batch', 'steps'):
@@ -125,7 +130,7 @@ def _value(text: str):
 def labelled_ranges():
     """Wrap the focused core's forward and backward and the DWC in record_function ranges."""
     patched = [(core, '_fused_forward', 'focused core fwd'), (core, '_fused_backward', 'focused core bwd'),
-               (base, 'rank_restore_dwc', 'DWC fwd')]
+               (core, 'compiled_focused_core', 'focused core fwd'), (base, 'rank_restore_dwc', 'DWC fwd')]
     originals = [getattr(module, name) for module, name, _ in patched]
     for (module, name, label), original in zip(patched, originals, strict=True):
         setattr(module, name, _in_range(original, label))
@@ -159,6 +164,8 @@ def categorise(event) -> str:
 def profile(name: str, args, dtype: str) -> dict:
     torch.manual_seed(0)
     model = models.create_model(name, **args.kwargs)
+    if args.compile_core:
+        set_compiled_core(model)
     size = model.pretrained_cfg['input_size'][1]
     step = training_step(model, random_images(args.batch, size, torch.device('cpu')), model.num_classes,
                          autocast_for(dtype, torch.device('cpu')))
