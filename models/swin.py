@@ -40,7 +40,7 @@ from .grid import GridSpec, ceil_div, padded_size, resized_tokens, size_dependen
 from .layers import Backbone, run_blocks
 from .registry import register_variants
 
-__all__ = ['FLattenSwinTransformer', 'window_partition', 'window_reverse', 'shifted_window_mask']
+__all__ = ['FLattenSwinTransformer', 'window_partition', 'window_reverse', 'shifted_window_mask', 'hard_mask']
 
 torch.fx.wrap('resized_tokens')
 torch.fx.wrap('size_dependent')
@@ -78,6 +78,20 @@ def shifted_window_mask(resolution: Tuple[int, int], window_size: int, shift_siz
     windows = window_partition(labels, window_size).view(-1, window_size * window_size)
     mask = windows.unsqueeze(1) - windows.unsqueeze(2)
     return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
+def hard_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The −100 entries of a shift mask (the official value, kept in the buffer) as −inf.
+
+    With −100 the masked logits sit ~100 below the row maximum, and e^−100 ≈ 3.7e−44 is a float32
+    (and bfloat16) subnormal: x86 CPUs compute on subnormals about 10× slower, so the softmax and both
+    matmuls of a shifted block slowed down tenfold (the masked attention's fp32 forward + backward at
+    Swin-T's stage 2, batch 8: 202 against 19.5 ms; docs/numerics.md, "Swin backbone", shift mask at
+    run time). With −inf those probabilities are
+    exactly 0 instead of 3.7e−44, which no float32 sum of them can register; every query keeps its
+    own region (the diagonal is 0), so no row is all −inf.
+    """
+    return mask.masked_fill(mask < 0, float('-inf'))
 
 
 class SwinTransformerBlock(nn.Module):
@@ -139,16 +153,16 @@ class SwinTransformerBlock(nn.Module):
         return (self.window_size, self.window_size), shift
 
     def shift_mask(self, padded: Tuple[int, int], shift: int, device: torch.device) -> Optional[torch.Tensor]:
-        """The shift mask of the `padded` map: the buffer at the build size, else computed once per
-        size and device."""
+        """The shift mask of the `padded` map as the attention adds it (:func:`hard_mask`): from the
+        buffer at the build size, else computed once per size and device."""
         if shift == 0:
             return None
         if (self.attn_mask is not None) and (padded == padded_size(self.input_resolution, (self.window_size,) * 2)):
-            return self.attn_mask
+            return hard_mask(self.attn_mask)
         cache = self.__dict__.setdefault('_mask_cache', {})
         key = (padded, shift, device)
         if key not in cache:
-            cache[key] = shifted_window_mask(padded, self.window_size, shift).to(device)
+            cache[key] = hard_mask(shifted_window_mask(padded, self.window_size, shift).to(device))
         return cache[key]
 
     def forward(self, x: torch.Tensor, resolution: Optional[Tuple[int, int]] = None) -> torch.Tensor:

@@ -9,7 +9,7 @@ from conftest import load_golden, read_inventory
 import models
 from config import load_config
 from models.registry import UnknownModelError
-from models.swin import FLattenSwinTransformer, shifted_window_mask, window_partition, window_reverse
+from models.swin import FLattenSwinTransformer, hard_mask, shifted_window_mask, window_partition, window_reverse
 
 # (inventory, registered variant, parameter count from docs/numerics.md, "Parameter counts")
 OFFICIAL = [
@@ -174,6 +174,32 @@ def test_window_partition_round_trip_and_mask():
     assert mask.shape == (4, 16, 16)
     assert (mask[0] == 0).all()  # the top-left window holds one region only
     assert set(mask.unique().tolist()) == {-100.0, 0.0}
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_hard_mask_changes_no_result_of_a_shifted_block(dtype):
+    """The block adds the shift mask with −inf where the buffer (and the official code) holds −100:
+    the output and every gradient are those of the −100 mask, and the buffer itself is unchanged."""
+    torch.manual_seed(0)
+    model = models.create_model('softmax_swin_tiny_patch4_window7_224', img_size=56, depths=(2,), num_heads=(2,),
+                                embed_dim=32, num_classes=4, attn_type='S').to(dtype)
+    block = model.layers[0].blocks[1]
+    assert block.shift_size > 0 and set(block.attn_mask.unique().tolist()) == {-100.0, 0.0}
+    hard = block.shift_mask((14, 14), block.shift_size, torch.device('cpu'))
+    assert torch.equal(hard, hard_mask(block.attn_mask)) and set(hard.unique().tolist()) == {float('-inf'), 0.0}
+    x = torch.randn(2, 196, 32, dtype=dtype, requires_grad=True)
+    results = []
+    for mask in (hard, block.attn_mask):
+        block.shift_mask = lambda *args, mask=mask: mask
+        out = block(x, (14, 14))
+        out.square().sum().backward()
+        results.append([out.detach()] + [t.grad.clone() for t in (x, *block.parameters())])
+        x.grad = None
+        block.zero_grad()
+    del block.shift_mask
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert set(block.attn_mask.unique().tolist()) == {-100.0, 0.0}
 
 
 @pytest.mark.parametrize('kwargs, message', [
