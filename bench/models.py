@@ -3,13 +3,15 @@
     python -m bench.models --configs configs/flatten_swin_t.yaml configs/swin_t.yaml \\
         --batch-size 8 --dtypes fp32 bf16 --compile --channels-last --memory --json bench/results/models.json
 
-Every (config, variant) of one dtype and one task is timed interleaved (see utils/benchmark.py), so
-the ``vs`` column (inference img/s over the first config's, same variant and dtype) is a ratio from
-one run. ``%mm`` is the inference rate in FLOP/s (2 × the model table's MACs) over the fp32 matmul
-rate measured at start-up: how close a model gets to the machine's ceiling. ``--gemm-bound`` times
-each config's linear layers alone at the shapes they see: ``%mm bound`` is the %mm the model would
-reach if everything else (norms, activations, attention cores, reshapes) cost nothing. Peak memory
-is measured in a fresh process per case (CPU resident-set high-water mark or the CUDA allocator's peak).
+Every (config, variant) of one dtype and one task is timed interleaved (see utils/benchmark.py).
+The ``vs`` and ``train vs`` columns (inference and training speed over the first config's, same
+variant and dtype, or its eager case where it lacks the variant) are ratios from one run: the
+median over repeats of the ratio within each interleaved round (``paired_ratio``). ``%mm`` is the
+inference rate in FLOP/s (2 × the model table's MACs) over the fp32 matmul rate measured at
+start-up: how close a model gets to the machine's ceiling. ``--gemm-bound`` times each config's
+linear layers alone at the shapes they see: ``%mm bound`` is the %mm the model would reach if
+everything else (norms, activations, attention cores, reshapes) cost nothing. Peak memory is
+measured in a fresh process per case (CPU resident-set high-water mark or the CUDA allocator's peak).
 """
 from __future__ import annotations
 
@@ -174,16 +176,27 @@ def _gemm_bound(cases: dict, results: dict, args, autocast, device, mm: float) -
                                     gemm_bound_pct=100 * 2 * macs * args.batch_size / seconds / (mm * 1e9))
 
 
+def paired_ratio(first_runs: List[float], runs: List[float]) -> float:
+    """Speed over the first case's: the median over repeats of first seconds / these seconds, each
+    pair from the same interleaved round. A shared machine slows whole rounds down together (one
+    round's steps of every case moved by up to 45 % on a 2-core VM), and the per-round ratio cancels that."""
+    return median([a / b for a, b in zip(first_runs, runs, strict=True)])
+
+
 def _rows(cases: dict, results: dict, args, dtype: str, mm: float) -> List[dict]:
     rows = []
     for (path, variant), res in results.items():
         case = cases[(path, variant)]
-        first = results.get((args.configs[0], variant))
+        # the first config's same variant, or its eager case where it has no such variant (--compile-core
+        # on a model without focused cores)
+        first = results.get((args.configs[0], variant)) or results.get((args.configs[0], Variant()))
         row = dict(config=path, model=case['cfg'].MODEL.NAME, variant=variant.name, dtype=dtype,
                    img_size=case['cfg'].DATA.IMG_SIZE, batch_size=args.batch_size, gmacs=case['macs'] / 1e9, **res)
         if ('infer' in res) and first:
-            row['vs_first'] = res['infer'] / first['infer']
+            row['vs_first'] = paired_ratio(first['infer_runs'], res['infer_runs'])
             row['pct_matmul'] = 100 * 2 * case['macs'] * res['infer'] / (mm * 1e9)
+        if ('train' in res) and first:
+            row['train_vs_first'] = paired_ratio(first['train_runs'], res['train_runs'])
         rows.append(row)
     return rows
 
@@ -226,7 +239,8 @@ def run(args) -> dict:
 def print_table(payload: dict) -> None:
     columns = [('model', '{}', 'model'), ('variant', '{}', 'variant'), ('dtype', '{}', 'dtype'),
                ('infer', '{:.1f}', 'infer img/s'), ('vs_first', '{:.2f}x', 'vs'), ('pct_matmul', '{:.0f}%', '%mm'),
-               ('train', '{:.2f}', 'train img/s'), ('latency', '{:.1f}', 'b=1 ms'),
+               ('train', '{:.2f}', 'train img/s'), ('train_vs_first', '{:.2f}x', 'train vs'),
+               ('latency', '{:.1f}', 'b=1 ms'),
                ('train_mb', '{:.0f}', 'train MiB'), ('infer_mb', '{:.0f}', 'infer MiB'),
                ('linear_share', '{:.0%}', 'linear MACs'), ('linear_ms', '{:.1f}', 'linear ms'),
                ('gemm_bound_pct', '{:.0f}%', '%mm bound')]

@@ -169,8 +169,11 @@ def profile(name: str, args, dtype: str) -> dict:
     size = model.pretrained_cfg['input_size'][1]
     step = training_step(model, random_images(args.batch, size, torch.device('cpu')), model.num_classes,
                          autocast_for(dtype, torch.device('cpu')))
-    for _ in range(args.warmup):
-        step()
+    # warm up under a profiler too: a compiled core compiled outside one recompiles inside (dynamo
+    # guards on the profiler's dispatch mode), and that compile would be counted as the core's forward
+    with labelled_ranges(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        for _ in range(args.warmup):
+            step()
     with labelled_ranges(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for _ in range(args.steps):

@@ -49,10 +49,22 @@ def test_models_bench_writes_one_row_per_case(tmp_path, capsys):
         # with everything else free is above the measured one (same MACs, less time)
         assert 0 < row['linear_share'] <= 1 and row['linear_ms'] > 0
         assert row['gemm_bound_pct'] > row['pct_matmul']
-    assert rows[0]['vs_first'] == 1.0
+    # one config: each variant is compared with the first config's same variant, itself
+    assert all(row['vs_first'] == 1.0 and row['train_vs_first'] == 1.0 for row in rows)
     assert payload['matmul_gflops'] > 0 and payload['machine']['torch'] == torch.__version__
     table = capsys.readouterr().out
     assert 'infer img/s' in table and 'micro' in table
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    # twice as fast in every round, rounds 2 and 4 slower for both cases: exactly 2
+    assert bench_models.paired_ratio([2.0, 3.0, 2.0, 3.0, 2.0], [1.0, 1.5, 1.0, 1.5, 1.0]) == 2.0
+    # the rounds pair the runs: per-round ratios 1, 2, 3, 1, 1 give 1, where the medians' ratio is 3
+    first, second = [1.0, 2.0, 3.0, 4.0, 5.0], [1.0, 1.0, 1.0, 4.0, 5.0]
+    assert bench_models.paired_ratio(first, second) == 1.0
+    assert bench_models.paired_ratio(first, second[::-1]) == 3.0  # ratios 0.2, 0.5, 3, 4, 5
+    with pytest.raises(ValueError):
+        bench_models.paired_ratio(first, second[:4])
 
 
 def test_models_bench_rejects_too_few_repeats():
