@@ -18,15 +18,16 @@ implementations of the same attention, selected per module by its ``fused`` flag
 
 For training, ``compiled=True`` (``--compile-core``, :func:`~models.attention.base.set_compiled_core`)
 runs the fused forward as one graph of plain tensor ops under ``torch.compile``, once per input
-shape, with activation checkpointing inside the graph: it saves only its inputs, as the eager path
-does, and inductor fuses the element-wise chains of the forward, its recomputation and the derived
-backward into a few loops (FLatten-Swin-T's stage-1 core: 63 ms forward + backward against 110 ms
-eager, batch 8, 2 CPU threads). The DWC's weight gradient is compiled too (:class:`_DepthwiseConv`).
-Calls without gradients and calls under saved-tensor hooks (grad checkpointing) keep the eager
-path; a compiler that fails warns once and the eager path takes over.
+shape, with selective activation checkpointing inside the graph: besides its inputs it saves only
+per-token norms and per-head summaries (:func:`_keep_small_results`), and inductor fuses the
+element-wise chains of the forward, its recomputation and the derived backward into a few loops.
+The DWC's weight gradient is compiled too (:class:`_DepthwiseConv`). Calls without gradients and
+calls under saved-tensor hooks (grad checkpointing) keep the eager path; a compiler that fails warns
+once and the eager path takes over.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import NamedTuple, Optional, Tuple
 
@@ -307,12 +308,31 @@ def _compilable(dwc: nn.Conv2d) -> bool:
         and (dwc.dilation == (1, 1)) and (dwc.padding_mode == 'zeros') and (dwc.bias is not None)
 
 
+def _keep_small_results(ctx, func, *args, **kwargs) -> torch.utils.checkpoint.CheckpointPolicy:
+    """Selective-checkpoint policy of the compiled core: save the per-token norms and the matmuls whose
+    result is much smaller than their inputs (the per-head key summaries S, a sum over tokens), recompute
+    the rest. The backward then recomputes only element-wise chains and the query-side product, not the
+    key side's product; the saved tensors add 0.5 MB to the 29 MB of inputs at FLatten-Swin-T's stage 1
+    (batch 8), and the core's forward + backward is 1.24x faster there (1.05x at stage 2; one run,
+    medians of 11, interleaved)."""
+    policy = torch.utils.checkpoint.CheckpointPolicy
+    if func is torch.ops.aten.linalg_vector_norm.default:
+        return policy.MUST_SAVE
+    if func is torch.ops.aten.bmm.default:
+        a, b = args[0], args[1]
+        if 4 * a.shape[0] * a.shape[1] * b.shape[2] < max(a.numel(), b.numel()):
+            return policy.MUST_SAVE
+    return policy.PREFER_RECOMPUTE
+
+
 def _recomputed_fused(*args) -> torch.Tensor:
-    """:func:`_plain_fused` under non-reentrant activation checkpointing: the compiled graph saves
-    only its inputs and recomputes the forward in its backward, as the eager path does. Left to
-    itself, inductor's partitioner keeps (B, N, C) intermediates: FLatten-Swin-T's training step
-    then peaks 140 MiB higher (943 against 803 MiB, batch 8), above Swin-T's 845 MiB."""
-    return torch.utils.checkpoint.checkpoint(_plain_fused, *args, use_reentrant=False)
+    """:func:`_plain_fused` under non-reentrant selective activation checkpointing: the compiled graph
+    saves its inputs and the small results of :func:`_keep_small_results`, and recomputes the (B, N, C)
+    intermediates in its backward, as the eager path does. Left to itself, inductor's partitioner keeps
+    (B, N, C) intermediates: FLatten-Swin-T's training step then peaks 140 MiB higher (943 against
+    803 MiB, batch 8), above Swin-T's 845 MiB."""
+    context = functools.partial(torch.utils.checkpoint.create_selective_checkpoint_contexts, _keep_small_results)
+    return torch.utils.checkpoint.checkpoint(_plain_fused, *args, use_reentrant=False, context_fn=context)
 
 
 class _CompiledCore:
@@ -406,8 +426,12 @@ def _dwc_weight_grad(image: torch.Tensor, grad: torch.Tensor, kernel_size: int) 
     in cache, instead of streaming both tensors once per tap: 1.6× faster at FLatten-Swin-T's stages 1
     and 2 (4.1 against 6.3 ms and 2.0 against 3.1 ms, batch 8, one run, medians of 15). The shorter
     sums are also more precise: 3.9e-7 relative error against the float64 gradient at stage 1, where
-    oneDNN's float32 one has 5.4e-7."""
+    oneDNN's float32 one has 5.4e-7. The image is first copied to a dense channels-last tensor: in the
+    model it is a view of V inside the qkv projection's output (every third run of C floats), and
+    inductor's loop over that strided view is slower: 2.5 against 1.4 ms with the copy at stage 2,
+    7.1 against 6.7 ms at stage 1 (AMD EPYC, one run, medians of 25, interleaved)."""
     pad = kernel_size // 2
+    image = image.contiguous(memory_format=torch.channels_last)
     x = F.pad(image.permute(0, 2, 3, 1), (0, 0, pad, pad, pad, pad))
     g = grad.permute(0, 2, 3, 1)
     H, W = g.shape[1:3]
