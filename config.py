@@ -324,6 +324,8 @@ _C.TRAIN.OPTIMIZER = CN()
 _C.TRAIN.OPTIMIZER.NAME = 'adamw'
 _C.TRAIN.OPTIMIZER.EPS = 1e-8
 _C.TRAIN.OPTIMIZER.BETAS = (0.9, 0.999)
+# *new* how the update runs: 'fused' (torch's one-kernel AdamW/SGD), 'foreach' or 'loop' (docs/training.md)
+_C.TRAIN.OPTIMIZER.IMPL = 'fused'
 # SGD momentum
 _C.TRAIN.OPTIMIZER.MOMENTUM = 0.9
 

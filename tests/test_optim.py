@@ -2,6 +2,7 @@
 groups" and "LR schedule")."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 import models
 from config import load_config
 from utils.lr_scheduler import build_scheduler
-from utils.optimizer import build_optimizer, param_groups
+from utils.optimizer import build_optimizer, load_optimizer_state, param_groups
 
 
 def test_no_decay_groups_follow_the_official_rules():
@@ -98,3 +99,71 @@ def test_unknown_names_are_errors():
         _schedule(['TRAIN.LR_SCHEDULER.NAME', 'poly'])
     with pytest.raises(ValueError, match="TRAIN.OPTIMIZER.NAME='lamb'"):
         build_optimizer(load_config(None, ['TRAIN.OPTIMIZER.NAME', 'lamb']), torch.nn.Linear(2, 2))
+
+
+def _two_group_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+
+
+def _train(impl: str, steps: int = 5, name: str = 'adamw'):
+    model = _two_group_model()
+    cfg = load_config(None, ['TRAIN.OPTIMIZER.IMPL', impl, 'TRAIN.OPTIMIZER.NAME', name, 'TRAIN.BASE_LR', '1e-2'])
+    opt = build_optimizer(cfg, model)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        model(torch.randn(4, 6, generator=gen)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+@pytest.mark.parametrize('name', ['adamw', 'sgd'])
+def test_optimizer_implementations_compute_the_same_update(name):
+    """'foreach' equals the one-tensor-at-a-time loop bit for bit, 'fused' to float rounding."""
+    loop, foreach, fused = (_train(impl, name=name) for impl in ('loop', 'foreach', 'fused'))
+    assert fused[1].param_groups[0]['fused'] and foreach[1].param_groups[0]['foreach']
+    assert not (loop[1].param_groups[0]['fused'] or loop[1].param_groups[0]['foreach'])
+    for a, b, c in zip(loop[0].parameters(), foreach[0].parameters(), fused[0].parameters(), strict=True):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(c, a, rtol=1e-6, atol=1e-7)
+    assert not torch.equal(loop[0][0].weight, _two_group_model()[0].weight)  # the steps did move the weights
+
+
+def test_unknown_optimizer_implementation_names_the_key():
+    with pytest.raises(ValueError, match=r"TRAIN.OPTIMIZER.IMPL='multi'.*'foreach'"):
+        build_optimizer(load_config(None, ['TRAIN.OPTIMIZER.IMPL', 'multi']), torch.nn.Linear(2, 2))
+
+
+def test_fused_falls_back_to_foreach_where_torch_has_no_kernel(monkeypatch, caplog):
+    real = torch.optim.AdamW
+
+    def no_fused_kernel(*args, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError('`fused=True` requires all the params to be floating point Tensors of supported devices')
+        return real(*args, fused=fused, **kwargs)
+    monkeypatch.setattr(torch.optim, 'AdamW', no_fused_kernel)
+    with caplog.at_level('WARNING'):
+        opt = build_optimizer(load_config(None, []), torch.nn.Linear(2, 2))
+    assert opt.param_groups[0]['foreach'] and not opt.param_groups[0]['fused']
+    assert "TRAIN.OPTIMIZER.IMPL='fused'" in caplog.text and "using 'foreach'" in caplog.text
+
+
+def test_restored_state_keeps_this_runs_implementation():
+    """A checkpoint written by a 'loop' run restores moments and step counts into a 'fused' run, which
+    stays fused (torch alone would take the saved flags), and it then continues like the loop run."""
+    model, saved = _train('loop', steps=3)
+    state = copy.deepcopy(saved.state_dict())  # as from a file: torch would share the moment tensors
+    resumed_model = _two_group_model()
+    resumed_model.load_state_dict(model.state_dict())
+    resumed = build_optimizer(load_config(None, ['TRAIN.BASE_LR', '1e-2']), resumed_model)
+    load_optimizer_state(resumed, state)
+    assert all(g['fused'] and not g['foreach'] for g in resumed.param_groups)
+    for p, q in zip(saved.state.values(), resumed.state.values(), strict=True):
+        assert torch.equal(p['exp_avg'], q['exp_avg']) and torch.equal(p['step'], q['step'])
+    x = torch.randn(4, 6)
+    for m, o in ((model, saved), (resumed_model, resumed)):
+        m(x).square().mean().backward()
+        o.step()
+    for a, b in zip(model.parameters(), resumed_model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)

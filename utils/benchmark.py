@@ -22,6 +22,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from utils.optimizer import IMPLEMENTATIONS
+
 __all__ = ['machine_info', 'measure', 'median', 'synchronize', 'peak_memory_mb', 'autocast_for', 'write_json',
            'matmul_gflops', 'tune_cpu_allocator', 'exact_cpu_memory_accounting', 'cpu_model_name', 'prepare_model',
            'random_images', 'inference_step', 'training_step', 'linear_layers_seconds']
@@ -209,12 +211,13 @@ def inference_step(model: torch.nn.Module, images: torch.Tensor,
 
 
 def training_step(model: torch.nn.Module, images: torch.Tensor, num_classes: int,
-                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
-                  ) -> Callable[[], object]:
-    """A closure running one training iteration: forward, cross-entropy, backward, AdamW step."""
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                  optimizer_impl: str = 'fused') -> Callable[[], object]:
+    """A closure running one training iteration: forward, cross-entropy, backward, AdamW step (run by
+    the ``TRAIN.OPTIMIZER.IMPL`` implementation `optimizer_impl`, the recipe's by default)."""
     model.train()
     targets = torch.randint(0, num_classes, (images.shape[0],), device=images.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6, **IMPLEMENTATIONS[optimizer_impl])
     criterion = torch.nn.CrossEntropyLoss()
 
     def step():
