@@ -3,6 +3,7 @@ groups" and "LR schedule")."""
 from __future__ import annotations
 
 import copy
+import logging
 import math
 
 import pytest
@@ -143,6 +144,8 @@ def test_fused_falls_back_to_foreach_where_torch_has_no_kernel(monkeypatch, capl
             raise RuntimeError('`fused=True` requires all the params to be floating point Tensors of supported devices')
         return real(*args, fused=fused, **kwargs)
     monkeypatch.setattr(torch.optim, 'AdamW', no_fused_kernel)
+    # an in-process main() may have configured 'flatten' not to propagate; caplog listens at the root
+    monkeypatch.setattr(logging.getLogger('flatten'), 'propagate', True)
     with caplog.at_level('WARNING'):
         opt = build_optimizer(load_config(None, []), torch.nn.Linear(2, 2))
     assert opt.param_groups[0]['foreach'] and not opt.param_groups[0]['fused']

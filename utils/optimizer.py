@@ -10,7 +10,7 @@ import torch.nn as nn
 
 __all__ = ['IMPLEMENTATIONS', 'param_groups', 'build_optimizer', 'load_optimizer_state']
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger('flatten.optimizer')
 
 # TRAIN.OPTIMIZER.IMPL -> torch's flags. All three compute the same update: 'foreach' and 'loop' bit for bit
 # alike, 'fused' (one kernel per dtype group) to float rounding, 2.4e-7 at most after 12 AdamW steps of
