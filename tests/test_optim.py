@@ -12,7 +12,7 @@ import torch
 import models
 from config import load_config
 from utils.lr_scheduler import build_scheduler
-from utils.optimizer import build_optimizer, load_optimizer_state, param_groups
+from utils.optimizer import build_optimizer, param_groups
 
 
 def test_no_decay_groups_follow_the_official_rules():
@@ -160,7 +160,7 @@ def test_restored_state_keeps_this_runs_implementation():
     resumed_model = _two_group_model()
     resumed_model.load_state_dict(model.state_dict())
     resumed = build_optimizer(load_config(None, ['TRAIN.BASE_LR', '1e-2']), resumed_model)
-    load_optimizer_state(resumed, state)
+    resumed.load_state_dict(state)
     assert all(g['fused'] and not g['foreach'] for g in resumed.param_groups)
     for p, q in zip(saved.state.values(), resumed.state.values(), strict=True):
         assert torch.equal(p['exp_avg'], q['exp_avg']) and torch.equal(p['step'], q['step'])

@@ -29,7 +29,6 @@ import torch
 import torch.nn as nn
 
 from models.grid import GridSpec, collect_parameter_grids, resize_grid_tensor
-from utils.optimizer import load_optimizer_state
 
 __all__ = [
     'CheckpointError', 'torch_load', 'atomic_save', 'rng_state', 'set_rng_state', 'save_checkpoint',
@@ -354,10 +353,7 @@ def _restore_state(name: str, target, state: Optional[Dict[str, Any]], mismatch,
     reason = mismatch(target, state) if mismatch is not None else None
     if reason is None:
         try:
-            if isinstance(target, torch.optim.Optimizer):
-                load_optimizer_state(target, state)
-            else:
-                target.load_state_dict(state)
+            target.load_state_dict(state)
         except (ValueError, KeyError, RuntimeError, TypeError) as err:
             reason = f'{type(err).__name__}: {err}'
     if reason is not None:

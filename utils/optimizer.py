@@ -8,7 +8,7 @@ from typing import Any, Dict, Iterable, List
 import torch
 import torch.nn as nn
 
-__all__ = ['IMPLEMENTATIONS', 'param_groups', 'build_optimizer', 'load_optimizer_state']
+__all__ = ['IMPLEMENTATIONS', 'param_groups', 'build_optimizer']
 
 logger = logging.getLogger('flatten.optimizer')
 
@@ -44,36 +44,39 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[dict]:
 
 def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer of ``TRAIN.OPTIMIZER`` at the (already scaled) ``TRAIN.BASE_LR``, run by the
-    ``TRAIN.OPTIMIZER.IMPL`` implementation (:data:`IMPLEMENTATIONS`). If torch has no fused kernel for
-    the parameters' device or dtype, the foreach one runs instead, with a warning."""
+    ``TRAIN.OPTIMIZER.IMPL`` implementation (:data:`IMPLEMENTATIONS`), which a later ``load_state_dict``
+    keeps (:func:`_keep_implementation`). If torch has no fused kernel for the parameters' device or
+    dtype, the foreach one runs instead, with a warning."""
     opt = cfg.TRAIN.OPTIMIZER
     name, impl = opt.NAME.lower(), opt.IMPL.lower()
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f'TRAIN.OPTIMIZER.IMPL={opt.IMPL!r} is not supported; use one of {sorted(IMPLEMENTATIONS)}')
     if name == 'adamw':
-        def make(flags):
-            return torch.optim.AdamW(param_groups(model, cfg.TRAIN.WEIGHT_DECAY), lr=cfg.TRAIN.BASE_LR, eps=opt.EPS,
-                                     betas=tuple(opt.BETAS), weight_decay=cfg.TRAIN.WEIGHT_DECAY, **flags)
+        kind, settings = torch.optim.AdamW, {'eps': opt.EPS, 'betas': tuple(opt.BETAS)}
     elif name == 'sgd':
-        def make(flags):
-            return torch.optim.SGD(param_groups(model, cfg.TRAIN.WEIGHT_DECAY), lr=cfg.TRAIN.BASE_LR,
-                                   momentum=opt.MOMENTUM, nesterov=True, weight_decay=cfg.TRAIN.WEIGHT_DECAY, **flags)
+        kind, settings = torch.optim.SGD, {'momentum': opt.MOMENTUM, 'nesterov': True}
     else:
         raise ValueError(f"TRAIN.OPTIMIZER.NAME={opt.NAME!r} is not supported; use 'adamw' or 'sgd'")
+
+    def make(flags):
+        return kind(param_groups(model, cfg.TRAIN.WEIGHT_DECAY), lr=cfg.TRAIN.BASE_LR,
+                    weight_decay=cfg.TRAIN.WEIGHT_DECAY, **settings, **flags)
     try:
-        return make(IMPLEMENTATIONS[impl])
+        optimizer = make(IMPLEMENTATIONS[impl])
     except RuntimeError as err:  # torch refuses fused=True for parameters its kernels do not cover
         if impl != 'fused':
             raise
         logger.warning(f"TRAIN.OPTIMIZER.IMPL='fused': {err}; using 'foreach'")
-        return make(IMPLEMENTATIONS['foreach'])
+        optimizer = make(IMPLEMENTATIONS['foreach'])
+    optimizer.register_load_state_dict_pre_hook(_keep_implementation)
+    return optimizer
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> None:
-    """``optimizer.load_state_dict(state)``, keeping this run's implementation: torch would also take
-    the saved groups' ``fused`` and ``foreach`` flags, so a checkpoint written with one
-    ``TRAIN.OPTIMIZER.IMPL`` (or before the key existed) would silently switch the run to another."""
-    flags = [{key: group[key] for key in ('fused', 'foreach') if key in group} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, kept in zip(optimizer.param_groups, flags, strict=True):
-        group.update(kept)
+def _keep_implementation(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> Dict[str, Any]:
+    """``load_state_dict`` pre-hook: the saved groups keep their hyperparameters and take this run's
+    ``fused`` and ``foreach`` flags. Torch would otherwise copy the saved flags too, so a checkpoint
+    written with another ``TRAIN.OPTIMIZER.IMPL`` (or before the key existed) would silently switch
+    the run to that implementation. A different group count is left to torch to refuse."""
+    groups = [{**saved, **{key: current[key] for key in ('fused', 'foreach') if key in current}}
+              for saved, current in zip(state['param_groups'], optimizer.param_groups, strict=False)]
+    return {**state, 'param_groups': groups + state['param_groups'][len(groups):]}
