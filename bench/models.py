@@ -12,6 +12,12 @@ start-up: how close a model gets to the machine's ceiling. ``--gemm-bound`` time
 linear layers alone at the shapes they see: ``%mm bound`` is the %mm the model would reach if
 everything else (norms, activations, attention cores, reshapes) cost nothing. Peak memory is
 measured in a fresh process per case (CPU resident-set high-water mark or the CUDA allocator's peak).
+
+``--null-core`` adds a bound rather than a candidate: each focused-attention module returns its
+queries unchanged and skips its DWC (:func:`null_focused_attention`), so the model still runs its
+projections, norms, MLPs and softmax stages but its focused attention costs nothing. Its ``train vs``
+is the ratio that no faster core or DWC can exceed, and its time difference to the eager or
+``--compile-core`` case is what the focused attention costs in that step.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from dataclasses import dataclass
 from typing import Dict, List
 
@@ -31,7 +38,7 @@ if __package__ in (None, ''):  # run as `python bench/x.py`: make the repository
 
 from config import ConfigError, load_config  # noqa: E402
 from models import build_model  # noqa: E402
-from models.attention import set_compiled_core, set_fused_attention  # noqa: E402
+from models.attention import Attention, set_compiled_core, set_fused_attention  # noqa: E402
 from utils.benchmark import (  # noqa: E402
     autocast_for,
     exact_cpu_memory_accounting,
@@ -59,6 +66,7 @@ class Variant:
     channels_last: bool = False
     reference: bool = False  # the reference (unfused) focused-attention implementation
     compiled_core: bool = False  # eager model, focused cores compiled for training (--compile-core)
+    null_core: bool = False  # eager model, focused attention replaced by a no-op (--null-core): a bound
 
     @property
     def name(self) -> str:
@@ -69,7 +77,37 @@ class Variant:
             parts.append('reference')
         if self.compiled_core:
             parts.append('core compiled')
+        if self.null_core:
+            parts.append('null core')
         return '+'.join(parts)
+
+    @property
+    def needs_focused(self) -> bool:
+        """The variant changes only focused-attention modules: a model without them is skipped."""
+        return self.compiled_core or self.null_core
+
+
+def _return_queries(self, q, k, v, mask, geometry):
+    return q
+
+
+def focused_modules(model: torch.nn.Module) -> List[Attention]:
+    """The focused-attention modules of `model` (those ``--compile-core`` compiles)."""
+    return [m for m in model.modules() if isinstance(m, Attention) and m.has_compiled_core]
+
+
+def null_focused_attention(model: torch.nn.Module) -> int:
+    """Make the focused attention of `model` free, for ``--null-core``: every focused module's
+    :meth:`~models.attention.Attention.mix` returns the queries (no core, no float32 copies under
+    autocast) and its DWC is skipped; projections, ``proj`` and everything outside the modules run
+    as before. Returns how many modules were changed. The model no longer computes FLatten's
+    attention: it is a timing bound, never a model to train."""
+    modules = focused_modules(model)
+    for module in modules:
+        module.mix = types.MethodType(_return_queries, module)
+        module.float32_core = False
+        module.dwc = None
+    return len(modules)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -86,6 +124,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--compile-core', action='store_true',
                         help='also measure eager models whose focused cores are compiled for training (models '
                              'without focused attention are skipped in that variant)')
+    parser.add_argument('--null-core', action='store_true',
+                        help='also measure eager models whose focused attention returns its queries and skips its '
+                             'DWC: the step time no faster core can beat (models without focused attention are '
+                             'skipped in that variant)')
     parser.add_argument('--memory', action='store_true', help='peak training and inference memory (subprocesses)')
     parser.add_argument('--gemm-bound', action='store_true',
                         help="time each config's linear layers alone: the %%mm reached if nothing else cost time")
@@ -110,6 +152,8 @@ def load_model(path: str, variant: Variant, device: torch.device, img_size=None)
         set_compiled_core(model)
     macs, _ = count_macs(model, (cfg.MODEL.IN_CHANS if 'IN_CHANS' in cfg.MODEL else 3,
                                  cfg.DATA.IMG_SIZE, cfg.DATA.IMG_SIZE))
+    if variant.null_core:  # after counting: the bound keeps the MACs of the model it bounds
+        null_focused_attention(model)
     return prepare_model(model, device, variant.channels_last, variant.compile), cfg, macs
 
 
@@ -188,7 +232,7 @@ def _rows(cases: dict, results: dict, args, dtype: str, mm: float) -> List[dict]
     for (path, variant), res in results.items():
         case = cases[(path, variant)]
         # the first config's same variant, or its eager case where it has no such variant (--compile-core
-        # on a model without focused cores)
+        # or --null-core on a model without focused attention)
         first = results.get((args.configs[0], variant)) or results.get((args.configs[0], Variant()))
         row = dict(config=path, model=case['cfg'].MODEL.NAME, variant=variant.name, dtype=dtype,
                    img_size=case['cfg'].DATA.IMG_SIZE, batch_size=args.batch_size, gmacs=case['macs'] / 1e9, **res)
@@ -212,6 +256,8 @@ def run(args) -> dict:
         variants.append(Variant(reference=True))
     if args.compile_core:
         variants.append(Variant(compiled_core=True))
+    if args.null_core:
+        variants.append(Variant(null_core=True))
     mm = matmul_gflops(device)
     print(f'fp32 matmul rate: {mm:.1f} GFLOP/s on {device}', flush=True)
     rows = []
@@ -220,8 +266,8 @@ def run(args) -> dict:
         cases = {}
         for path, variant in itertools.product(args.configs, variants):
             model, cfg, macs = load_model(path, variant, device, args.img_size)
-            if variant.compiled_core and not any(getattr(m, 'compiled_core', False) for m in model.modules()):
-                continue  # no focused core: the eager case already measures this model
+            if variant.needs_focused and not focused_modules(model):
+                continue  # no focused attention: the eager case already measures this model
             cases[(path, variant)] = dict(model=model, cfg=cfg, macs=macs)
         results = _time_tasks(cases, args, dtype, autocast, device)
         if args.memory:

@@ -95,3 +95,49 @@ def test_sweep_writes_growth_ratios_and_a_plot(tmp_path):
     steps = payload['growth']['module']['focused_linear']
     assert steps[0]['tokens'] == [16, 64] and steps[0]['token_ratio'] == 4.0 and steps[0]['time_ratio'] > 0
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def _micro_model(tmp_path, attn_type='LS'):
+    from config import load_config
+    from models import build_model
+    cfg = tmp_path / f'micro_{attn_type}.yaml'
+    cfg.write_text(MICRO_YAML.replace('ATTN_TYPE: LS', f'ATTN_TYPE: {attn_type}'))
+    return str(cfg), build_model(load_config(str(cfg)))
+
+
+def test_null_core_leaves_the_projections_and_the_softmax_blocks(tmp_path):
+    """--null-core: each focused module becomes proj(Q) (its core and DWC skipped), softmax modules are untouched."""
+    from models.attention import FocusedLinearAttention, SoftmaxAttention
+    _, model = _micro_model(tmp_path)
+    focused = [m for m in model.modules() if isinstance(m, FocusedLinearAttention)]
+    softmax = [m for m in model.modules() if isinstance(m, SoftmaxAttention)]
+    assert focused and softmax
+    inputs = {id(m): torch.randn(2, m.grid_size[0] * m.grid_size[1], m.dim) for m in focused + softmax}
+    with torch.no_grad():
+        before = {id(m): m(inputs[id(m)]) for m in focused + softmax}
+    assert bench_models.null_focused_attention(model) == len(focused)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        for m in focused:
+            x = inputs[id(m)]
+            assert m.dwc is None
+            torch.testing.assert_close(m(x), m.proj(m.qkv(x)[..., :m.dim]))
+    with torch.no_grad():
+        for m in focused:
+            assert not torch.allclose(m(inputs[id(m)]), before[id(m)])  # the attention itself is gone
+        for m in softmax:
+            torch.testing.assert_close(m(inputs[id(m)]), before[id(m)], rtol=0, atol=0)
+    model(torch.randn(2, 3, 32, 32)).sum().backward()  # still trains: gradients reach the projections
+    assert all(m.qkv.weight.grad is not None and m.qkv.weight.grad.abs().sum() > 0 for m in focused)
+
+
+def test_models_bench_null_core_rows_only_for_focused_models(tmp_path):
+    flatten_cfg, _ = _micro_model(tmp_path, 'LS')
+    softmax_cfg, _ = _micro_model(tmp_path, 'SS')
+    out = tmp_path / 'models.json'
+    assert bench_models.main(['--configs', softmax_cfg, flatten_cfg, '--batch-size', '2', '--tasks', 'train',
+                              '--null-core', '--repeats', '5', '--json', str(out)]) == 0
+    rows = json.loads(out.read_text())['rows']
+    assert [(r['config'], r['variant']) for r in rows] == [
+        (softmax_cfg, 'eager'), (flatten_cfg, 'eager'), (flatten_cfg, 'eager+null core')]
+    # the bound is compared with the first config's eager case, and keeps the MACs of the model it bounds
+    assert rows[2]['train_vs_first'] > 0 and rows[2]['gmacs'] == rows[1]['gmacs']
