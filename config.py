@@ -384,9 +384,9 @@ _C.AMP_DTYPE = 'fp16'
 _C.DEVICE = ''
 # *new* torch.compile the model (--compile); the first iterations of each mode (train, eval) compile
 _C.COMPILE = False
-# *new* torch.compile only the focused cores and their DWC weight gradients, for training steps
-# (--compile-core): each FLatten stage compiles once (about 10-30 s on CPU); inference keeps the
-# eager core (models/attention/core.py)
+# *new* torch.compile only the focused cores (and, in training, their DWC weight gradients)
+# (--compile-core): each FLatten stage compiles once per batch shape for training and once for
+# evaluation (about 5-30 s each on CPU; models/attention/core.py)
 _C.COMPILE_CORE = False
 # *new* channels_last memory format for the model and its input images (--channels-last)
 _C.CHANNELS_LAST = False

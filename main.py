@@ -126,8 +126,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--compile', action='store_true', default=None,
                         help='torch.compile the model (checkpoints keep the plain parameter names)')
     parser.add_argument('--compile-core', action='store_true', default=None,
-                        help='torch.compile only the focused-attention cores (and DWC weight gradients), '
-                             'for training steps')
+                        help='torch.compile only the focused-attention cores (and, in training, the DWC '
+                             'weight gradients)')
     parser.add_argument('--channels-last', action='store_true', default=None,
                         help='channels_last memory format for the model and the input images')
     # torch.distributed.launch passes --local_rank; torchrun uses the LOCAL_RANK variable instead
@@ -403,7 +403,7 @@ def build_models(cfg: CN, ctx: DistContext, source: str, resume: Optional[str]):
     logger.info(f'{cfg.MODEL.NAME}: {describe(cfg)}, {n_parameters:,} parameters ({n_parameters / 1e6:.2f}M)')
     if cfg.COMPILE_CORE:
         logger.info(f'--compile-core: {set_compiled_core(model)} focused-attention modules compile their core '
-                    'for training steps')
+                    'for training steps and evaluation')
     model.to(ctx.device)
     if cfg.MODEL.PRETRAINED and not resume:
         load_pretrained(model, cfg.MODEL.PRETRAINED)

@@ -92,14 +92,43 @@ def test_dwc_weight_gradient_falls_back_when_the_compiler_fails(monkeypatch):
     torch.testing.assert_close(got[2], expected[2], rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_core_not_used_without_gradients():
-    """Inference keeps the eager fused path: the same bits, nothing compiled."""
+@pytest.mark.slow
+def test_compiled_core_without_gradients_runs_a_forward_graph():
+    """Evaluation and inference with compiled=True run a forward-only graph (the training graph is not
+    touched): the eager fused path's output to float rounding, computed in float32 also for the
+    bfloat16 q, k, v that autocast hands it."""
+    from torch._dynamo.utils import counters
     inputs = [t.detach() for t in _inputs(2, 49, 24)]
-    function = core.compiled_focused_core.function
-    with torch.no_grad():
+    training_function = core.compiled_focused_core.function
+    graphs = counters['stats']['unique_graphs']
+    with torch.inference_mode():
         out = core.focused_linear_attention(*inputs, 3, 3, compiled=True)
-    assert torch.equal(out, core.focused_linear_attention(*inputs, 3, 3))
-    assert core.compiled_focused_core.function is function
+        eager = core.focused_linear_attention(*inputs, 3, 3)
+    assert core.compiled_focused_inference.failed is None
+    assert counters['stats']['unique_graphs'] == graphs + 1  # compiled, not run eagerly
+    assert core.compiled_focused_core.function is training_function
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+    q, k, v = (t.bfloat16() for t in inputs[:3])
+    with torch.no_grad():
+        out = core.focused_linear_attention(q, k, v, *inputs[3:], 3, 3, compiled=True)
+        eager = core.focused_linear_attention(q.float(), k.float(), v.float(), *inputs[3:], 3, 3)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_inference_compiler_failure_warns_and_falls_back(monkeypatch):
+    """Without gradients a failing compiler costs one RuntimeWarning too, and the eager result, bit for bit."""
+    monkeypatch.setattr(core, 'compiled_focused_inference', core._CompiledCore(
+        core._plain_fused, None, 'focused core (inference)'))
+    monkeypatch.setattr(torch, 'compile', _broken_compile)
+    inputs = [t.detach() for t in _inputs(2, 16, 16)]
+    eager = core.focused_linear_attention(*inputs, 2, 3)
+    with pytest.warns(RuntimeWarning, match=r'compiled focused core \(inference\) failed .*no working C\+\+ compiler'):
+        first = core.focused_linear_attention(*inputs, 2, 3, compiled=True)
+    assert torch.equal(first, eager)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert torch.equal(core.focused_linear_attention(*inputs, 2, 3, compiled=True), eager)
 
 
 def test_compiled_core_not_used_under_saved_tensor_hooks():
@@ -166,12 +195,13 @@ def test_compiled_core_model_gradients_match_eager():
 
 @pytest.mark.slow
 def test_compile_core_cli(tmp_path, image_folder, micro_cfg):
-    """main.py --compile-core trains the micro config, says how many cores it compiles and saves the key."""
+    """main.py --compile-core trains and evaluates the micro config, says how many cores it compiles and
+    saves the key."""
     out = tmp_path / 'out'
     result = run_main(['--cfg', micro_cfg, '--data-path', image_folder, '--output', out, '--compile-core',
                        '--opts', 'TRAIN.EPOCHS', '1'], threads=None)
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r'--compile-core: [1-9]\d* focused-attention modules compile their core', result.stdout)
-    assert 'compiled focused core failed' not in result.stdout + result.stderr
+    assert not re.search(r'the compiled .* failed', result.stdout + result.stderr)  # training and evaluation graphs
     config = next(out.rglob('config.yaml')).read_text()
     assert 'COMPILE_CORE: true' in config

@@ -164,8 +164,8 @@ class Attention(nn.Module):
 
     ``fused``: kinds with a fast path (the focused core, the DWC) use it when True (the default);
     :func:`set_fused_attention` switches every module to the reference. ``compiled_core``: the
-    focused kinds run their core and their DWC's weight gradient through ``torch.compile`` in
-    training (:func:`set_compiled_core`).
+    focused kinds run their core through ``torch.compile`` (and, in training, their DWC's weight
+    gradient; :func:`set_compiled_core`).
     """
     kind: str  # set by register_attention
     uses_positional_encoding = False  # a learned (1, n, C) encoding added to the keys
@@ -387,10 +387,10 @@ def set_fused_attention(model: nn.Module, enabled: bool = True) -> int:
 
 
 def set_compiled_core(model: nn.Module, enabled: bool = True) -> int:
-    """Run the core (and the DWC's weight gradient) of every focused attention module of `model`
-    through ``torch.compile`` when it needs gradients (``--compile-core``; models.attention.core,
-    ``compiled=True``), or back on the eager fused path; returns how many modules were switched
-    (those with ``has_compiled_core``)."""
+    """Run the core of every focused attention module of `model` through ``torch.compile``, in
+    training (with the DWC's weight gradient) and without gradients (``--compile-core``;
+    models.attention.core, ``compiled=True``), or back on the eager fused path; returns how many
+    modules were switched (those with ``has_compiled_core``)."""
     modules = [module for module in model.modules() if isinstance(module, Attention) and module.has_compiled_core]
     for module in modules:
         module.compiled_core = enabled

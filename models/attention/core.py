@@ -16,20 +16,21 @@ implementations of the same attention, selected per module by its ``fused`` flag
   by hand (the same chunks, :func:`focusing` re-evaluated from the saved inputs, then its derivative
   :func:`_focusing_backward`), so no (B, N, C) intermediate of the core is kept for the backward.
 
-For training, ``compiled=True`` (``--compile-core``, :func:`~models.attention.base.set_compiled_core`)
-runs the fused forward as one graph of plain tensor ops under ``torch.compile``, once per input
-shape, with selective activation checkpointing inside the graph: besides its inputs it saves only
+``compiled=True`` (``--compile-core``, :func:`~models.attention.base.set_compiled_core`) runs the
+fused forward as one graph of plain tensor ops under ``torch.compile``, once per input shape. In
+training, selective activation checkpointing inside the graph keeps, besides its inputs, only
 per-token norms and per-head summaries (:func:`_keep_small_results`), and inductor fuses the
-element-wise chains of the forward, its recomputation and the derived backward into a few loops.
-The DWC's weight gradient is compiled too (:class:`_DepthwiseConv`). Calls without gradients and
-calls under saved-tensor hooks (grad checkpointing) keep the eager path; a compiler that fails warns
-once and the eager path takes over.
+element-wise chains of the forward, its recomputation and the derived backward into a few loops;
+the DWC's weight gradient is compiled too (:class:`_DepthwiseConv`). Calls without gradients
+(evaluation, inference) run a forward-only graph of the same ops. Calls under saved-tensor hooks
+(grad checkpointing) keep the eager path; a compiler that fails warns once and the eager path
+takes over.
 """
 from __future__ import annotations
 
 import functools
 import warnings
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -37,7 +38,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 __all__ = ['KERNEL_EPS', 'NORMALIZER_EPS', 'focused_kernel', 'linear_attention', 'focused_linear_attention',
-           'compiled_focused_core', 'rank_restore_dwc', 'dwc_matrix', 'make_dwc', 'upcast', 'Focused', 'focusing']
+           'compiled_focused_core', 'compiled_focused_inference', 'rank_restore_dwc', 'dwc_matrix', 'make_dwc',
+           'upcast', 'Focused', 'focusing']
 
 # Added to the kernel output (so every entry is > 0) and to the normaliser, as the official code.
 KERNEL_EPS = 1e-6
@@ -339,14 +341,15 @@ class _CompiledCore:
     """`function` under ``torch.compile``, built on first use, one graph per input shape
     (``dynamic=False``: a stage's shape is fixed during training, and static kernels are the fastest).
 
-    The first call first compiles and runs `probe` (a forward and backward on a tiny input of the
-    same device and dtype: the backward graph is compiled lazily, inside ``loss.backward()``, where
-    a failure could not fall back). If that probe or a later compiled call raises, the error is
-    reported once as a RuntimeWarning and every later call returns None, so that callers use the
-    eager path (which raises again if the inputs themselves are at fault).
+    The first call first compiles and runs `probe`, if given (a forward and backward on a tiny input
+    of the same device and dtype: the backward graph is compiled lazily, inside ``loss.backward()``,
+    where a failure could not fall back; a forward-only function needs none). If that probe or a
+    later compiled call raises, the error is reported once as a RuntimeWarning and every later call
+    returns None, so that callers use the eager path (which raises again if the inputs themselves
+    are at fault).
     """
 
-    def __init__(self, function, probe, what: str):
+    def __init__(self, function, probe: Optional[Callable], what: str):
         self.target, self.probe, self.what = function, probe, what
         self.function = None
         self.failed: Optional[str] = None
@@ -356,7 +359,7 @@ class _CompiledCore:
             return None
         if self.function is None:
             self.function = torch.compile(self.target, dynamic=False)
-            if self._guarded(self.probe, self.function, *args) is None:
+            if (self.probe is not None) and (self._guarded(self.probe, self.function, *args) is None):
                 return None
         return self._guarded(self.function, *args)
 
@@ -378,6 +381,10 @@ def _probe_core(function, q, k, v, scale, positional_encoding, num_heads, focusi
 
 
 compiled_focused_core = _CompiledCore(_recomputed_fused, _probe_core, 'focused core')
+# Without gradients: the same ops, forward only, nothing to checkpoint. One graph per shape, as in
+# training: an evaluation loop compiles its full batches and its last, shorter one (about 5-15 s
+# each per stage on CPU); torch.compile runs the eager ops for shapes past its recompile limit (8).
+compiled_focused_inference = _CompiledCore(_plain_fused, None, 'focused core (inference)')
 
 
 def focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: torch.Tensor,
@@ -391,9 +398,10 @@ def focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     module docstring). The fused path works in cache-sized chunks (:func:`_fused_forward`); under
     autograd its backward is hand-written (:func:`_fused_backward`) and recomputes the kernel;
     under torch.compile it runs as one chunk of plain tensor ops that inductor fuses and
-    differentiates itself. ``compiled=True`` (with ``fused``) compiles that chunk on its own for
-    calls that need gradients (:class:`_CompiledCore`), except under saved-tensor hooks (activation
-    checkpointing), and takes the eager path if the compiler fails; q, k, v may then be float16 or
+    differentiates itself. ``compiled=True`` (with ``fused``) compiles that chunk on its own
+    (:class:`_CompiledCore`; checkpointed inside the graph for calls that need gradients, forward
+    only for the others), except under saved-tensor hooks (activation checkpointing), and takes the
+    eager path if the compiler fails; q, k, v may then be float16 or
     bfloat16 (the autocast dtype), converted to float32 inside the graph, so that no float32 copy
     of them is stored for the backward; the core computes in float32 on every path.
     """
@@ -405,8 +413,9 @@ def focused_linear_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return _plain_fused(q, k, v, scale, positional_encoding, num_heads, focusing_factor)
     inv_s = 1 / F.softplus(scale)
     training = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, inv_s, positional_encoding))
-    if compiled and training and not _saved_tensor_hooks():
-        out = compiled_focused_core(q, k, v, scale, positional_encoding, num_heads, focusing_factor)
+    if compiled and not _saved_tensor_hooks():
+        compiled_core = compiled_focused_core if training else compiled_focused_inference
+        out = compiled_core(q, k, v, scale, positional_encoding, num_heads, focusing_factor)
         if out is not None:
             return out
     if compiled:  # the compiled graph computes in float32 whatever q, k, v are: so do the eager paths then
