@@ -131,6 +131,22 @@ def test_inference_compiler_failure_warns_and_falls_back(monkeypatch):
         assert torch.equal(core.focused_linear_attention(*inputs, 2, 3, compiled=True), eager)
 
 
+def test_compiled_core_stops_compiling_new_layouts_at_its_limit(monkeypatch):
+    """Past MAX_LAYOUTS input layouts a compiled core returns None (the caller's eager fused path runs)
+    instead of letting torch.compile hit its recompile limit and run the unchunked ops; layouts it
+    already compiled keep their graphs."""
+    monkeypatch.setattr(torch, 'compile', lambda function, **kwargs: function)  # count calls, compile nothing
+    calls = []
+    compiled = core._CompiledCore(lambda x, heads: calls.append(x.shape) or x, None, 'test core')
+    compiled.MAX_LAYOUTS = 2
+    a, b, c = torch.zeros(1, 4, 8), torch.zeros(2, 4, 8), torch.zeros(3, 4, 8)
+    assert compiled(a, 2) is a and compiled(b, 2) is b
+    assert compiled(c, 2) is None and compiled(torch.zeros(1, 8, 8)[:, ::2], 2) is None  # a new shape; new strides
+    assert compiled(a, 3) is None  # a new non-tensor argument
+    assert compiled(a, 2) is a and compiled(b.clone(), 2) is not None  # known layouts still compiled
+    assert calls == [a.shape, b.shape, a.shape, b.shape] and compiled.failed is None
+
+
 def test_compiled_core_not_used_under_saved_tensor_hooks():
     """Under activation checkpointing (saved-tensor hooks) the eager autograd function runs: its
     recomputation must run the code its forward ran."""

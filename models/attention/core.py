@@ -346,17 +346,29 @@ class _CompiledCore:
     where a failure could not fall back; a forward-only function needs none). If that probe or a
     later compiled call raises, the error is reported once as a RuntimeWarning and every later call
     returns None, so that callers use the eager path (which raises again if the inputs themselves
-    are at fault).
+    are at fault). Calls with inputs of a new layout (shape, strides, dtype, device) once
+    ``MAX_LAYOUTS`` have been compiled also return None: past its recompile limit (8 graphs per
+    function, one of them the probe's) torch.compile would run the function's ops eagerly, and the
+    unchunked ops hold whole (B, N, C) intermediates where the eager fused path works in chunks
+    (a detector fed many input sizes, say).
     """
+    MAX_LAYOUTS = 6
 
     def __init__(self, function, probe: Optional[Callable], what: str):
         self.target, self.probe, self.what = function, probe, what
         self.function = None
         self.failed: Optional[str] = None
+        self.layouts = set()
 
     def __call__(self, *args) -> Optional[torch.Tensor]:
         if self.failed is not None:
             return None
+        layout = tuple((tuple(a.shape), a.stride(), a.dtype, a.device, a.requires_grad)
+                       if isinstance(a, torch.Tensor) else a for a in args)
+        if layout not in self.layouts:
+            if len(self.layouts) >= self.MAX_LAYOUTS:
+                return None
+            self.layouts.add(layout)
         if self.function is None:
             self.function = torch.compile(self.target, dynamic=False)
             if (self.probe is not None) and (self._guarded(self.probe, self.function, *args) is None):
