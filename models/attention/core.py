@@ -395,7 +395,7 @@ def _probe_core(function, q, k, v, scale, positional_encoding, num_heads, focusi
 compiled_focused_core = _CompiledCore(_recomputed_fused, _probe_core, 'focused core')
 # Without gradients: the same ops, forward only, nothing to checkpoint. One graph per shape, as in
 # training: an evaluation loop compiles its full batches and its last, shorter one (about 5-15 s
-# each per stage on CPU); torch.compile runs the eager ops for shapes past its recompile limit (8).
+# each per stage on CPU), up to _CompiledCore.MAX_LAYOUTS layouts.
 compiled_focused_inference = _CompiledCore(_plain_fused, None, 'focused core (inference)')
 
 
