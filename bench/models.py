@@ -65,7 +65,7 @@ class Variant:
     compile: bool = False
     channels_last: bool = False
     reference: bool = False  # the reference (unfused) focused-attention implementation
-    compiled_core: bool = False  # eager model, focused cores compiled for training (--compile-core)
+    compiled_core: bool = False  # eager model, focused cores compiled (--compile-core)
     null_core: bool = False  # eager model, focused attention replaced by a no-op (--null-core): a bound
 
     @property
@@ -122,8 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--reference', action='store_true',
                         help='also measure the reference focused-attention implementation (eager only)')
     parser.add_argument('--compile-core', action='store_true',
-                        help='also measure eager models whose focused cores are compiled for training (models '
-                             'without focused attention are skipped in that variant)')
+                        help='also measure eager models whose focused cores are compiled, as main.py '
+                             '--compile-core does (models without focused attention are skipped in that variant)')
     parser.add_argument('--null-core', action='store_true',
                         help='also measure eager models whose focused attention returns its queries and skips its '
                              'DWC: the step time no faster core can beat (models without focused attention are '
