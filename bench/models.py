@@ -38,7 +38,7 @@ if __package__ in (None, ''):  # run as `python bench/x.py`: make the repository
 
 from config import ConfigError, load_config  # noqa: E402
 from models import build_model  # noqa: E402
-from models.attention import Attention, set_compiled_core, set_fused_attention  # noqa: E402
+from models.attention import focused_modules, set_compiled_core, set_fused_attention  # noqa: E402
 from utils.benchmark import (  # noqa: E402
     autocast_for,
     exact_cpu_memory_accounting,
@@ -89,11 +89,6 @@ class Variant:
 
 def _return_queries(self, q, k, v, mask, geometry):
     return q
-
-
-def focused_modules(model: torch.nn.Module) -> List[Attention]:
-    """The focused-attention modules of `model` (those ``--compile-core`` compiles)."""
-    return [m for m in model.modules() if isinstance(m, Attention) and m.has_compiled_core]
 
 
 def null_focused_attention(model: torch.nn.Module) -> int:

@@ -17,6 +17,7 @@ from .base import (
     Attention,
     AttentionGeometry,
     AttentionOptions,
+    focused_modules,
     resample_tokens,
     resolve_window,
     set_compiled_core,
@@ -53,6 +54,6 @@ __all__ = [
     'list_attention_kinds', 'parse_attn_type', 'block_kinds', 'letter_kinds', 'KERNEL_EPS', 'NORMALIZER_EPS',
     'focusing', 'focused_kernel', 'linear_attention', 'focused_linear_attention', 'rank_restore_dwc', 'dwc_matrix',
     'make_dwc', 'upcast', 'set_fused_attention', 'set_compiled_core', 'resample_tokens', 'resolve_window',
-    'stripe_partition', 'stripe_reverse', 'FocusedLinearAttention', 'WindowAttention', 'SoftmaxAttention',
-    'relative_position_index', 'LINEAR_KINDS',
+    'focused_modules', 'stripe_partition', 'stripe_reverse', 'FocusedLinearAttention', 'WindowAttention',
+    'SoftmaxAttention', 'relative_position_index', 'LINEAR_KINDS',
 ]

@@ -30,7 +30,7 @@ State-dict names are the official ones for each backbone: a module's own paramet
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -40,8 +40,8 @@ from ..grid import GridSpec, resized_parameter, size_dependent
 from .core import make_dwc, rank_restore_dwc, upcast
 
 __all__ = ['AttentionOptions', 'AttentionGeometry', 'Attention', 'set_fused_attention', 'set_compiled_core',
-           'PROJECTIONS', 'LINEAR_POOL_SIZE', 'LEPE_KERNEL_SIZE', 'resolve_window', 'stripe_partition',
-           'stripe_reverse', 'resample_tokens', 'locally_enhanced_pe']
+           'focused_modules', 'PROJECTIONS', 'LINEAR_POOL_SIZE', 'LEPE_KERNEL_SIZE', 'resolve_window',
+           'stripe_partition', 'stripe_reverse', 'resample_tokens', 'locally_enhanced_pe']
 
 torch.fx.wrap('size_dependent')
 
@@ -386,12 +386,17 @@ def set_fused_attention(model: nn.Module, enabled: bool = True) -> int:
     return len(modules)
 
 
+def focused_modules(model: nn.Module) -> List[Attention]:
+    """The attention modules of `model` whose kind has a compilable focused core (``has_compiled_core``)."""
+    return [module for module in model.modules() if isinstance(module, Attention) and module.has_compiled_core]
+
+
 def set_compiled_core(model: nn.Module, enabled: bool = True) -> int:
     """Run the core of every focused attention module of `model` through ``torch.compile``, in
     training (with the DWC's weight gradient) and without gradients (``--compile-core``;
     models.attention.core, ``compiled=True``), or back on the eager fused path; returns how many
     modules were switched (those with ``has_compiled_core``)."""
-    modules = [module for module in model.modules() if isinstance(module, Attention) and module.has_compiled_core]
+    modules = focused_modules(model)
     for module in modules:
         module.compiled_core = enabled
     return len(modules)
