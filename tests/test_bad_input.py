@@ -1,6 +1,6 @@
 """Bad input through the CLI: one error paragraph naming the bad thing, exit code 2, no traceback,
-nothing in the output folder overwritten. Every case here is a row of the README's
-"What happens when…" table (checked below)."""
+nothing in the output folder overwritten. Every case here is a row of the "What happens when…" table
+in docs/robustness.md (checked below)."""
 from __future__ import annotations
 
 import re
@@ -41,7 +41,7 @@ def _output_is_a_file(data: Path, args: list) -> None:
     args[args.index('--output') + 1] = str(blocker)
 
 
-# README row -> (extra arguments, change to the data or arguments, what the message must say)
+# docs/robustness.md row -> (extra arguments, change to the data or arguments, what the message must say)
 CASES = {
     'unknown config key': (['--opts', 'MODEL.DROP_PATH', '0.1'], None,
                            "unknown config key 'MODEL.DROP_PATH'. Did you mean: MODEL.DROP_PATH_RATE"),
@@ -124,9 +124,9 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
         _pick_device('gpu0', local_rank=0, local_world_size=1)
 
 
-def test_readme_table_lists_every_case():
-    readme = (REPO / 'README.md').read_text()
-    section = readme.split('## What happens when')[1].split('\n## ')[0]
+def test_robustness_table_lists_every_case():
+    page = (REPO / 'docs' / 'robustness.md').read_text()
+    section = page.split('## What happens when')[1].split('\n## ')[0]
     rows = re.findall(r'^\| ([^|]+?) \|', section, flags=re.MULTILINE)
     listed = {row.strip() for row in rows} - {'input', '---'}
     assert set(CASES) | {'more processes than GPUs (CUDA)', 'a rank crashes in DDP',
