@@ -218,8 +218,8 @@ def test_fused_path_equals_the_reference_in_float64(kind, options, grid, chunk, 
     """Forward values and every parameter gradient of the fused implementation equal the
     step-by-step reference (float64, so any algebraic slip would show far above rounding), with
     one chunk and with many (batch groups and token slices, as at large resolutions)."""
-    from models.attention import core, set_fused_attention
-    monkeypatch.setattr(core, 'FUSED_CHUNK_ELEMENTS', chunk)
+    from models.attention import set_fused_attention
+    monkeypatch.setattr('models.attention.fused.FUSED_CHUNK_ELEMENTS', chunk)
     module = randomize(create_attention(kind, 24, 3, grid_size=grid, options=options)).double()
     x = _kind_input(module, (2, grid[0] * grid[1], 24)).requires_grad_()
     results = []
@@ -254,7 +254,7 @@ def test_fused_backward_passes_gradcheck(focusing_factor, chunk, monkeypatch):
     reference), for q, k, v, the temperature and the positional encoding, with keys fewer than
     queries (PVT's reduced keys) and in one chunk or many."""
     from models.attention import core
-    monkeypatch.setattr(core, 'FUSED_CHUNK_ELEMENTS', chunk)
+    monkeypatch.setattr('models.attention.fused.FUSED_CHUNK_ELEMENTS', chunk)
     g = torch.Generator().manual_seed(0)
     B, N, n, C, heads = 2, 6, 4, 8, 2
     inputs = [torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)

@@ -14,7 +14,10 @@ import torch
 from conftest import run_main
 
 import models  # noqa: F401  (registers the variants)
+from models.attention import compiled as compiled_path
 from models.attention import core, set_compiled_core
+from models.attention import focused as focused_path
+from models.attention import fused as fused_path
 
 
 def _inputs(B: int, N: int, C: int, seed: int = 0):
@@ -41,7 +44,7 @@ def test_compiled_core_matches_eager(B, N, C, heads):
     grad = torch.randn(B, N, C)
     eager = core.focused_linear_attention(*inputs, heads, 3)
     compiled = core.focused_linear_attention(*inputs, heads, 3, compiled=True)
-    assert type(compiled.grad_fn).__name__ == 'CompiledFunctionBackward', core.compiled_focused_core.failed
+    assert type(compiled.grad_fn).__name__ == 'CompiledFunctionBackward', compiled_path.compiled_focused_core.failed
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     # the inputs, then only per-token norms (B, N, 1) and per-head summaries (B·h, d, d+1): no (B, N, C)
     # intermediate, so training memory stays that of the eager path
@@ -61,7 +64,7 @@ def test_compiled_core_matches_eager(B, N, C, heads):
 def test_compiled_dwc_weight_gradient_matches_eager(B, H, C, heads, kernel):
     """The DWC with its weight gradient compiled: the same output and input gradient bit for bit
     (oneDNN computes both), and the weight and bias gradients of the eager conv to float rounding."""
-    dwc = core.make_dwc(C // heads, kernel)
+    dwc = focused_path.make_dwc(C // heads, kernel)
     v = torch.randn(B, H * H, C, requires_grad=True)
     grad = torch.randn(B, H * H, C)
     eager = core.rank_restore_dwc(dwc, v, heads, (H, H))
@@ -69,17 +72,17 @@ def test_compiled_dwc_weight_gradient_matches_eager(B, H, C, heads, kernel):
     assert torch.equal(compiled, eager)
     expected = torch.autograd.grad(eager, [v, dwc.weight, dwc.bias], grad)
     got = torch.autograd.grad(compiled, [v, dwc.weight, dwc.bias], grad)
-    assert core.compiled_dwc_weight_grad.failed is None
+    assert compiled_path.compiled_dwc_weight_grad.failed is None
     assert torch.equal(got[0], expected[0])
     torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[2], expected[2], rtol=1e-5, atol=1e-5)
 
 
 def test_dwc_weight_gradient_falls_back_when_the_compiler_fails(monkeypatch):
-    monkeypatch.setattr(core, 'compiled_dwc_weight_grad', core._CompiledCore(
-        core._dwc_weight_grad, core._probe_dwc_weight_grad, 'DWC weight gradient'))
+    monkeypatch.setattr(compiled_path, 'compiled_dwc_weight_grad', compiled_path._CompiledCore(
+        compiled_path._dwc_weight_grad, compiled_path._probe_dwc_weight_grad, 'DWC weight gradient'))
     monkeypatch.setattr(torch, 'compile', _broken_compile)
-    dwc = core.make_dwc(8, 5)
+    dwc = focused_path.make_dwc(8, 5)
     v = torch.randn(2, 36, 24, requires_grad=True)
     grad = torch.randn(2, 36, 24)
     expected = torch.autograd.grad(core.rank_restore_dwc(dwc, v, 3, (6, 6)), [v, dwc.weight, dwc.bias], grad)
@@ -99,14 +102,14 @@ def test_compiled_core_without_gradients_runs_a_forward_graph():
     bfloat16 q, k, v that autocast hands it."""
     from torch._dynamo.utils import counters
     inputs = [t.detach() for t in _inputs(3, 53, 24)]  # a shape no other test compiles: a new graph
-    training_function = core.compiled_focused_core.function
+    training_function = compiled_path.compiled_focused_core.function
     graphs = counters['stats']['unique_graphs']
     with torch.inference_mode():
         out = core.focused_linear_attention(*inputs, 3, 3, compiled=True)
         eager = core.focused_linear_attention(*inputs, 3, 3)
-    assert core.compiled_focused_inference.failed is None
+    assert compiled_path.compiled_focused_inference.failed is None
     assert counters['stats']['unique_graphs'] == graphs + 1  # compiled, not run eagerly
-    assert core.compiled_focused_core.function is training_function
+    assert compiled_path.compiled_focused_core.function is training_function
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
     q, k, v = (t.bfloat16() for t in inputs[:3])
     with torch.no_grad():
@@ -118,8 +121,8 @@ def test_compiled_core_without_gradients_runs_a_forward_graph():
 
 def test_inference_compiler_failure_warns_and_falls_back(monkeypatch):
     """Without gradients a failing compiler costs one RuntimeWarning too, and the eager result, bit for bit."""
-    monkeypatch.setattr(core, 'compiled_focused_inference', core._CompiledCore(
-        core._plain_fused, None, 'focused core (inference)'))
+    monkeypatch.setattr(compiled_path, 'compiled_focused_inference', compiled_path._CompiledCore(
+        fused_path._plain_fused, None, 'focused core (inference)'))
     monkeypatch.setattr(torch, 'compile', _broken_compile)
     inputs = [t.detach() for t in _inputs(2, 16, 16)]
     eager = core.focused_linear_attention(*inputs, 2, 3)
@@ -137,7 +140,7 @@ def test_compiled_core_stops_compiling_new_layouts_at_its_limit(monkeypatch):
     already compiled keep their graphs."""
     monkeypatch.setattr(torch, 'compile', lambda function, **kwargs: function)  # count calls, compile nothing
     calls = []
-    compiled = core._CompiledCore(lambda x, heads: calls.append(x.shape) or x, None, 'test core')
+    compiled = compiled_path._CompiledCore(lambda x, heads: calls.append(x.shape) or x, None, 'test core')
     compiled.MAX_LAYOUTS = 2
     a, b, c = torch.zeros(1, 4, 8), torch.zeros(2, 4, 8), torch.zeros(3, 4, 8)
     assert compiled(a, 2) is a and compiled(b, 2) is b
@@ -159,8 +162,8 @@ def test_compiled_core_not_used_under_saved_tensor_hooks():
 def test_compiler_failure_warns_once_and_falls_back(monkeypatch):
     """A compiler that raises (here: a stand-in for a missing C++ toolchain) costs one RuntimeWarning
     naming the error; that call and every later one return the eager result."""
-    monkeypatch.setattr(core, 'compiled_focused_core', core._CompiledCore(core._recomputed_fused, core._probe_core,
-                                                                          'focused core'))
+    monkeypatch.setattr(compiled_path, 'compiled_focused_core', compiled_path._CompiledCore(
+        compiled_path._recomputed_fused, compiled_path._probe_core, 'focused core'))
     monkeypatch.setattr(torch, 'compile', _broken_compile)
     inputs = _inputs(2, 16, 16)
     eager = core.focused_linear_attention(*inputs, 2, 3)
@@ -172,7 +175,7 @@ def test_compiler_failure_warns_once_and_falls_back(monkeypatch):
         warnings.simplefilter('error')
         second = core.focused_linear_attention(*inputs, 2, 3, compiled=True)
     torch.testing.assert_close(second, eager, rtol=0, atol=0)
-    assert 'no working C++ compiler' in core.compiled_focused_core.failed
+    assert 'no working C++ compiler' in compiled_path.compiled_focused_core.failed
 
 
 def test_set_compiled_core_switches_focused_modules_only():
@@ -197,7 +200,7 @@ def test_compiled_core_model_gradients_match_eager():
     images = torch.randn(2, 3, 64, 64)
     eager(images).square().mean().backward()
     compiled(images).square().mean().backward()
-    assert core.compiled_focused_core.failed is None
+    assert compiled_path.compiled_focused_core.failed is None
     for (name, a), b in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f'{name}: {m}')
     reference, checkpointed = copy.deepcopy(eager), copy.deepcopy(compiled)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench import gpu_suite
-from models.attention import core
+from models.attention import fused
 
 CHECKS = ['fused_vs_reference/core', 'fused_vs_reference/swin', 'fused_vs_reference/deit', 'autocast_bf16/swin',
           'autocast_bf16/deit', 'autocast_fp16/swin', 'autocast_fp16/deit', 'fp16_train_step/swin',
@@ -75,7 +75,7 @@ def test_micro_run_passes_every_check_and_times_both_pairs(tmp_path, capsys):
 def test_failures_are_recorded_and_give_status_1(tmp_path, monkeypatch, capsys):
     """A fused core 10% off fails the comparisons (passed=False, no exception); a check and a
     throughput case that raise carry their error text; the other checks and cases still run."""
-    fused_forward = core._fused_forward
+    fused_forward = fused._fused_forward
 
     def off_by_ten_percent(*args, **kwargs):
         out, summaries = fused_forward(*args, **kwargs)
@@ -88,7 +88,7 @@ def test_failures_are_recorded_and_give_status_1(tmp_path, monkeypatch, capsys):
     def broken_training_step(*args, **kwargs):
         raise RuntimeError('training step broken')
 
-    monkeypatch.setattr(core, '_fused_forward', off_by_ten_percent)
+    monkeypatch.setattr(fused, '_fused_forward', off_by_ten_percent)
     monkeypatch.setattr(torch.amp, 'GradScaler', BrokenScaler)
     monkeypatch.setattr(gpu_suite, 'training_step', broken_training_step)
     out = tmp_path / 'g.json'

@@ -26,8 +26,8 @@ def test_micro_profile(tmp_path, capsys):
     assert softmax['categories']['softmax'] > 0
     assert '| focused core bwd |' in capsys.readouterr().out
     # the labelled ranges are removed again
-    from models.attention import core
-    assert not hasattr(core._fused_forward, '__wrapped__')
+    from models.attention import fused
+    assert not hasattr(fused._fused_forward, '__wrapped__')
 
 
 def test_overrides_parse():

@@ -3,7 +3,9 @@
 * :mod:`.base`: the one contract, :class:`Attention` (projections, key/value reduction, stripe
   windows, positional encoding, DWC and LePE, shared by every kind) and ``AttentionOptions``;
 * :mod:`.registry`: ``create_attention(kind, ...)`` and the ATTN_TYPE grammar;
-* :mod:`.core`: the focused-linear-attention maths (the focusing function, defined once);
+* :mod:`.focused`: the focused-linear-attention maths (the paper's equations and reference code;
+  read it first); :mod:`.core` picks its implementation per call: that reference, the chunked
+  :mod:`.fused` path or the :mod:`.compiled` one;
 * :mod:`.kinds`: softmax, Swin's window softmax and FLatten's focused linear attention;
 * :mod:`.zoo`: the ablation zoo (Tables 3–4): vanilla linear, focused only, DWC only, Hydra,
   Efficient, linear angular and EfficientViT's ReLU linear attention.
@@ -25,16 +27,15 @@ from .base import (
     stripe_partition,
     stripe_reverse,
 )
-from .core import (
+from .core import focused_linear_attention, rank_restore_dwc
+from .focused import (
     KERNEL_EPS,
     NORMALIZER_EPS,
     dwc_matrix,
     focused_kernel,
-    focused_linear_attention,
     focusing,
     linear_attention,
     make_dwc,
-    rank_restore_dwc,
     upcast,
 )
 from .kinds import FocusedLinearAttention, SoftmaxAttention, WindowAttention, relative_position_index

@@ -18,7 +18,7 @@ PVT reduces the keys; n = N otherwise):
   ``M_DWC R``.
 
 The linear forms are row-normalised as the module's linear attention computes it: ``Sim_ij / Z_i`` with
-``Z_i = Σ_j Sim_ij + n·ε`` (:data:`~.core.NORMALIZER_EPS` on the key mean), so their rows sum to
+``Z_i = Σ_j Sim_ij + n·ε`` (:data:`~.focused.NORMALIZER_EPS` on the key mean), so their rows sum to
 just under one. ``k`` carries the module's key positional encoding when it has one; the temperature is the module's
 ``scale`` (zero when it has none) and the power its ``focusing_factor`` (3 when it has none).
 
@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import Attention, resample_tokens
-from .core import KERNEL_EPS, NORMALIZER_EPS, dwc_matrix, focused_kernel
+from .focused import KERNEL_EPS, NORMALIZER_EPS, dwc_matrix, focused_kernel
 
 __all__ = ['FORMS', 'supports_analysis', 'token_projections', 'equivalent_matrices', 'query_distributions',
            'entropy', 'head_ranks', 'resampling_matrix', 'first_image']

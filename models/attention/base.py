@@ -37,7 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..grid import GridSpec, resized_parameter, size_dependent
-from .core import make_dwc, rank_restore_dwc, upcast
+from .core import rank_restore_dwc
+from .focused import make_dwc, upcast
 
 __all__ = ['AttentionOptions', 'AttentionGeometry', 'Attention', 'set_fused_attention', 'set_compiled_core',
            'focused_modules', 'PROJECTIONS', 'LINEAR_POOL_SIZE', 'LEPE_KERNEL_SIZE', 'resolve_window',
@@ -394,7 +395,7 @@ def focused_modules(model: nn.Module) -> List[Attention]:
 def set_compiled_core(model: nn.Module, enabled: bool = True) -> int:
     """Run the core of every focused attention module of `model` through ``torch.compile``, in
     training (with the DWC's weight gradient) and without gradients (``--compile-core``;
-    models.attention.core, ``compiled=True``), or back on the eager fused path; returns how many
+    models.attention.compiled, ``compiled=True``), or back on the eager fused path; returns how many
     modules were switched (those with ``has_compiled_core``)."""
     modules = focused_modules(model)
     for module in modules:

@@ -3,8 +3,8 @@
 * ``softmax``: multi-head softmax attention (ViT / DeiT, PVT's spatial-reduction attention,
   CSwin's stripe attention, depending on the layout the backbone sets);
 * ``window_softmax``: softmax plus Swin's learned relative position bias over the window;
-* ``focused_linear``: FLatten's focused linear attention (docs/numerics.md, "Common core") with the
-  key positional encoding and the DWC.
+* ``focused_linear``: FLatten's focused linear attention (its maths: :mod:`.focused`;
+  docs/numerics.md, "Common core") with the key positional encoding and the DWC.
 """
 from __future__ import annotations
 
@@ -107,8 +107,8 @@ class WindowAttention(SoftmaxAttention):
 
 @register_attention('focused_linear')
 class FocusedLinearAttention(Attention):
-    """FLatten's focused linear attention (docs/numerics.md, "Common core", and the per-backbone
-    sections).
+    """FLatten's focused linear attention: the equations and reference code are :mod:`.focused`
+    (docs/numerics.md, "Common core", and the per-backbone sections).
 
     ``Y = proj(phi_p(Q) phi_p(K+P)ᵀ V / Z + DWC(V))`` over the tokens of one grid or window, in
     O(N·d²) per head; K and V may come from a reduced map (PVT), then the normaliser and the n^-½

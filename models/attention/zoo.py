@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .base import Attention, AttentionOptions
-from .core import KERNEL_EPS, linear_attention
+from .focused import KERNEL_EPS, linear_attention
 from .kinds import FocusedLinearAttention
 from .registry import LINEAR_KINDS, register_attention
 
