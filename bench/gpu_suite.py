@@ -62,6 +62,7 @@ if __package__ in (None, ''):  # run as `python bench/x.py`: make the repository
 
 from models import create_model  # noqa: E402
 from models.attention import core, set_fused_attention  # noqa: E402
+from models.attention import fused as fused_path  # noqa: E402
 from models.registry import variant_spec  # noqa: E402
 from utils.benchmark import (  # noqa: E402
     autocast_for,
@@ -222,7 +223,7 @@ def check_fused_core(args, device: torch.device) -> Tuple[bool, str]:
                                                 inputs['pe'], heads, 3, fused=fused)
             grads = torch.autograd.grad((out * weights).sum(), list(inputs.values()))
             results[fused] = dict(out=out.detach(), **{f'd{n}': gr for n, gr in zip(inputs, grads, strict=True)})
-    chunks = -(-tokens // core._chunks(batch, tokens, channels)[1])
+    chunks = -(-tokens // fused_path._chunks(batch, tokens, channels)[1])
     ok, text = combine([compare(key, results[True][key], results[False][key], FUSED_TOL) for key in results[False]],
                        FUSED_TOL)
     return ok, f'({batch}, {tokens}, {channels}) x{heads} heads, {chunks} token chunks: {text}'

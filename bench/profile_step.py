@@ -39,7 +39,7 @@ if __package__ in (None, ''):  # run as `python bench/x.py`: make the repository
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import models  # noqa: E402
-from models.attention import base, core, set_compiled_core  # noqa: E402
+from models.attention import base, compiled, fused, set_compiled_core  # noqa: E402
 from utils.benchmark import (  # noqa: E402
     autocast_for,
     machine_info,
@@ -129,8 +129,8 @@ def _value(text: str):
 @contextlib.contextmanager
 def labelled_ranges():
     """Wrap the focused core's forward and backward and the DWC in record_function ranges."""
-    patched = [(core, '_fused_forward', 'focused core fwd'), (core, '_fused_backward', 'focused core bwd'),
-               (core, 'compiled_focused_core', 'focused core fwd'), (base, 'rank_restore_dwc', 'DWC fwd')]
+    patched = [(fused, '_fused_forward', 'focused core fwd'), (fused, '_fused_backward', 'focused core bwd'),
+               (compiled, 'compiled_focused_core', 'focused core fwd'), (base, 'rank_restore_dwc', 'DWC fwd')]
     originals = [getattr(module, name) for module, name, _ in patched]
     for (module, name, label), original in zip(patched, originals, strict=True):
         setattr(module, name, _in_range(original, label))
