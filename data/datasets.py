@@ -24,8 +24,8 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 def seed_sample(seed: int) -> None:
     """Seed the three generators timm's augmentations draw from: torch's CPU generator, ``random``, numpy.
 
-    Only the CPU generator of torch: ``torch.manual_seed`` also seeds every accelerator backend and
-    costs ~0.15 ms, a few per cent of a 224² RandAugment sample; this costs ~10 µs (bench/loader.py).
+    Only the CPU generator of torch: ``torch.manual_seed`` also seeds every accelerator backend, which
+    costs a few per cent of a 224² RandAugment sample (README, bench/loader.py).
     """
     torch.default_generator.manual_seed(seed)
     random.seed(seed)

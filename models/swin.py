@@ -84,9 +84,8 @@ def hard_mask(mask: torch.Tensor) -> torch.Tensor:
     """The −100 entries of a shift mask (the official value, kept in the buffer) as −inf.
 
     With −100 the masked logits sit ~100 below the row maximum, and e^−100 ≈ 3.7e−44 is a float32
-    (and bfloat16) subnormal: x86 CPUs compute on subnormals about 10× slower, so the softmax and both
-    matmuls of a shifted block slowed down tenfold (the masked attention's fp32 forward + backward at
-    Swin-T's stage 2, batch 8: 202 against 19.5 ms; docs/numerics.md, "Swin backbone"). With −inf
+    (and bfloat16) subnormal: x86 CPUs compute on subnormals far slower, so the softmax and both
+    matmuls of a shifted block slowed down several times (docs/numerics.md, "Swin backbone"). With −inf
     those probabilities are exactly 0 instead of 3.7e−44, which no float32 sum of them can register;
     every query keeps its own region (the diagonal is 0), so no row is all −inf.
     """

@@ -14,8 +14,8 @@ logger = logging.getLogger('flatten.optimizer')
 
 # TRAIN.OPTIMIZER.IMPL -> torch's flags. All three compute the same update: 'foreach' and 'loop' bit for bit
 # alike, 'fused' (one kernel per dtype group) to float rounding, 2.4e-7 at most after 12 AdamW steps of
-# Swin-T's weights. Fused is 3-5x faster on CPU (Swin-T: 13.7 ms against 45.7 ms foreach and 68.7 ms loop,
-# torch's default off CUDA; FLatten-Swin-T 14.7 / 38.5 / 40.9 ms; AMD EPYC, 2 threads, medians of 10).
+# Swin-T's weights. Fused is the fastest on CPU too, where 'loop' is torch's default (docs/training.md,
+# "Optimizer and parameter groups").
 IMPLEMENTATIONS = {'fused': {'fused': True, 'foreach': False}, 'foreach': {'fused': False, 'foreach': True},
                    'loop': {'fused': False, 'foreach': False}}
 
