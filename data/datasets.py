@@ -25,7 +25,7 @@ def seed_sample(seed: int) -> None:
     """Seed the three generators timm's augmentations draw from: torch's CPU generator, ``random``, numpy.
 
     Only the CPU generator of torch: ``torch.manual_seed`` also seeds every accelerator backend, which
-    costs a few per cent of a 224² RandAugment sample (README, bench/loader.py).
+    costs a few per cent of a 224² RandAugment sample (docs/performance.md, "The input pipeline").
     """
     torch.default_generator.manual_seed(seed)
     random.seed(seed)
