@@ -1,12 +1,12 @@
 """Focused-attention numerics under reduced precision, on the activations of a trained model.
 
-    python -m bench.bf16_numerics --cfg configs/demo/flatten_swin_fmnist.yaml \\
+    python -m bench.bf16_numerics --models configs/demo/flatten_swin_fmnist.yaml \\
         --checkpoint output/flatten_swin_micro_fmnist/default/max_acc.pth --json bench/results/bf16_numerics.json
 
-The model of `--cfg` is loaded from `--checkpoint` (a run of main.py) and runs `--images` test images of
-its dataset. Every call of the focused core (``focused_linear_attention``) records its q, k, v,
-temperature and positional encoding: the real activations of a trained model, not random ones. For each
-call the core is then computed four ways:
+The model of the config `--models` (one) is loaded from `--checkpoint` (a run of main.py) and runs
+`--images` test images of its dataset. Every call of the focused core (``focused_linear_attention``)
+records its q, k, v, temperature and positional encoding: the real activations of a trained model, not
+random ones. For each call the core is then computed four ways:
 
 * ``float64``: the reference implementation in float64, the ground truth;
 * ``float32``: the fused path in float32, what training without autocast computes;
@@ -32,6 +32,7 @@ import torch
 if __package__ in (None, ''):  # run as `python bench/x.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import common  # noqa: E402
 from config import load_config  # noqa: E402
 from data import build_dataset  # noqa: E402
 from models import build_model  # noqa: E402
@@ -45,13 +46,13 @@ LOW = {'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--cfg', default='configs/demo/flatten_swin_fmnist.yaml')
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], parents=[common.shared_arguments(
+        ['configs/demo/flatten_swin_fmnist.yaml'])])
     parser.add_argument('--checkpoint', default='', help='weights from a run of main.py (default: initial weights)')
     parser.add_argument('--images', type=int, default=64, help='test images to run')
     parser.add_argument('--data-path', default='', help='DATA.DATA_PATH of the config (default: its own)')
-    parser.add_argument('--json', default=None)
     args = parser.parse_args(argv)
+    common.check_one_config(parser, args, 'its dataset gives the images')
     if args.images < 1:
         parser.error('--images must be at least 1')
     if args.checkpoint and not os.path.isfile(args.checkpoint):
@@ -104,25 +105,26 @@ def measure(calls: List[dict]) -> Dict[str, list]:
     return dict(errors=errors, finite=finite)
 
 
+LOW_COLUMNS = [('call', 'core call'), ('tokens', 'tokens × C'), ('float32', 'float32', '{:.1e}'),
+               ('bf16 autocast', 'bf16 autocast', '{:.1e}'), ('fp16 autocast', 'fp16 autocast', '{:.1e}')]
+FINITE_COLUMNS = [('magnitude', 'input scale', '{:g}'), ('bf16', 'bf16 finite'), ('fp16', 'fp16 finite')]
+
+
 def print_tables(result: dict) -> None:
-    print('\n| core call | tokens × C | float32 | bf16 autocast | fp16 autocast |')
-    print('|---|---|---|---|---|')
-    for row in result['errors']:
-        print(f'| {row["call"]} | {row["tokens"][0]} × {row["tokens"][1]} | {row["float32"]:.1e} | '
-              f'{row["bf16 autocast"]:.1e} | {row["fp16 autocast"]:.1e} |')
-    worst = {k: max(r[k] for r in result['errors']) for k in ('float32', 'bf16 autocast', 'fp16 autocast')}
-    print(f'| **largest** | | {worst["float32"]:.1e} | {worst["bf16 autocast"]:.1e} | {worst["fp16 autocast"]:.1e} |')
-    print('\n| input scale | bf16 finite | fp16 finite |')
-    print('|---|---|---|')
+    errors = [dict(row, tokens=f'{row["tokens"][0]} × {row["tokens"][1]}') for row in result['errors']]
+    worst = {key: max(row[key] for row in errors) for key in ('float32', 'bf16 autocast', 'fp16 autocast')}
+    print('\n' + common.format_table(errors + [dict(worst, call='**largest**')], LOW_COLUMNS))
+    finite = []
     for magnitude in MAGNITUDES:
         rows = [r for r in result['finite'] if r['magnitude'] == magnitude]
-        bf16, fp16 = (sum(r[low] for r in rows) for low in ('bf16', 'fp16'))
-        print(f'| {magnitude:g} | {bf16}/{len(rows)} | {fp16}/{len(rows)} |')
+        finite.append(dict(magnitude=magnitude, **{low: f'{sum(r[low] for r in rows)}/{len(rows)}' for low in LOW}))
+    print('\n' + common.format_table(finite, FINITE_COLUMNS))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cfg = load_config(args.cfg, ['DATA.DATA_PATH', args.data_path] if args.data_path else [])
+    (path,) = args.models
+    cfg = load_config(path, ['DATA.DATA_PATH', args.data_path] if args.data_path else [])
     model = build_model(cfg).eval()
     if args.checkpoint:
         load_pretrained(model, args.checkpoint)
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
     with recording(calls), torch.no_grad():
         model(images)
     if not calls:
-        print(f'{args.cfg}: the model makes no focused-attention call', file=sys.stderr)
+        print(f'{path}: the model makes no focused-attention call', file=sys.stderr)
         return 1
     with torch.no_grad():
         result = measure(calls)

@@ -1,7 +1,7 @@
 """One-command GPU suite: CUDA correctness smoke checks, then FLatten-vs-softmax throughput, in about 5 minutes.
 
     python -m bench.gpu_suite --json bench/results/gpu_suite.json
-    python -m bench.gpu_suite --batch 128 --repeats 5 --warmup 2 --no-compile
+    python -m bench.gpu_suite --models swin --batch 128 --repeats 5 --warmup 2 --no-compile
     python -m bench.gpu_suite --micro --no-compile --device cpu          # tiny models, seconds (tests)
 
 Part 1, checks (each a row: name, passed, detail with the measured figure). Comparisons report the
@@ -33,15 +33,17 @@ measured on the micro models):
 A check that fails or raises is recorded with passed=False and its error text, the suite goes on,
 and the exit status is 1.
 
-Part 2, throughput: FLatten-Swin-T vs Swin-T and FLatten-DeiT-T vs DeiT-T at 224², batch 64, bf16
-autocast, inference (``inference_step``) and training (``training_step``: forward, loss, backward,
+The pairs are ``--models`` (``swin``: FLatten-Swin-T vs Swin-T and ``deit``: FLatten-DeiT-T vs DeiT-T by
+default; ``FLATTEN:BASELINE`` names any other pair). Part 2, throughput: each pair at 224², batch 64, bf16
+autocast (``--dtypes``), inference (``inference_step``) and training (``training_step``: forward, loss, backward,
 AdamW), eager then compiled. The two models of a pair are timed interleaved (utils/benchmark.py),
 img/s = batch / median seconds per call, ``ratio`` = FLatten img/s / baseline img/s (above 1, FLatten
 is faster). Compiled cases compile during their warm-up calls. Cases still to start once the run has
 used ``--budget-s`` seconds are recorded as skipped (not failed); a case that raises is recorded with
 its error and makes the exit status 1.
 
-``--micro``: tiny two-stage Swin and two-block DeiT models at 32², batch 4, float32, 3 repeats (CPU, seconds).
+``--micro``: tiny two-stage Swin and two-block DeiT models at 32², batch 4, float32, 3 repeats (CPU, seconds);
+it knows the ``swin`` and ``deit`` pairs only.
 """
 from __future__ import annotations
 
@@ -60,10 +62,9 @@ import torch.nn.functional as F
 if __package__ in (None, ''):  # run as `python bench/x.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import create_model  # noqa: E402
+from bench import common  # noqa: E402
 from models.attention import core, set_fused_attention  # noqa: E402
 from models.attention import fused as fused_path  # noqa: E402
-from models.registry import variant_spec  # noqa: E402
 from utils.benchmark import (  # noqa: E402
     autocast_for,
     inference_step,
@@ -77,15 +78,10 @@ from utils.benchmark import (  # noqa: E402
     write_json,
 )
 
-# pair -> (FLatten variant, baseline variant)
-PAIRS: Dict[str, Tuple[str, str]] = {
-    'swin': ('flatten_swin_tiny_patch4_224', 'softmax_swin_tiny_patch4_window7_224'),
-    'deit': ('flatten_deit_tiny_patch16_224', 'softmax_deit_tiny_patch16_224'),
-}
-SIDES = ('flatten', 'baseline')
+PAIRS = ['swin', 'deit']  # FLatten-Swin-T vs Swin-T and FLatten-DeiT-T vs DeiT-T
 MICRO_SWIN = dict(img_size=32, embed_dim=32, depths=(2, 2), num_heads=(2, 4), num_classes=10)
 MICRO_DEIT = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=10)
-# (pair, side) -> constructor overrides of the micro models
+# (pair, side) -> constructor overrides of the micro models (--micro knows these pairs only)
 MICRO_OVERRIDES: Dict[Tuple[str, str], dict] = {
     ('swin', 'flatten'): dict(MICRO_SWIN, window_size=8, softmax_window_size=4, attn_type='LS'),
     ('swin', 'baseline'): dict(MICRO_SWIN, window_size=4, softmax_window_size=4, attn_type='SS'),
@@ -101,37 +97,30 @@ FP16_TRAIN_TRIES = 3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], parents=[common.shared_arguments(
+        PAIRS, pairs=True, dtypes=None, repeats=None, warmup=2, device=True)])
     parser.add_argument('--micro', action='store_true',
-                        help='tiny models at 32², batch 4, 3 repeats: runs in seconds on a CPU (tests)')
-    parser.add_argument('--device', default=None, help="'cpu' or 'cuda' (default: cuda when available)")
+                        help='tiny models at 32², batch 4, 3 repeats, fp32 (not 64, 5, bf16): runs in seconds on a '
+                             'CPU (tests; bf16 autocast on a CPU without native bf16 is 10-100x slower than float32)')
     parser.add_argument('--batch', type=int, default=None, help='throughput batch size (default 64, --micro 4)')
-    parser.add_argument('--dtype', default=None, choices=['bf16', 'fp16', 'fp32'],
-                        help='autocast dtype of the throughput cases (default bf16; --micro fp32: bf16 autocast '
-                             'on a CPU without native bf16 is 10-100x slower than float32)')
-    parser.add_argument('--repeats', type=int, default=None, help='timed repeats per case (median reported; '
-                        'default 5, --micro 3)')
-    parser.add_argument('--warmup', type=int, default=2,
-                        help='untimed calls per model and case before the calibration call (compiled models '
-                             'compile in the first one)')
     parser.add_argument('--no-compile', dest='compile', action='store_false',
                         help='skip the torch.compile check and the compiled throughput cases')
     parser.add_argument('--budget-s', type=float, default=300.0,
                         help='throughput cases not started after this many seconds of the run are skipped')
-    parser.add_argument('--json', default=None, metavar='PATH', help='write the results here')
     args = parser.parse_args(argv)
+    args.models = list(dict.fromkeys(args.models))
+    if args.micro:
+        unknown = [pair for pair in args.models if (pair, 'flatten') not in MICRO_OVERRIDES]
+        if unknown:
+            parser.error(f'--micro has micro versions of {" and ".join(PAIRS)} only, not of {unknown[0]}')
     if args.batch is None:
         args.batch = 4 if args.micro else 64
     if args.repeats is None:
         args.repeats = 3 if args.micro else 5
-    if args.dtype is None:
-        args.dtype = 'fp32' if args.micro else 'bf16'
-    if args.batch < 1:
-        parser.error('--batch must be at least 1')
-    if args.repeats < 3:
-        parser.error('--repeats must be at least 3 (the median of fewer is one sample)')
-    if args.warmup < 1:
-        parser.error('--warmup must be at least 1 (the first call of a compiled model compiles it)')
+    if args.dtypes is None:
+        args.dtypes = ['fp32'] if args.micro else ['bf16']
+    # the first warm-up call of a compiled model compiles it
+    common.check_minimums(parser, args, batch=1, repeats=3, warmup=1)
     if args.budget_s < 0:
         parser.error('--budget-s must not be negative')
     return args
@@ -145,11 +134,11 @@ def build(pair: str, side: str, device: torch.device, micro: bool) -> torch.nn.M
     """One model of a pair, seeded, on `device` (the micro version with --micro)."""
     torch.manual_seed(0)
     overrides = MICRO_OVERRIDES[pair, side] if micro else {}
-    return prepare_model(create_model(PAIRS[pair][SIDES.index(side)], **overrides), device)
+    return prepare_model(common.model_pair(pair).sides()[side].build(**overrides), device)
 
 
 def label(pair: str, side: str) -> str:
-    return variant_spec(PAIRS[pair][SIDES.index(side)]).label
+    return common.model_pair(pair).sides()[side].label
 
 
 def sizes(args) -> Tuple[int, int]:
@@ -331,23 +320,19 @@ def check_compile(pair: str) -> Callable:
 
 def checks_to_run(args) -> Dict[str, Callable]:
     checks: Dict[str, Callable] = {'fused_vs_reference/core': check_fused_core}
-    for pair in PAIRS:
+    for pair in args.models:
         checks[f'fused_vs_reference/{pair}'] = check_fused_model(pair)
     for dtype in ('bf16', 'fp16'):
-        for pair in PAIRS:
+        for pair in args.models:
             checks[f'autocast_{dtype}/{pair}'] = check_autocast(pair, dtype)
-    for pair in PAIRS:
+    for pair in args.models:
         checks[f'fp16_train_step/{pair}'] = check_fp16_train_step(pair)
-    for pair in PAIRS:
+    for pair in args.models:
         checks[f'channels_last/{pair}'] = check_channels_last(pair)
     if args.compile:
-        for pair in PAIRS:
+        for pair in args.models:
             checks[f'compile_vs_eager/{pair}'] = check_compile(pair)
     return checks
-
-
-def error_text(err: BaseException) -> str:
-    return f'{type(err).__name__}: {err}'
 
 
 def run_checks(args, device: torch.device) -> List[dict]:
@@ -358,7 +343,7 @@ def run_checks(args, device: torch.device) -> List[dict]:
             passed, detail = check(args, device)
         except Exception as err:  # noqa: BLE001 - recorded in the row; the suite goes on
             traceback.print_exc()
-            passed, detail = False, error_text(err)
+            passed, detail = False, common.error_text(err)
         finally:
             if device.type == 'cuda':
                 torch.cuda.empty_cache()
@@ -377,12 +362,12 @@ def make_step(model: torch.nn.Module, mode: str, images: torch.Tensor, autocast)
     return training_step(model, images, model.num_classes, autocast)
 
 
-def time_case(models: Dict[str, torch.nn.Module], mode: str, compiled: bool, args,
+def time_case(models: Dict[str, torch.nn.Module], mode: str, compiled: bool, dtype: str, args,
               device: torch.device) -> dict:
     """img/s of both models of a pair in one (mode, compiled) case, timed interleaved."""
     img = 32 if args.micro else 224
     images = random_images(args.batch, img, device)
-    autocast = autocast_for(args.dtype, device)
+    autocast = autocast_for(dtype, device)
     steps = {}
     for side, model in models.items():
         steps[side] = make_step(torch.compile(model, dynamic=False) if compiled else model, mode, images, autocast)
@@ -398,13 +383,14 @@ def time_case(models: Dict[str, torch.nn.Module], mode: str, compiled: bool, arg
 
 def run_throughput(args, device: torch.device, start: float) -> List[dict]:
     variants = [False, True] if args.compile else [False]
-    cases = [(compiled, pair, mode) for compiled in variants for pair in PAIRS for mode in MODES]
+    cases = [(compiled, dtype, pair, mode) for compiled in variants for dtype in args.dtypes for pair in args.models
+             for mode in MODES]
     models: Dict[str, Dict[str, torch.nn.Module]] = {}
     rows = []
-    for compiled, pair, mode in cases:
-        row = dict(pair=pair, label=f'{label(pair, "flatten")} vs {label(pair, "baseline")}',
-                   flatten_model=PAIRS[pair][0], baseline_model=PAIRS[pair][1], mode=mode, compiled=compiled,
-                   dtype=args.dtype, batch=args.batch)
+    for compiled, dtype, pair, mode in cases:
+        specs = common.model_pair(pair)
+        row = dict(pair=pair, label=specs.label, flatten_model=specs.flatten.name, baseline_model=specs.baseline.name,
+                   mode=mode, compiled=compiled, dtype=dtype, batch=args.batch)
         elapsed = time.perf_counter() - start
         if elapsed > args.budget_s:
             row['skipped'] = f'time budget: {elapsed:.0f} s of {args.budget_s:g} s used'
@@ -415,11 +401,11 @@ def run_throughput(args, device: torch.device, start: float) -> List[dict]:
               f'repeats)', flush=True)
         try:
             if pair not in models:
-                models[pair] = {side: build(pair, side, device, args.micro) for side in SIDES}
-            row.update(time_case(models[pair], mode, compiled, args, device))
+                models[pair] = {side: build(pair, side, device, args.micro) for side in common.SIDES}
+            row.update(time_case(models[pair], mode, compiled, dtype, args, device))
         except Exception as err:  # noqa: BLE001 - the row carries the error text, the run goes on
             traceback.print_exc()
-            row['error'] = error_text(err)
+            row['error'] = common.error_text(err)
         finally:
             if device.type == 'cuda':
                 torch.cuda.empty_cache()
@@ -431,22 +417,24 @@ def run_throughput(args, device: torch.device, start: float) -> List[dict]:
 # Output
 # ---------------------------------------------------------------------------------------------
 
+CHECK_COLUMNS = [('name', 'check'), ('passed', 'passed'), ('detail', 'detail')]
+THROUGHPUT_COLUMNS = [('label', 'pair'), ('mode', 'mode'), ('compiled', 'compiled'), ('dtype', 'dtype'),
+                      ('batch', 'batch', '{:d}'), ('flatten_img_s', 'FLatten img/s', '{:.1f}'),
+                      ('baseline_img_s', 'baseline img/s', '{:.1f}'), ('ratio', 'ratio', '{:.2f}')]
+
+
 def format_checks(rows: List[dict]) -> str:
-    lines = ['| check | passed | detail |', '|---|---|---|']
-    lines += [f"| {r['name']} | {'yes' if r['passed'] else 'NO'} | {r['detail'].replace('|', '/')} |" for r in rows]
-    return '\n'.join(lines)
+    return common.format_table([dict(r, passed='yes' if r['passed'] else 'NO') for r in rows], CHECK_COLUMNS)
 
 
 def format_throughput(rows: List[dict]) -> str:
-    lines = ['| pair | mode | compiled | dtype | batch | FLatten img/s | baseline img/s | ratio |',
-             '|---|---|---|---|---:|---:|---:|---:|']
+    shown = []
     for r in rows:
-        if 'ratio' in r:
-            numbers = [f"{r['flatten_img_s']:.1f}", f"{r['baseline_img_s']:.1f}", f"{r['ratio']:.2f}"]
-        else:
-            numbers = ['error' if 'error' in r else 'skipped'] + ['-', '-']
-        lines.append(f"| {r['label']} | {r['mode']} | {'yes' if r['compiled'] else 'no'} | {r['dtype']} | "
-                     f"{r['batch']} | " + ' | '.join(numbers) + ' |')
+        row = dict(r, compiled='yes' if r['compiled'] else 'no')
+        if 'ratio' not in r:
+            row['flatten_img_s'] = 'error' if 'error' in r else 'skipped'
+        shown.append(row)
+    lines = [common.format_table(shown, THROUGHPUT_COLUMNS)]
     for r in rows:
         if 'error' in r:
             lines.append(f"ERROR {r['label']} {r['mode']} compiled={r['compiled']}: {r['error']}")
@@ -460,7 +448,7 @@ def failed(payload: dict) -> bool:
 def main(argv=None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device = common.pick_device(args.device)
     checks = run_checks(args, device)
     throughput = run_throughput(args, device, start)
     payload = dict(machine=machine_info(device), args=vars(args), checks=checks, throughput=throughput,
@@ -469,8 +457,7 @@ def main(argv=None) -> int:
     print()
     print(format_throughput(throughput))
     print()
-    m = payload['machine']
-    print(f"{m.get('gpu', m['cpu'])}, torch {m['torch']}; img/s = batch / median of {args.repeats} interleaved "
+    print(f"{common.describe_machine(payload['machine'])}; img/s = batch / median of {args.repeats} interleaved "
           f"repeats after {args.warmup} warm-up + 1 calibration call; ratio = FLatten / baseline img/s; "
           f"elapsed {payload['seconds']:.1f} s")
     write_json(args.json, payload)

@@ -1,6 +1,6 @@
 """Train-loader throughput of the ImageNet recipe against a plain timm + torchvision loader, same files.
 
-    python -m bench.loader --cfg configs/flatten_swin_t.yaml --images 600 --workers 0 1 2 --repeats 7 \\
+    python -m bench.loader --models configs/flatten_swin_t.yaml --images 600 --workers 0 1 2 --repeats 7 \\
         --json bench/results/loader_cpu.json
 
 A folder of real JPEGs is rendered once from Fashion-MNIST (``apt-get install -y dataset-fashion-mnist``):
@@ -39,6 +39,7 @@ import torch
 if __package__ in (None, ''):  # run as `python bench/x.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import common  # noqa: E402
 from config import load_config  # noqa: E402
 from data import FashionMNIST, build_loaders, build_transform  # noqa: E402
 from data.datasets import SeededAugmentation, sample_seed, seed_sample  # noqa: E402
@@ -48,25 +49,20 @@ FASHION_MNIST = '/usr/share/datasets/fashion-mnist'
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--cfg', default='configs/flatten_swin_t.yaml', help='config whose DATA/AUG recipe is timed')
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], parents=[common.shared_arguments(
+        ['configs/flatten_swin_t.yaml'], repeats=7, threads=1)])
     parser.add_argument('--images', type=int, default=600, help='training JPEGs to render (>= 2 batches)')
     parser.add_argument('--render-size', type=int, default=320, help='side of the rendered JPEGs')
     parser.add_argument('--batch', type=int, default=64, help='loader batch size')
     parser.add_argument('--workers', type=int, nargs='+', default=[0, 1, 2], help='DataLoader worker counts')
-    parser.add_argument('--repeats', type=int, default=7, help='timed passes per loader and worker count')
     parser.add_argument('--folder', default='', help='where to render the images (default: a temporary folder)')
     parser.add_argument('--fashion-mnist', default=FASHION_MNIST, help='Fashion-MNIST IDX folder')
-    parser.add_argument('--threads', type=int, default=1,
-                        help='torch threads of this process (a DataLoader worker always runs one)')
-    parser.add_argument('--json', default=None, help='write the results here')
     parser.add_argument('--micro', action='store_true', help='24 images of 64², batch 4, one repeat')
     args = parser.parse_args(argv)
+    common.check_one_config(parser, args, 'its DATA/AUG recipe is timed')
     if args.micro:
         args.images, args.render_size, args.batch, args.repeats = 24, 64, 4, 1
-    for name in ('images', 'render_size', 'batch', 'repeats', 'threads'):
-        if getattr(args, name) < 1:
-            parser.error(f'--{name.replace("_", "-")} must be at least 1')
+    common.check_minimums(parser, args, images=1, render_size=1, batch=1, repeats=1)
     if min(args.workers) < 0:
         parser.error('--workers must be 0 or more')
     if args.images < 2 * args.batch:
@@ -107,7 +103,7 @@ def one_pass(loader: torch.utils.data.DataLoader, set_epoch=None) -> int:
 
 def time_workers(args, root: str, workers: int) -> dict:
     """One table row: both loaders with `workers` workers, timed pass by pass, interleaved."""
-    cfg = load_config(args.cfg, ['DATA.DATA_PATH', root, 'DATA.DATASET', 'imagefolder', 'DATA.NUM_WORKERS',
+    cfg = load_config(args.models[0], ['DATA.DATA_PATH', root, 'DATA.DATASET', 'imagefolder', 'DATA.NUM_WORKERS',
                                  str(workers), 'DATA.BATCH_SIZE', str(args.batch)])
     bundle = build_loaders(cfg)
     plain = plain_loader(cfg, root, workers, args.batch)
@@ -156,7 +152,7 @@ def time_seeding(args, root: str) -> dict:
     transform) in this process, on the same indices, interleaved. ``worker`` is what a loader worker
     pays (``seed_sample``); ``main_process`` is SeededAugmentation over a dataset whose items cost
     nothing, in the main process (``NUM_WORKERS 0``), which also saves and restores the RNG states."""
-    cfg = load_config(args.cfg, ['DATA.DATA_PATH', root, 'DATA.DATASET', 'imagefolder'])
+    cfg = load_config(args.models[0], ['DATA.DATA_PATH', root, 'DATA.DATASET', 'imagefolder'])
     plain = plain_loader(cfg, root, 0, args.batch).dataset
     seeded = SeededAugmentation(_Instant(len(plain)), cfg.SEED)
     indices = list(range(min(len(plain), 64)))
@@ -169,12 +165,12 @@ def time_seeding(args, root: str) -> dict:
                 share={k: per_image[k] / per_image['plain_sample'] for k in ('worker', 'main_process')}, runs=times)
 
 
+COLUMNS = [('workers', 'workers'), ('ours_img_s', 'ours img/s', '{:.1f}'), ('plain_img_s', 'plain img/s', '{:.1f}'),
+           ('ours_img_s_per_worker', 'ours img/s/worker', '{:.1f}'), ('overhead', 'overhead', '{:+.1%}')]
+
+
 def print_table(payload: dict) -> None:
-    print('\n| workers | ours img/s | plain img/s | ours img/s/worker | overhead |')
-    print('|---|---|---|---|---|')
-    for row in payload['loaders']:
-        print(f'| {row["workers"]} | {row["ours_img_s"]:.1f} | {row["plain_img_s"]:.1f} | '
-              f'{row["ours_img_s_per_worker"]:.1f} | {100 * row["overhead"]:+.1f}% |')
+    print('\n' + common.format_table(payload['loaders'], COLUMNS))
     seeding = payload['seeding']
     ms, share = seeding['ms_per_image'], seeding['share']
     print(f'\nseeding alone ({seeding["samples"]} samples; a plain sample takes {ms["plain_sample"]:.2f} ms): '
@@ -187,9 +183,8 @@ def main(argv=None) -> int:
     if not os.path.isdir(args.fashion_mnist):
         print(f'{args.fashion_mnist} is missing: apt-get install -y dataset-fashion-mnist', file=sys.stderr)
         return 1
-    torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
+    with common.torch_threads(args.threads), tempfile.TemporaryDirectory() as tmp:
         root = args.folder or tmp
         if not os.path.isdir(os.path.join(root, 'train')):
             render_folder(root, args.images, args.render_size, args.fashion_mnist)

@@ -1,14 +1,14 @@
-"""Whole-model speed: inference and training img/s, batch-1 latency and peak memory for a list of configs.
+"""Whole-model speed: inference and training img/s, batch-1 latency and peak memory for a list of models.
 
-    python -m bench.models --configs configs/flatten_swin_t.yaml configs/swin_t.yaml \\
+    python -m bench.models --models configs/flatten_swin_t.yaml configs/swin_t.yaml \\
         --batch-size 8 --dtypes fp32 bf16 --compile --channels-last --memory --json bench/results/models.json
 
-Every (config, variant) of one dtype and one task is timed interleaved (see utils/benchmark.py).
-The ``vs`` and ``train vs`` columns (inference and training speed over the first config's, same
+Every (model, variant) of one dtype and one task is timed interleaved (see utils/benchmark.py).
+The ``vs`` and ``train vs`` columns (inference and training speed over the first model's, same
 variant and dtype, or its eager case where it lacks the variant) are ratios from one run: the
 median over repeats of the ratio within each interleaved round (``paired_ratio``). ``%mm`` is the
 inference rate in FLOP/s (2 × the model table's MACs) over the fp32 matmul rate measured at
-start-up: how close a model gets to the machine's ceiling. ``--gemm-bound`` times each config's
+start-up: how close a model gets to the machine's ceiling. ``--gemm-bound`` times each model's
 linear layers alone at the shapes they see: ``%mm bound`` is the %mm the model would reach if
 everything else (norms, activations, attention cores, reshapes) cost nothing. Peak memory is
 measured in a fresh process per case (CPU resident-set high-water mark or the CUDA allocator's peak).
@@ -23,32 +23,27 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
-import subprocess
 import sys
 import types
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import List
 
 import torch
 
 if __package__ in (None, ''):  # run as `python bench/x.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import ConfigError, load_config  # noqa: E402
-from models import build_model  # noqa: E402
+from bench import common  # noqa: E402
 from models.attention import focused_modules, set_compiled_core, set_fused_attention  # noqa: E402
 from utils.benchmark import (  # noqa: E402
     autocast_for,
-    exact_cpu_memory_accounting,
     inference_step,
     linear_layers_seconds,
     machine_info,
     matmul_gflops,
     measure,
     median,
-    peak_memory_mb,
     prepare_model,
     random_images,
     training_step,
@@ -106,11 +101,11 @@ def null_focused_attention(model: torch.nn.Module) -> int:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--configs', nargs='+', default=['configs/flatten_swin_t.yaml', 'configs/swin_t.yaml'])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], parents=[common.shared_arguments(
+        ['configs/flatten_swin_t.yaml', 'configs/swin_t.yaml'], dtypes=['fp32'], repeats=7, device=True,
+        memory_probe=True)])
     parser.add_argument('--batch-size', type=int, default=8)
-    parser.add_argument('--img-size', type=int, default=None, help="default: each config's DATA.IMG_SIZE")
-    parser.add_argument('--dtypes', nargs='+', default=['fp32'], choices=['fp32', 'bf16', 'fp16'])
+    parser.add_argument('--img-size', type=int, default=None, help="default: each model's own")
     parser.add_argument('--tasks', nargs='+', default=list(TASKS), choices=TASKS)
     parser.add_argument('--compile', action='store_true', help='also measure torch.compile variants')
     parser.add_argument('--channels-last', action='store_true', help='also measure channels_last variants')
@@ -125,58 +120,41 @@ def parse_args(argv=None) -> argparse.Namespace:
                              'skipped in that variant)')
     parser.add_argument('--memory', action='store_true', help='peak training and inference memory (subprocesses)')
     parser.add_argument('--gemm-bound', action='store_true',
-                        help="time each config's linear layers alone: the %%mm reached if nothing else cost time")
-    parser.add_argument('--repeats', type=int, default=7, help='timed repeats per case (median reported)')
-    parser.add_argument('--device', default=None, help="'cpu' or 'cuda' (default: cuda when available)")
-    parser.add_argument('--json', default=None, metavar='PATH', help='write the results here')
-    parser.add_argument('--probe', default=None, help=argparse.SUPPRESS)  # internal: one memory measurement
+                        help="time each model's linear layers alone: the %%mm reached if nothing else cost time")
     args = parser.parse_args(argv)
-    if args.repeats < 5:
-        parser.error('--repeats must be at least 5 (medians of fewer repeats are noise on a shared machine)')
+    # medians of fewer repeats are noise on a shared machine
+    common.check_minimums(parser, args, repeats=5, batch_size=1)
     return args
 
 
-def load_model(path: str, variant: Variant, device: torch.device, img_size=None):
-    """(model ready to run, config, MACs per image)."""
-    opts = ['DATA.IMG_SIZE', str(img_size)] if img_size else None
-    cfg = load_config(path, opts)
-    model = build_model(cfg)
+def load_model(text: str, variant: Variant, device: torch.device, img_size=None) -> dict:
+    """One case: the model of `text` ready to run, its name, image size, classes and MACs per image."""
+    spec = common.model_spec(text)
+    model = spec.build(**({'img_size': img_size} if img_size else {}))
     if variant.reference:
         set_fused_attention(model, False)
     if variant.compiled_core:
         set_compiled_core(model)
-    macs, _ = count_macs(model, (cfg.MODEL.IN_CHANS if 'IN_CHANS' in cfg.MODEL else 3,
-                                 cfg.DATA.IMG_SIZE, cfg.DATA.IMG_SIZE))
+    size = common.input_size(model)
+    macs, _ = count_macs(model, (3, size, size))
     if variant.null_core:  # after counting: the bound keeps the MACs of the model it bounds
         null_focused_attention(model)
-    return prepare_model(model, device, variant.channels_last, variant.compile), cfg, macs
+    return dict(model=prepare_model(model, device, variant.channels_last, variant.compile), name=spec.name,
+                img_size=size, num_classes=model.num_classes, macs=macs)
 
 
-def probe_memory(spec: dict) -> Dict[str, float]:
-    """Run in a fresh process: peak memory of one training iteration and one inference pass."""
-    device = torch.device(spec['device'])
-    exact_cpu_memory_accounting()
+def memory_steps(spec: dict, device: torch.device):
+    """The --probe side: one training iteration ('train') and one inference pass ('infer')."""
     variant = Variant(**spec['variant'])
-    model, cfg, _ = load_model(spec['config'], variant, device, spec['img_size'])
-    images = random_images(spec['batch_size'], cfg.DATA.IMG_SIZE, device, variant.channels_last)
+    case = load_model(spec['model'], variant, device, spec['img_size'])
+    images = random_images(spec['batch_size'], case['img_size'], device, variant.channels_last)
     autocast = autocast_for(spec['dtype'], device)
-    out = {}
-    train = training_step(model, images, cfg.MODEL.NUM_CLASSES, autocast)
-    train()  # optimizer state and (compiled) graphs exist before the measured step
-    out['train_mb'] = peak_memory_mb(train, device)
-    infer = inference_step(model, images, autocast)
-    infer()
-    out['infer_mb'] = peak_memory_mb(infer, device)
-    return out
 
-
-def memory_in_subprocess(spec: dict) -> Dict[str, float]:
-    result = subprocess.run([sys.executable, '-m', 'bench.models', '--probe', json.dumps(spec)],
-                            capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if result.returncode != 0:
-        raise RuntimeError(f'memory probe failed for {spec}:\n{result.stderr[-2000:]}')
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    def step_for(task: str):
+        if task == 'train':
+            return training_step(case['model'], images, case['num_classes'], autocast)
+        return inference_step(case['model'], images, autocast)
+    return step_for
 
 
 def _time_tasks(cases: dict, args, dtype: str, autocast, device) -> dict:
@@ -187,9 +165,9 @@ def _time_tasks(cases: dict, args, dtype: str, autocast, device) -> dict:
         batch = 1 if task == 'latency' else args.batch_size
         fns = {}
         for key, case in cases.items():
-            images = random_images(batch, case['cfg'].DATA.IMG_SIZE, device, key[1].channels_last)
+            images = random_images(batch, case['img_size'], device, key[1].channels_last)
             if task == 'train':
-                fns[key] = training_step(case['model'], images, case['cfg'].MODEL.NUM_CLASSES, autocast)
+                fns[key] = training_step(case['model'], images, case['num_classes'], autocast)
             else:
                 fns[key] = inference_step(case['model'], images, autocast)
         print(f'[{dtype}] timing {task} of {len(fns)} cases (interleaved, {args.repeats} repeats)', flush=True)
@@ -203,16 +181,28 @@ def _time_tasks(cases: dict, args, dtype: str, autocast, device) -> dict:
 
 
 def _gemm_bound(cases: dict, results: dict, args, autocast, device, mm: float) -> None:
-    """Each config's eager case (always measured): its nn.Linear calls, each timed alone at its shape."""
-    for path in args.configs:
+    """Each model's eager case (always measured): its nn.Linear calls, each timed alone at its shape."""
+    for path in args.models:
         case = cases[(path, Variant())]
         macs = case['macs']
-        images = random_images(args.batch_size, case['cfg'].DATA.IMG_SIZE, device)
+        images = random_images(args.batch_size, case['img_size'], device)
         seconds, linear_macs = linear_layers_seconds(case['model'], images, autocast, repeats=args.repeats)
         for key in results:
             if key[0] == path:
                 results[key].update(linear_ms=1000 * seconds, linear_share=linear_macs / (macs * args.batch_size),
                                     gemm_bound_pct=100 * 2 * macs * args.batch_size / seconds / (mm * 1e9))
+
+
+def _memory(cases: dict, results: dict, args, dtype: str, device) -> None:
+    """Peak training and inference memory of every case, each in a fresh process, one at a time."""
+    probes = {str(i): dict(model=path, variant=variant.__dict__, device=str(device), dtype=dtype,
+                           batch_size=args.batch_size, img_size=args.img_size, cases=['train', 'infer'])
+              for i, (path, variant) in enumerate(cases)}
+    for key, peaks in zip(cases, common.probe_in_fresh_processes('bench.models', probes).values(), strict=True):
+        for task, peak in peaks.items():
+            if 'error' in peak:
+                raise RuntimeError(f'{task} memory probe of {key[0]} ({key[1].name}): {peak["error"]}')
+            results[key][f'{task}_mb'] = peak['mb']
 
 
 def paired_ratio(first_runs: List[float], runs: List[float]) -> float:
@@ -226,11 +216,11 @@ def _rows(cases: dict, results: dict, args, dtype: str, mm: float) -> List[dict]
     rows = []
     for (path, variant), res in results.items():
         case = cases[(path, variant)]
-        # the first config's same variant, or its eager case where it has no such variant (--compile-core
+        # the first model's same variant, or its eager case where it has no such variant (--compile-core
         # or --null-core on a model without focused attention)
-        first = results.get((args.configs[0], variant)) or results.get((args.configs[0], Variant()))
-        row = dict(config=path, model=case['cfg'].MODEL.NAME, variant=variant.name, dtype=dtype,
-                   img_size=case['cfg'].DATA.IMG_SIZE, batch_size=args.batch_size, gmacs=case['macs'] / 1e9, **res)
+        first = results.get((args.models[0], variant)) or results.get((args.models[0], Variant()))
+        row = dict(config=path, model=case['name'], variant=variant.name, dtype=dtype,
+                   img_size=case['img_size'], batch_size=args.batch_size, gmacs=case['macs'] / 1e9, **res)
         if ('infer' in res) and first:
             row['vs_first'] = paired_ratio(first['infer_runs'], res['infer_runs'])
             row['pct_matmul'] = 100 * 2 * case['macs'] * res['infer'] / (mm * 1e9)
@@ -241,7 +231,7 @@ def _rows(cases: dict, results: dict, args, dtype: str, mm: float) -> List[dict]
 
 
 def run(args) -> dict:
-    device = torch.device(args.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    device = common.pick_device(args.device)
     if device.type == 'cpu':
         tune_cpu_allocator()
     variants = [Variant(compile=c, channels_last=cl)
@@ -259,17 +249,14 @@ def run(args) -> dict:
     for dtype in args.dtypes:
         autocast = autocast_for(dtype, device)
         cases = {}
-        for path, variant in itertools.product(args.configs, variants):
-            model, cfg, macs = load_model(path, variant, device, args.img_size)
-            if variant.needs_focused and not focused_modules(model):
+        for path, variant in itertools.product(args.models, variants):
+            case = load_model(path, variant, device, args.img_size)
+            if variant.needs_focused and not focused_modules(case['model']):
                 continue  # no focused attention: the eager case already measures this model
-            cases[(path, variant)] = dict(model=model, cfg=cfg, macs=macs)
+            cases[(path, variant)] = case
         results = _time_tasks(cases, args, dtype, autocast, device)
         if args.memory:
-            for key in cases:
-                spec = dict(config=key[0], variant=key[1].__dict__, device=str(device), dtype=dtype,
-                            batch_size=args.batch_size, img_size=args.img_size)
-                results[key].update(memory_in_subprocess(spec))
+            _memory(cases, results, args, dtype, device)
         if args.gemm_bound:
             _gemm_bound(cases, results, args, autocast, device, mm)
         rows.extend(_rows(cases, results, args, dtype, mm))
@@ -277,37 +264,26 @@ def run(args) -> dict:
     return dict(machine=machine_info(device), matmul_gflops=mm, args=vars(args), rows=rows)
 
 
+COLUMNS = [('model', 'model'), ('variant', 'variant'), ('dtype', 'dtype'), ('infer', 'infer img/s', '{:.1f}'),
+           ('vs_first', 'vs', '{:.2f}x'), ('pct_matmul', '%mm', '{:.0f}%'), ('train', 'train img/s', '{:.2f}'),
+           ('train_vs_first', 'train vs', '{:.2f}x'), ('latency', 'b=1 ms', '{:.1f}'),
+           ('train_mb', 'train MiB', '{:.0f}'), ('infer_mb', 'infer MiB', '{:.0f}'),
+           ('linear_share', 'linear MACs', '{:.0%}'), ('linear_ms', 'linear ms', '{:.1f}'),
+           ('gemm_bound_pct', '%mm bound', '{:.0f}%')]
+
+
 def print_table(payload: dict) -> None:
-    columns = [('model', '{}', 'model'), ('variant', '{}', 'variant'), ('dtype', '{}', 'dtype'),
-               ('infer', '{:.1f}', 'infer img/s'), ('vs_first', '{:.2f}x', 'vs'), ('pct_matmul', '{:.0f}%', '%mm'),
-               ('train', '{:.2f}', 'train img/s'), ('train_vs_first', '{:.2f}x', 'train vs'),
-               ('latency', '{:.1f}', 'b=1 ms'),
-               ('train_mb', '{:.0f}', 'train MiB'), ('infer_mb', '{:.0f}', 'infer MiB'),
-               ('linear_share', '{:.0%}', 'linear MACs'), ('linear_ms', '{:.1f}', 'linear ms'),
-               ('gemm_bound_pct', '{:.0f}%', '%mm bound')]
-    columns = [c for c in columns if any(c[0] in row for row in payload['rows'])]
-    cells = [[c[2] for c in columns]] + [[c[1].format(row[c[0]]) if c[0] in row else '-' for c in columns]
-                                         for row in payload['rows']]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
-    for j, r in enumerate(cells):
-        print(' | '.join(v.ljust(w) if i < 3 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths, strict=True))))
-        if j == 0:
-            print('-+-'.join('-' * w for w in widths))
-    m = payload['machine']
-    print(f"\n{m['cpu'] if m['device'] == 'cpu' else m.get('gpu')}, torch {m['torch']}, {m['torch_threads']} threads, "
-          f"batch {payload['args']['batch_size']}, medians of {payload['args']['repeats']}")
+    columns = [c for c in COLUMNS if any(c[0] in row for row in payload['rows'])]
+    print(common.format_table(payload['rows'], columns))
+    print(f"\n{common.describe_machine(payload['machine'])}, batch {payload['args']['batch_size']}, "
+          f"medians of {payload['args']['repeats']}")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.probe:
-        print(json.dumps(probe_memory(json.loads(args.probe))))
-        return 0
-    try:
-        payload = run(args)
-    except (ConfigError, FileNotFoundError) as err:
-        print(f'ERROR {type(err).__name__}: {err}', file=sys.stderr)
-        return 2
+        return common.answer_probe(args.probe, memory_steps)
+    payload = run(args)
     print_table(payload)
     write_json(args.json, payload)
     return 0

@@ -1,6 +1,6 @@
 """Where a training step's time goes: torch.profiler breakdown, FLatten model vs its softmax baseline.
 
-    python -m bench.profile_step --pair flatten_swin_tiny_patch4_224 softmax_swin_tiny_patch4_window7_224 \\
+    python -m bench.profile_step --models flatten_swin_tiny_patch4_224:softmax_swin_tiny_patch4_window7_224 \\
         --batch 8 --dtypes fp32 bf16 --steps 3 --json bench/results/profile_step_cpu.json
 
 One step is forward, cross-entropy, backward and an AdamW step (``utils.benchmark.training_step``), in
@@ -20,7 +20,8 @@ in one category, so the categories add up to the profiled time:
 * ``optimizer``: the whole AdamW step; ``copies``: copy_, clone, cat, contiguous, roll, index ops;
 * ``other``: the rest (element-wise ops, reductions, the loss, autograd bookkeeping).
 
-The table gives ms per step for each category and model, side by side, and the JSON also lists the
+The table gives ms per step for each category and both models of a pair, side by side (``--models``:
+pairs, by default FLatten-Swin-T and Swin-T), and the JSON also lists the
 15 costliest operators of each. Profiling adds overhead: compare categories, not totals, with bench/models.py.
 """
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 if __package__ in (None, ''):  # run as `python bench/x.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import models  # noqa: E402
+from bench import common  # noqa: E402
 from models.attention import base, compiled, fused, set_compiled_core  # noqa: E402
 from utils.benchmark import (  # noqa: E402
     autocast_for,
@@ -67,27 +68,16 @@ _OPS = {'aten::mm': 'GEMM', 'aten::bmm': 'GEMM', 'aten::addmm': 'GEMM', 'aten::b
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--pair', nargs=2, metavar=('FLATTEN', 'BASELINE'),
-                        default=['flatten_swin_tiny_patch4_224', 'softmax_swin_tiny_patch4_window7_224'],
-                        help='two registered variants (models.list_models())')
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], parents=[common.shared_arguments(
+        ['swin'], pairs=True, dtypes=['fp32', 'bf16'], warmup=2, threads=None)])
     parser.add_argument('--batch', type=int, default=8)
-    parser.add_argument('--dtypes', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'bf16', 'fp16'])
     parser.add_argument('--steps', type=int, default=3, help='profiled steps')
-    parser.add_argument('--warmup', type=int, default=2)
-    parser.add_argument('--threads', type=int, default=None, help='torch threads (default: all)')
     parser.add_argument('--overrides', default='', help='constructor overrides for both models, e.g. '
                         '"img_size=32,num_classes=10" (ints, floats and tuples of ints)')
     parser.add_argument('--compile-core', action='store_true',
                         help='compile the focused cores for training, as --compile-core does (models.attention.core)')
-    parser.add_argument('--json', default=None)
     args = parser.parse_args(argv)
-    for name in ('batch', 'steps'):
-        if getattr(args, name) < 1:
-            parser.error(f'--{name} must be at least 1')
-    unknown = [n for n in args.pair if n not in models.list_models()]
-    if unknown:
-        parser.error(f'unknown model {unknown[0]!r}; see models.list_models()')
+    common.check_minimums(parser, args, batch=1, steps=1, warmup=0)
     try:
         args.kwargs = parse_overrides(args.overrides)
     except ValueError as err:
@@ -161,12 +151,12 @@ def categorise(event) -> str:
     return _OPS.get(event.name, 'other')
 
 
-def profile(name: str, args, dtype: str) -> dict:
+def profile(spec: common.ModelSpec, args, dtype: str) -> dict:
     torch.manual_seed(0)
-    model = models.create_model(name, **args.kwargs)
+    model = spec.build(**args.kwargs)
     if args.compile_core:
         set_compiled_core(model)
-    size = model.pretrained_cfg['input_size'][1]
+    size = common.input_size(model)
     step = training_step(model, random_images(args.batch, size, torch.device('cpu')), model.num_classes,
                          autocast_for(dtype, torch.device('cpu')))
     # warm up under a profiler too: a compiled core compiled outside one recompiles inside (dynamo
@@ -188,36 +178,38 @@ def profile(name: str, args, dtype: str) -> dict:
         per_category[categorise(event)] += ms
         per_op[event.name] = per_op.get(event.name, 0.0) + ms
     top = sorted(per_op.items(), key=lambda kv: -kv[1])[:15]
-    return dict(model=name, dtype=dtype, batch=args.batch, img_size=size, step_ms=1000 * seconds / args.steps,
+    return dict(model=spec.name, dtype=dtype, batch=args.batch, img_size=size, step_ms=1000 * seconds / args.steps,
                 categories=per_category, top_ops=[dict(op=k, ms=v) for k, v in top])
 
 
 def print_table(rows: List[dict], pair: List[str]) -> None:
+    """One table per dtype: the categories of both models of `pair`, side by side."""
+    columns = [('category', 'category'), ('flatten', pair[0], '{:.1f}'), ('baseline', pair[1], '{:.1f}')]
     for dtype in dict.fromkeys(r['dtype'] for r in rows):
         a, b = (next(r for r in rows if r['model'] == m and r['dtype'] == dtype) for m in pair)
+        lines = [dict(category=c, flatten=a['categories'][c], baseline=b['categories'][c]) for c in CATEGORIES]
+        lines.append(dict(category='**sum**', flatten=sum(a['categories'].values()),
+                          baseline=sum(b['categories'].values())))
+        lines.append(dict(category='wall (profiler on)', flatten=a['step_ms'], baseline=b['step_ms']))
         print(f'\n{dtype}, batch {a["batch"]}, ms per step (profiled)\n')
-        print(f'| category | {pair[0]} | {pair[1]} |')
-        print('|---|---|---|')
-        for category in CATEGORIES:
-            print(f'| {category} | {a["categories"][category]:.1f} | {b["categories"][category]:.1f} |')
-        total_a, total_b = (sum(r['categories'].values()) for r in (a, b))
-        print(f'| **sum** | {total_a:.1f} | {total_b:.1f} |')
-        print(f'| wall (profiler on) | {a["step_ms"]:.1f} | {b["step_ms"]:.1f} |')
+        print(common.format_table(lines, columns))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     tune_cpu_allocator()
     rows = []
-    for dtype in args.dtypes:
-        for name in args.pair:
-            rows.append(profile(name, args, dtype))
-            print(f'{name} {dtype}: {rows[-1]["step_ms"]:.0f} ms/step under the profiler', flush=True)
-    print_table(rows, args.pair)
-    write_json(args.json, dict(machine=machine_info(torch.device('cpu')), args={k: v for k, v in vars(args).items()},
-                               rows=rows))
+    with common.torch_threads(args.threads):
+        for text in args.models:
+            pair = common.model_pair(text)
+            pair_rows = []
+            for dtype in args.dtypes:
+                for spec in (pair.flatten, pair.baseline):
+                    pair_rows.append(profile(spec, args, dtype))
+                    print(f'{spec.name} {dtype}: {pair_rows[-1]["step_ms"]:.0f} ms/step under the profiler', flush=True)
+            print_table(pair_rows, [pair.flatten.name, pair.baseline.name])
+            rows += pair_rows
+    write_json(args.json, dict(machine=machine_info(torch.device('cpu')), args=vars(args), rows=rows))
     return 0
 
 

@@ -6,8 +6,8 @@ Part 1, the attention module alone at batch 1 (dim 96, 3 heads, FLatten-Swin-T's
 global focused linear attention (FocusedLinearAttention over the whole grid) against global softmax
 attention (SoftmaxAttention, PyTorch's fused SDPA kernel) on square grids of side 14 → 112
 (196 → 12,544 tokens; each step 4× the tokens). Part 2, whole models at batch 1 for image sizes
-224 → 896: FLatten-DeiT-T vs DeiT-T (global attention) and FLatten-Swin-T vs Swin-T (windows).
-At each size the candidates are timed interleaved (medians of --repeats).
+224 → 896, ``--models`` (by default FLatten-DeiT-T and DeiT-T, global attention, and FLatten-Swin-T and
+Swin-T, windows). At each size the candidates are timed interleaved (medians of --repeats).
 """
 from __future__ import annotations
 
@@ -20,8 +20,7 @@ import torch
 if __package__ in (None, ''):  # run as `python bench/x.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from config import load_config  # noqa: E402
-from models import build_model  # noqa: E402
+from bench import common  # noqa: E402
 from models.attention import AttentionOptions, FocusedLinearAttention, SoftmaxAttention  # noqa: E402
 from utils.benchmark import (  # noqa: E402
     inference_step,
@@ -33,24 +32,21 @@ from utils.benchmark import (  # noqa: E402
     write_json,
 )
 
-MODEL_PAIRS = [('configs/flatten_deit_t.yaml', 'configs/deit_t.yaml'),
-               ('configs/flatten_swin_t.yaml', 'configs/swin_t.yaml')]
+MODELS = ['configs/flatten_deit_t.yaml', 'configs/deit_t.yaml', 'configs/flatten_swin_t.yaml', 'configs/swin_t.yaml']
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0], parents=[common.shared_arguments(
+        MODELS, repeats=5, device=True)])
     parser.add_argument('--sides', type=int, nargs='+', default=[14, 28, 56, 112],
                         help='module part: grid sides (tokens = side²)')
     parser.add_argument('--dim', type=int, default=96)
     parser.add_argument('--heads', type=int, default=3)
     parser.add_argument('--img-sizes', type=int, nargs='+', default=[224, 448, 896], help='model part: image sizes')
-    parser.add_argument('--skip-models', action='store_true')
-    parser.add_argument('--repeats', type=int, default=5)
-    parser.add_argument('--json', default=None, metavar='PATH')
+    parser.add_argument('--skip-models', action='store_true', help='the module part only')
     parser.add_argument('--png', default=None, metavar='PATH', help='log-log plot of time vs tokens')
     args = parser.parse_args(argv)
-    if args.repeats < 5:
-        parser.error('--repeats must be at least 5')
+    common.check_minimums(parser, args, repeats=5)
     return args
 
 
@@ -76,17 +72,16 @@ def model_sweep(args, device: torch.device):
     rows = []
     for img_size in args.img_sizes:
         fns, labels = {}, {}
-        for pair in MODEL_PAIRS:
-            for path in pair:
-                cfg = load_config(path, ['DATA.IMG_SIZE', str(img_size)])
-                try:
-                    model = build_model(cfg).to(device)
-                except ValueError as err:  # a size the windows do not tile
-                    print(f'skip {path} at {img_size}: {err}')
-                    continue
-                patch = model.feature_info[0]['reduction']  # the patch size: stride of the first level
-                fns[path] = inference_step(model, random_images(1, img_size, device))
-                labels[path] = (cfg.MODEL.NAME, (img_size // patch) ** 2)
+        for path in args.models:
+            spec = common.model_spec(path)
+            try:
+                model = spec.build(img_size=img_size).to(device)
+            except ValueError as err:  # a size the windows do not tile
+                print(f'skip {path} at {img_size}: {err}')
+                continue
+            patch = model.feature_info[0]['reduction']  # the patch size: stride of the first level
+            fns[path] = inference_step(model, random_images(1, img_size, device))
+            labels[path] = (spec.name, (img_size // patch) ** 2)
         times = measure(fns, device, repeats=args.repeats, warmup=1)
         for path, (name, tokens) in labels.items():
             rows.append(dict(part='model', model=name, config=path, img_size=img_size, tokens=tokens,
@@ -134,9 +129,13 @@ def plot(rows, path: str) -> None:
     print(f'wrote {path}')
 
 
+GROWTH_COLUMNS = [('part', 'part'), ('series', 'series'), ('tokens', 'tokens'),
+                  ('token_ratio', 'tokens x', '{:.0f}'), ('time_ratio', 'time x', '{:.2f}')]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = common.pick_device(args.device)
     if device.type == 'cpu':
         tune_cpu_allocator()
     rows = module_sweep(args, device)
@@ -144,11 +143,10 @@ def main(argv=None) -> int:
         rows += model_sweep(args, device)
     ratios = {'module': growth([r for r in rows if r['part'] == 'module'], 'attention'),
               'model': growth([r for r in rows if r['part'] == 'model'], 'model')}
-    print('\ntime growth per step (tokens ×k → time ×t):')
-    for part, series in ratios.items():
-        for name, steps in series.items():
-            print(f'  {part:<6} {name:<32} ' + '  '.join(
-                f'{s["tokens"][0]}→{s["tokens"][1]}: ×{s["time_ratio"]:.2f}' for s in steps))
+    print('\ntime growth per step:\n')
+    print(common.format_table([dict(step, part=part, series=name, tokens=f'{step["tokens"][0]}→{step["tokens"][1]}')
+                        for part, series in ratios.items() for name, steps in series.items() for step in steps],
+                       GROWTH_COLUMNS))
     write_json(args.json, dict(machine=machine_info(device), args=vars(args), rows=rows, growth=ratios))
     if args.png:
         plot(rows, args.png)

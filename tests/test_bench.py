@@ -51,7 +51,7 @@ def test_models_bench_writes_one_row_per_case(tmp_path, capsys):
     cfg = tmp_path / 'micro.yaml'
     cfg.write_text(MICRO_YAML)
     out = tmp_path / 'models.json'
-    assert bench_models.main(['--configs', str(cfg), '--batch-size', '2',
+    assert bench_models.main(['--models', str(cfg), '--batch-size', '2',
                               '--reference', '--gemm-bound', '--repeats', '5', '--json', str(out)]) == 0
     payload = json.loads(out.read_text())
     rows = payload['rows']
@@ -134,7 +134,7 @@ def test_models_bench_null_core_rows_only_for_focused_models(tmp_path):
     flatten_cfg, _ = _micro_model(tmp_path, 'LS')
     softmax_cfg, _ = _micro_model(tmp_path, 'SS')
     out = tmp_path / 'models.json'
-    assert bench_models.main(['--configs', softmax_cfg, flatten_cfg, '--batch-size', '2', '--tasks', 'train',
+    assert bench_models.main(['--models', softmax_cfg, flatten_cfg, '--batch-size', '2', '--tasks', 'train',
                               '--null-core', '--repeats', '5', '--json', str(out)]) == 0
     rows = json.loads(out.read_text())['rows']
     assert [(r['config'], r['variant']) for r in rows] == [

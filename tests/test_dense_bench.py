@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from bench import dense
+from bench.common import SIDES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,7 +30,7 @@ def table_rows(text: str):
 def test_micro_run_times_and_measures_both_models_of_each_case(tmp_path, capsys):
     threads = torch.get_num_threads()
     out = tmp_path / 'dense.json'
-    assert dense.main(['--micro', '--pairs', 'pvt', '--threads', '1', '--json', str(out)]) == 0
+    assert dense.main(['--micro', '--models', 'pvt', '--threads', '1', '--json', str(out)]) == 0
     assert torch.get_num_threads() == threads  # the in-process run gives the threads back
     payload = json.loads(out.read_text())
     rows = payload['rows']
@@ -38,7 +39,7 @@ def test_micro_run_times_and_measures_both_models_of_each_case(tmp_path, capsys)
     for row in rows:
         assert not [key for key in row if key.endswith('error')], row
         assert (row['flatten_model'], row['baseline_model']) == ('flatten_pvt_tiny', 'softmax_pvt_tiny')
-        for side in dense.SIDES:
+        for side in SIDES:
             runs = row[f'{side}_runs']
             assert len(runs) == 3 and all(t > 0 for t in runs)
             assert row[f'{side}_ms'] == pytest.approx(1000 * sorted(runs)[1])
@@ -64,10 +65,10 @@ def test_micro_run_times_and_measures_both_models_of_each_case(tmp_path, capsys)
 def test_a_failing_case_is_reported_with_its_error(tmp_path, capsys):
     # below the total stride (32) every four-stage backbone raises: the row says so and the run fails
     out = tmp_path / 'dense.json'
-    assert dense.main(['--pairs', 'swin', '--sizes', '16x16', '--dtypes', 'fp32', '--no-memory', '--threads', '1',
+    assert dense.main(['--models', 'swin', '--sizes', '16x16', '--dtypes', 'fp32', '--no-memory', '--threads', '1',
                        '--json', str(out)]) == 1
     (row,) = json.loads(out.read_text())['rows']
-    for side in dense.SIDES:
+    for side in SIDES:
         assert row[f'{side}_error'].startswith('ValueError') and '16' in row[f'{side}_error']
         assert f'{side}_ms' not in row
     assert 'ratio' not in row
@@ -78,7 +79,7 @@ def test_a_failing_case_is_reported_with_its_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize('argv', [['--repeats', '2'], ['--sizes', '512'], ['--sizes', '0x64'], ['--warmup', '0'],
-                                  ['--pairs', 'resnet']])
+                                  ['--models', 'resnet']])
 def test_bad_arguments_are_rejected(argv):
     with pytest.raises(SystemExit):
         dense.parse_args(argv)
@@ -86,7 +87,7 @@ def test_bad_arguments_are_rejected(argv):
 
 def test_defaults_are_the_dense_sizes_of_the_three_pairs():
     args = dense.parse_args([])
-    assert args.sizes == [(512, 2048), (800, 1333)] and args.pairs == ['swin', 'pvt', 'cswin']
+    assert args.sizes == [(512, 2048), (800, 1333)] and args.models == ['swin', 'pvt', 'cswin']
     assert args.dtypes == ['fp32', 'bf16'] and args.repeats == 5
     assert dense.parse_args(['--sizes', '800×1333']).sizes == [(800, 1333)]
 

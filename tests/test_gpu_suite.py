@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from bench import gpu_suite
+from bench.common import SIDES
 from models.attention import fused
 
 CHECKS = ['fused_vs_reference/core', 'fused_vs_reference/swin', 'fused_vs_reference/deit', 'autocast_bf16/swin',
@@ -19,15 +20,19 @@ CASES = [(pair, mode) for pair in ('swin', 'deit') for mode in ('inference', 'tr
 MICRO = ['--micro', '--no-compile', '--device', 'cpu']
 
 
-def table(text: str, header: str):
-    """Body rows (cells) of the markdown table whose header line starts with `header`."""
+def split_cells(line: str):
+    return [c.strip() for c in line.strip('|').split('|')]
+
+
+def table(text: str, first_title: str):
+    """Body rows (cells) of the markdown table whose first column is titled `first_title`."""
     lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    start = next(i for i, line in enumerate(lines) if line.startswith('|') and split_cells(line)[0] == first_title)
     body = []
     for line in lines[start + 2:]:
         if not line.startswith('|'):
             break
-        body.append([c.strip() for c in line.strip('|').split('|')])
+        body.append(split_cells(line))
     return body
 
 
@@ -53,7 +58,7 @@ def test_micro_run_passes_every_check_and_times_both_pairs(tmp_path, capsys):
     for row in rows:
         assert (row['compiled'], row['dtype'], row['batch']) == (False, 'fp32', 4)
         assert 'error' not in row and 'skipped' not in row
-        for side in gpu_suite.SIDES:
+        for side in SIDES:
             runs = row[f'{side}_runs']
             assert len(runs) == 3 and all(t > 0 for t in runs)
             assert row[f'{side}_img_s'] == pytest.approx(4 / statistics.median(runs))
@@ -61,8 +66,8 @@ def test_micro_run_passes_every_check_and_times_both_pairs(tmp_path, capsys):
         assert row['ratio'] == pytest.approx(row['flatten_img_s'] / row['baseline_img_s'])
 
     text = capsys.readouterr().out
-    assert [c[:2] for c in table(text, '| check |')] == [[name, 'yes'] for name in CHECKS]
-    cells = table(text, '| pair |')
+    assert [c[:2] for c in table(text, 'check')] == [[name, 'yes'] for name in CHECKS]
+    cells = table(text, 'pair')
     assert [(c[0], c[1], c[2]) for c in cells] == [
         ('FLatten-Swin-T vs Swin-T' if pair == 'swin' else 'FLatten-DeiT-T vs DeiT-T', mode, 'no')
         for pair, mode in CASES]
@@ -107,7 +112,7 @@ def test_failures_are_recorded_and_give_status_1(tmp_path, monkeypatch, capsys):
         assert rows[pair, 'training']['error'] == 'RuntimeError: training step broken'
         assert rows[pair, 'inference']['ratio'] > 0 and 'error' not in rows[pair, 'inference']
     text = capsys.readouterr().out
-    assert '| fp16_train_step/swin | NO | RuntimeError: no scaler today |' in text
+    assert ['fp16_train_step/swin', 'NO', 'RuntimeError: no scaler today'] in table(text, 'check')
     assert 'ERROR FLatten-DeiT-T vs DeiT-T training compiled=False: RuntimeError: training step broken' in text
 
 
@@ -118,7 +123,7 @@ def test_cases_past_the_time_budget_are_skipped_not_failed(tmp_path, monkeypatch
     rows = json.loads(out.read_text())['throughput']
     assert [(r['pair'], r['mode']) for r in rows] == CASES
     assert all(r['skipped'].startswith('time budget') and 'ratio' not in r for r in rows)
-    assert all(c[5:] == ['skipped', '-', '-'] for c in table(capsys.readouterr().out, '| pair |'))
+    assert all(c[5:] == ['skipped', '-', '-'] for c in table(capsys.readouterr().out, 'pair'))
 
 
 def test_compile_cases_are_selected_unless_no_compile():
@@ -129,9 +134,9 @@ def test_compile_cases_are_selected_unless_no_compile():
 
 def test_defaults_of_the_full_and_micro_sizes():
     full, micro = gpu_suite.parse_args([]), gpu_suite.parse_args(['--micro'])
-    assert (full.batch, full.dtype, full.repeats, full.warmup, full.compile) == (64, 'bf16', 5, 2, True)
-    assert (micro.batch, micro.dtype, micro.repeats) == (4, 'fp32', 3)
-    assert gpu_suite.parse_args(['--batch', '128', '--dtype', 'fp16']).batch == 128
+    assert (full.batch, full.dtypes, full.repeats, full.warmup, full.compile) == (64, ['bf16'], 5, 2, True)
+    assert (micro.batch, micro.dtypes, micro.repeats) == (4, ['fp32'], 3)
+    assert gpu_suite.parse_args(['--batch', '128', '--dtypes', 'fp16']).batch == 128
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -139,7 +144,7 @@ def test_defaults_of_the_full_and_micro_sizes():
     (['--repeats', '2'], '--repeats must be at least 3'),
     (['--warmup', '0'], '--warmup must be at least 1'),
     (['--budget-s', '-1'], '--budget-s must not be negative'),
-    (['--dtype', 'fp8'], 'invalid choice'),
+    (['--dtypes', 'fp8'], 'invalid choice'),
 ])
 def test_bad_option_values_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
