@@ -1,8 +1,9 @@
 """The paper's Table 4 ladder on Fashion-MNIST: vanilla linear → + focused function → + DWC (FLatten),
 and softmax, for a micro DeiT and a micro Swin, same budget, several seeds.
 
-    python -m bench.ablation_fmnist                       # writes docs/ablation_fmnist.md and .json
-    python -m bench.ablation_fmnist --seeds 0 --train-subset 2000 --epochs 1 --out /tmp/quick
+    python -m experiments.ablation_fmnist.run    # writes README.md and results.json beside this script
+    python -m experiments.ablation_fmnist.run --seeds 0 --train-subset 2000 --epochs 1 \\
+        --report /tmp/quick.md --json /tmp/quick.json
 
 Every run is ``main.py`` on the real Fashion-MNIST (60k train / 10k test images at 32²) with the
 micro config below and ``MODEL.LA.LINEAR_KIND`` (or ``ATTN_TYPE`` S for softmax) selecting the rung;
@@ -23,7 +24,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Dict, List
 
-REPO = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+if __package__ in (None, ''):  # run as `python experiments/x/run.py`: make the repository root importable
+    sys.path.insert(0, str(REPO))
+
+from bench.common import format_table  # noqa: E402
+from utils.benchmark import write_json  # noqa: E402
 
 # rung name -> the options that select it, per family
 RUNGS = {
@@ -106,8 +113,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--epochs', type=int, default=2)
     parser.add_argument('--jobs', type=int, default=2, help='runs at a time (one thread each)')
     parser.add_argument('--data-path', default='', help='Fashion-MNIST folder (default: the Debian package)')
-    parser.add_argument('--out', default=str(REPO / 'docs' / 'ablation_fmnist'),
-                        help='writes OUT.md and OUT.json')
+    parser.add_argument('--report', default=str(HERE / 'README.md'), metavar='PATH',
+                        help='the markdown report (default: README.md beside this script)')
+    parser.add_argument('--json', default=str(HERE / 'results.json'), metavar='PATH',
+                        help='every run and the table (default: results.json beside this script)')
     parser.add_argument('--work-dir', default=None, help='run folders (default: a temporary folder)')
     parser.add_argument('--from-json', default=None, metavar='PATH',
                         help="re-write the report from an earlier run's JSON instead of training")
@@ -167,19 +176,19 @@ def verdict(table: Dict[str, Dict[str, dict]]) -> List[str]:
     return lines
 
 
-def write_report(path: str, table, results, args, seconds: float) -> None:
+def write_report(path: str, json_path: str, table, results, args, seconds: float) -> None:
+    """The markdown report at `path`; it names the JSON of the runs, `json_path`, relative to itself."""
     families = list(table)
     lines = ['# Table 4 ladder on Fashion-MNIST', '',
-             'Produced by `python -m bench.ablation_fmnist` '
-             f'(`--seeds {" ".join(map(str, args.seeds))} --train-subset {args.train_subset} --epochs {args.epochs}`). '
+             'Produced by `python -m experiments.ablation_fmnist.run` '
+             f'(`--seeds {" ".join(map(str, args.seeds))} --train-subset {args.train_subset} --epochs {args.epochs}`), '
+             f'which writes this page and every run in `{os.path.relpath(json_path, os.path.dirname(path))}`. '
              f'Top-1 (%) on the 10,000 Fashion-MNIST test images after {args.epochs} epoch(s) on '
              f'{args.train_subset or 60000} training images, 32² input, mean ± std over {len(args.seeds)} seed(s); '
-             f'{len(results)} runs took {seconds / 60:.1f} min on {os.cpu_count()} CPU cores.', '',
-             '| attention | ' + ' | '.join(f'micro {f}' for f in families) + ' |',
-             '|---|' + '---|' * len(families)]
-    for rung in RUNGS:
-        lines.append(f'| {rung} | ' + ' | '.join(
-            f'{table[f][rung]["mean"]:.2f} ± {table[f][rung]["std"]:.2f}' for f in families) + ' |')
+             f'{len(results)} runs took {seconds / 60:.1f} min on {os.cpu_count()} CPU cores.', '']
+    rows = [dict(rung=rung, **{f: f'{table[f][rung]["mean"]:.2f} ± {table[f][rung]["std"]:.2f}' for f in families})
+            for rung in RUNGS]
+    lines.append(format_table(rows, [('rung', 'attention')] + [(f, f'micro {f}') for f in families]))
     lines += ['', 'Models: micro Swin (patch 4, dims 64/128, depths 2/2, heads 2/4, global attention on the 8×8 '
               'and 4×4 maps; the first stage takes the rung, the second stays softmax) and micro DeiT (patch 4, '
               'dim 96, 4 blocks, 2 heads, all blocks take the rung; FLatten-DeiT design: average pooling, no class '
@@ -197,12 +206,12 @@ def write_report(path: str, table, results, args, seconds: float) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(args.report)), exist_ok=True)
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
-        saved_args = argparse.Namespace(**{**saved['args'], 'out': args.out})
-        write_report(args.out + '.md', summarise(saved['runs'], saved_args.families), saved['runs'], saved_args,
-                     saved['seconds'])
+        saved_args = argparse.Namespace(**saved['args'])
+        write_report(args.report, args.from_json, summarise(saved['runs'], saved_args.families), saved['runs'],
+                     saved_args, saved['seconds'])
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work_dir or tmp)
@@ -222,10 +231,8 @@ def main(argv=None) -> int:
             results = list(pool.map(launch, jobs))
         seconds = time.time() - start
     table = summarise(results, args.families)
-    write_report(args.out + '.md', table, results, args, seconds)
-    with open(args.out + '.json', 'w') as f:
-        json.dump(dict(args=vars(args), table=table, runs=results, seconds=seconds), f, indent=1)
-    print(f'wrote {args.out}.md and {args.out}.json')
+    write_report(args.report, args.json, table, results, args, seconds)
+    write_json(args.json, dict(args=vars(args), table=table, runs=results, seconds=seconds))
     return 0
 
 
