@@ -1,7 +1,7 @@
 """Mask R-CNN on FLatten backbones (models/detection.py) and the Fashion-MNIST canvases (data/detection_toy.py).
 
 The fast tests use a micro FLatten-Swin (16 channels, one block per stage) on 96×128 and 128×96 canvases; the slow
-test runs tools/detection_demo.py's check with FLatten-Swin-T at torchvision's 800×1333 and trains a
+test runs experiments/detection_demo/run.py's check with FLatten-Swin-T at torchvision's 800×1333 and trains a
 few steps on real Fashion-MNIST canvases."""
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ from conftest import REPO
 from torchvision.models.detection import MaskRCNN
 
 from data.detection_toy import FashionMNISTCanvases, detection_collate
+from experiments.detection_demo import run as detection_demo
+from experiments.detection_demo.run import micro_heads
 from models.detection import TimmFPNBackbone, faster_rcnn, fpn_backbone, mask_rcnn
 from models.registry import UnknownModelError
-from tools import detection_demo
-from tools.detection_demo import micro_heads
 
 NAME = 'flatten_swin_tiny_patch4_224'
 MICRO = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
@@ -180,7 +180,7 @@ def test_fpn_backbone_on_wide_and_tall_inputs():
 
 def test_tool_micro_run_writes_json(tmp_path, capsys, fashion_mnist_dir):
     out = tmp_path / 'demo.json'
-    assert detection_demo.main(['--micro', '--data-path', fashion_mnist_dir, '--out', str(out)]) == 0
+    assert detection_demo.main(['--micro', '--data-path', fashion_mnist_dir, '--json', str(out)]) == 0
     printed = capsys.readouterr().out
     assert 'step 0  loss' in printed and 'step 1  loss' in printed and 'check passed' in printed
     result = json.loads(out.read_text())
@@ -200,21 +200,22 @@ def test_tool_names_bad_input(capsys):
 
 
 def test_tool_runs_as_a_script():
-    result = subprocess.run([sys.executable, str(REPO / 'tools' / 'detection_demo.py'), '--help'], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    script = REPO / 'experiments' / 'detection_demo' / 'run.py'
+    result = subprocess.run([sys.executable, str(script), '--help'], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     assert '--steps' in result.stdout and '--micro' in result.stdout
 
 
 @pytest.mark.slow
 def test_mask_rcnn_flatten_swin_t_at_800x1333_learns_fashion_mnist_canvases(tmp_path, fashion_mnist_dir):
-    """The real check (tools/detection_demo.py): FLatten-Swin-T + FPN Mask R-CNN, one canvas of 800×1333
+    """The real check (experiments/detection_demo/run.py): FLatten-Swin-T + FPN Mask R-CNN, one canvas of 800×1333
     (entering the backbone as 800×1344, padded to a multiple of 32), step 0 a forward/backward with
     finite losses and a gradient on every backbone parameter, then 2 more AdamW steps on that canvas.
     Measured on 2 CPU cores: total loss 5.36, 2.78, 1.65 (seed 0; last/first 0.31, and 0.32, 0.46, 0.41 for
     seeds 1-3), 13-15 s per step on idle cores, 70-80 s when they are shared (45 s to 4 min in all)."""
     args = detection_demo.parse_args(['--images', '1', '--steps', '3', '--data-path', fashion_mnist_dir,
-                                      '--out', str(tmp_path / 'demo.json')])
+                                      '--json', str(tmp_path / 'demo.json')])
     model, data = detection_demo.build(args)
     result = detection_demo.train(model, data, args)
     check = result['check']

@@ -1,4 +1,5 @@
-"""Every runnable script in tools/ and bench/ starts both as ``python tools/x.py`` and ``python -m tools.x``.
+"""Every runnable script in tools/, bench/ and experiments/ starts both as ``python tools/x.py`` and
+``python -m tools.x`` (``experiments/<name>/run.py``: ``python -m experiments.<name>.run``).
 
 A script is runnable when it has an ``if __name__ == '__main__':`` block. Each one is started with
 ``--help`` three ways: as a file from the repository root, as a file from another working directory
@@ -22,13 +23,17 @@ MAIN_BLOCK = re.compile(r"""^if __name__ == ['"]__main__['"]:""", re.MULTILINE)
 FORMS = ('file from the repository root', 'file from another directory', 'module from the repository root')
 
 
+# where the scripts are: one file per tool or bench, one folder per experiment
+SCRIPT_GLOBS = ('tools/*.py', 'bench/*.py', 'experiments/*/*.py')
+
+
 def runnable_scripts() -> List[str]:
     """'tools/x.py'-style paths of the scripts with a __main__ block, sorted."""
     scripts = []
-    for folder in ('tools', 'bench'):
-        for path in sorted((REPO / folder).glob('*.py')):
+    for pattern in SCRIPT_GLOBS:
+        for path in sorted(REPO.glob(pattern)):
             if MAIN_BLOCK.search(path.read_text()):
-                scripts.append(f'{folder}/{path.name}')
+                scripts.append(path.relative_to(REPO).as_posix())
     return scripts
 
 
@@ -62,7 +67,8 @@ def results(tmp_path_factory) -> Dict[Tuple[str, str], subprocess.CompletedProce
 
 def test_the_runnable_scripts_are_found():
     assert 'tools/attention_rank.py' in SCRIPTS and 'bench/models.py' in SCRIPTS, SCRIPTS
-    assert 'tools/common.py' not in SCRIPTS  # a helper module, not a script
+    assert {'experiments/ablation_fmnist/run.py', 'experiments/detection_demo/run.py'} <= set(SCRIPTS), SCRIPTS
+    assert 'tools/common.py' not in SCRIPTS and 'bench/common.py' not in SCRIPTS  # helper modules, not scripts
 
 
 @pytest.mark.parametrize('script, form', CASES, ids=[f'{s}: {f}' for s, f in CASES])

@@ -1,8 +1,8 @@
 """Mask R-CNN with a FLatten-Swin-T FPN backbone: a forward/backward check at 800×1333, then a few training steps.
 
-    python -m tools.detection_demo [--model flatten_swin_tiny_patch4_224] [--steps 6] [--images 4] \\
-        [--size 800x1333] [--optimizer adamw] [--lr 1e-4] [--seed 0] [--out bench/results/detection_demo_cpu.json]
-    python -m tools.detection_demo --micro      # a tiny backbone on 96×128 canvases: seconds (tests)
+    python -m experiments.detection_demo.run [--model flatten_swin_tiny_patch4_224] [--steps 6] [--images 4] \\
+        [--size 800x1333] [--optimizer adamw] [--lr 1e-4] [--seed 0] [--json experiments/detection_demo/results.json]
+    python -m experiments.detection_demo.run --micro    # a tiny backbone on 96×128 canvases: seconds (tests)
 
 The detector is torchvision's ``MaskRCNN`` on ``models.detection.fpn_backbone(--model)`` (the four
 stages under a 256-channel FPN with the max-pooled extra level), randomly initialised (seeded), with
@@ -32,16 +32,18 @@ import torch
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 
-if __package__ in (None, ''):  # run as `python tools/x.py`: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parent
+if __package__ in (None, ''):  # run as `python experiments/x/run.py`: make the repository root importable
+    sys.path.insert(0, str(HERE.parents[1]))
 
+from bench.common import check_minimums, torch_threads  # noqa: E402
 from data.detection_toy import FashionMNISTCanvases, detection_collate  # noqa: E402
 from models.detection import mask_rcnn  # noqa: E402
 from models.registry import UnknownModelError  # noqa: E402
 from utils.benchmark import machine_info, write_json  # noqa: E402
 
 DEFAULT_MODEL = 'flatten_swin_tiny_patch4_224'
-DEFAULT_OUT = 'bench/results/detection_demo_cpu.json'
+DEFAULT_JSON = str(HERE / 'results.json')  # beside this script
 # --micro: a one-block-per-stage FLatten-Swin with 16 channels, a 32-channel FPN and 32-channel heads
 # (micro_heads) on 96×128 canvases
 MICRO_MODEL_KWARGS = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1))
@@ -88,13 +90,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--drop-path', type=float, default=0.0,
                         help='stochastic depth of the backbone (default 0: a few-step check wants no extra noise)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the canvases, the initialisation and sampling')
-    parser.add_argument('--threads', type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument('--data-path', default='', help='folder of the Fashion-MNIST IDX files (default: the '
                         "Debian package's /usr/share/datasets/fashion-mnist)")
     parser.add_argument('--micro', action='store_true', help=f'tiny backbone, {MICRO["size"][0]}x{MICRO["size"][1]} '
                         f'canvases, {MICRO["steps"]} steps: runs in seconds (tests)')
-    parser.add_argument('--out', default=None, metavar='PATH',
-                        help=f'JSON results (default {DEFAULT_OUT}; --micro: none)')
+    parser.add_argument('--threads', type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument('--json', default=None, metavar='PATH',
+                        help='write the results here (default: results.json beside this script; --micro: none)')
     args = parser.parse_args(argv)
     micro = args.micro
     if args.size is None:
@@ -111,13 +113,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.lr = 1e-4 if args.optimizer == 'adamw' else 0.01
     if args.weight_decay is None:
         args.weight_decay = 0.05 if args.optimizer == 'adamw' else 1e-4
-    if args.out is None and not micro:
-        args.out = DEFAULT_OUT
-    for name in ('steps', 'images', 'batch_size', 'min_size', 'max_size'):
-        if getattr(args, name) < 1:
-            parser.error(f'--{name.replace("_", "-")} must be at least 1')
-    if args.threads is not None and args.threads < 1:
-        parser.error('--threads must be at least 1')
+    if args.json is None and not micro:
+        args.json = DEFAULT_JSON
+    check_minimums(parser, args, steps=1, images=1, batch_size=1, min_size=1, max_size=1)
     if not 0 <= args.drop_path < 1:
         parser.error('--drop-path must be in [0, 1)')
     return args
@@ -225,8 +223,12 @@ def train(model: torch.nn.Module, dataset: FashionMNISTCanvases, args: argparse.
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    with torch_threads(args.threads):
+        return run(args)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build, train and report: exit status 0 (the check passed), 1 (it failed) or 2 (bad input)."""
     try:
         model, dataset = build(args)
     except ERRORS as err:
@@ -250,8 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    total_seconds=round(total, 1), passed=ok, **results)
     payload['args']['size'] = list(args.size)
     payload['args']['glyphs'] = list(args.glyphs)
-    if args.out:
-        write_json(args.out, payload)
+    write_json(args.json, payload)
     return 0 if ok else 1
 
 
