@@ -19,7 +19,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -186,7 +186,16 @@ def prepare_output_dir(cfg) -> str:
     return output_dir
 
 
-def checkpoint_to_resume(cfg, output_dir: str, train_mode: bool) -> Tuple[Optional[str], Optional[dict]]:
+@dataclass(frozen=True)
+class StartPoint:
+    """Where a run starts, resolved once before the model exists: the checkpoint whose state it
+    restores (path and content, read once; both None for a fresh start) and the model's class count."""
+    path: Optional[str]
+    checkpoint: Any
+    num_classes: int
+
+
+def find_resume(cfg, output_dir: str, train_mode: bool) -> Tuple[Optional[str], Any]:
     """(path, content) of the checkpoint whose full state this run restores, or (None, None).
 
     Training: the most advanced readable ``ckpt_epoch_*`` of this run's folder (TRAIN.AUTO_RESUME;
@@ -207,20 +216,28 @@ def checkpoint_to_resume(cfg, output_dir: str, train_mode: bool) -> Tuple[Option
     return (explicit, torch_load(explicit)) if explicit else (None, None)
 
 
-def choose_num_classes(dataset_classes: int, eval_ckpt, path: Optional[str], ema_weights: bool) -> int:
-    """The model's class count. Training: the dataset's (a pretrained head of another size is
-    replaced). Evaluating a checkpoint: its head's, which must cover the dataset's labels (an
-    ImageNet model evaluated on a folder of a few of its classes keeps its 1000 outputs)."""
-    if eval_ckpt is None:
+def checkpoint_classes(dataset_classes: int, ckpt: Any, path: Optional[str], ema_weights: bool) -> int:
+    """The class count of an evaluated checkpoint's head, which must cover the dataset's labels (an
+    ImageNet model evaluated on a folder of a few of its classes keeps its 1000 outputs); the
+    dataset's when there is no checkpoint or it has no ``head.weight``."""
+    if ckpt is None:
         return dataset_classes
-    weights = eval_ckpt.get('state_dict_ema') if (ema_weights and isinstance(eval_ckpt, dict)) else None
-    head = (weights or model_state_dict(eval_ckpt, path)).get('head.weight')
+    weights = ckpt.get('state_dict_ema') if (ema_weights and isinstance(ckpt, dict)) else None
+    head = (weights or model_state_dict(ckpt, path)).get('head.weight')
     if head is None:
         return dataset_classes
     if head.shape[0] < dataset_classes:
         raise CheckpointError(f'{path!r} has a {head.shape[0]}-class head but the validation set has '
                               f'{dataset_classes} classes')
     return int(head.shape[0])
+
+
+def resolve_start(cfg, output_dir: str, train_mode: bool, dataset_classes: int) -> StartPoint:
+    """The checkpoint this run restores and its class count. Training uses the dataset's classes (a
+    pretrained head of another size is replaced); evaluation the checkpoint head's."""
+    path, ckpt = find_resume(cfg, output_dir, train_mode)
+    num_classes = dataset_classes if train_mode else checkpoint_classes(dataset_classes, ckpt, path, cfg.EVAL_EMA)
+    return StartPoint(path, ckpt, num_classes)
 
 
 def build_model_for(cfg, source: str) -> torch.nn.Module:
@@ -230,12 +247,13 @@ def build_model_for(cfg, source: str) -> torch.nn.Module:
         raise ConfigError(f'cannot build MODEL.TYPE={cfg.MODEL.TYPE!r} from {source}: {err}') from None
 
 
-def evaluate_only(job, model, ema, resume: Optional[str], ckpt) -> int:
+def evaluate_only(job, model, ema) -> int:
     """--eval / --eval-ema / --throughput: load the weights to judge, then measure them."""
-    cfg = job.cfg
-    if resume:
-        logger.info(f'loading {"EMA " if cfg.EVAL_EMA else ""}weights from {resume}')
-        load_checkpoint(resume, model, ema=ema, weights='ema' if cfg.EVAL_EMA else 'model', loaded=ckpt)
+    cfg, start = job.cfg, job.start
+    if start.path:
+        logger.info(f'loading {"EMA " if cfg.EVAL_EMA else ""}weights from {start.path}')
+        load_checkpoint(start.path, model, ema=ema, weights='ema' if cfg.EVAL_EMA else 'model',
+                        loaded=start.checkpoint)
     elif cfg.EVAL_EMA:
         raise ConfigError('--eval-ema needs a checkpoint: pass --resume FILE')
     elif not cfg.MODEL.PRETRAINED:
@@ -261,14 +279,15 @@ class Job:
     config_yaml: str
     autocast: Callable
     stop: StopSignal
+    start: StartPoint
 
     def eval_kwargs(self) -> dict:
         return dict(device=self.ctx.device, autocast=self.autocast, print_freq=self.cfg.PRINT_FREQ,
                     memory_format=memory_format(self.cfg))
 
 
-def build_run_state(job: Job, model, model_without_ddp, ema, resume: Optional[str], ckpt) -> RunState:
-    """Optimizer, schedule and scaler for `model`, with the state of `resume` restored into them."""
+def build_run_state(job: Job, model, model_without_ddp, ema) -> RunState:
+    """Optimizer, schedule and scaler for `model`, with the state of the run's start point restored into them."""
     cfg = job.cfg
     accumulation = cfg.TRAIN.ACCUMULATION_STEPS
     updates_per_epoch = len(job.data.loader_train) // accumulation
@@ -282,10 +301,11 @@ def build_run_state(job: Job, model, model_without_ddp, ema, resume: Optional[st
         total_epochs=cfg.TRAIN.EPOCHS + cfg.TRAIN.COOLDOWN_EPOCHS, accumulation_steps=accumulation,
         scaler=torch.amp.GradScaler(job.ctx.device.type) if (cfg.AMP and cfg.AMP_DTYPE == 'fp16') else None,
         ema=ema, epoch=cfg.TRAIN.START_EPOCH)
-    if resume:
-        logger.info(f'resuming from {resume}')
-        restored = load_checkpoint(resume, model_without_ddp, state.optimizer, state.lr_scheduler, state.scaler, ema,
-                                   loaded=ckpt)
+    start = job.start
+    if start.path:
+        logger.info(f'resuming from {start.path}')
+        restored = load_checkpoint(start.path, model_without_ddp, state.optimizer, state.lr_scheduler, state.scaler,
+                                   ema, loaded=start.checkpoint)
         state.epoch, state.step = restored['epoch'], restored['step']
         state.max_accuracy, state.max_accuracy_ema = restored['max_accuracy'], restored['max_accuracy_ema']
     return state
@@ -323,25 +343,25 @@ def run_epoch(job: Job, state: RunState, settings: StepSettings, folder: RunFold
     triggers.end_of_epoch(state, is_best, is_best_ema)
 
 
-def train(job: Job, model, model_without_ddp, ema, mixup_fn, resume: Optional[str], ckpt) -> int:
+def train(job: Job, model, model_without_ddp, ema, mixup_fn) -> int:
     """Restore the run state, then per epoch: train, evaluate, save.
 
     After every update the ranks ask `job.stop` whether any of them received SIGTERM / SIGUSR1; if
     so they save a checkpoint at that update and raise Preempted (exit code 75).
     """
     cfg, ctx = job.cfg, job.ctx
-    state = build_run_state(job, model, model_without_ddp, ema, resume, ckpt)
+    state = build_run_state(job, model, model_without_ddp, ema)
     write_config(job.output_dir, 'config.yaml', job.config_yaml, ctx.is_main)
     if state.epoch >= state.total_epochs:
-        logger.info(f'{resume} already completed all {state.total_epochs} epochs; evaluating it (raise TRAIN.EPOCHS '
-                    f'to train longer, or pick another --tag / --output for a new run)')
+        logger.info(f'{job.start.path} already completed all {state.total_epochs} epochs; evaluating it (raise '
+                    f'TRAIN.EPOCHS to train longer, or pick another --tag / --output for a new run)')
         evaluate(model_without_ddp, job.data.loader_val, **job.eval_kwargs())
         return 0
     settings = StepSettings(criterion=build_criterion(cfg, mixup_fn is not None), device=ctx.device,
                             autocast=job.autocast, mixup_fn=mixup_fn, clip_grad=cfg.TRAIN.CLIP_GRAD,
                             memory_format=memory_format(cfg))
     folder = RunFolder(job.output_dir, job.config_yaml, cfg.TRAIN.KEEP_CKPTS, ctx.is_main, state,
-                       resuming=resume is not None)
+                       resuming=job.start.path is not None)
     triggers = CheckpointTriggers(folder, job.stop, ctx.device, cfg.TRAIN.CKPT_STEPS, cfg.SAVE_FREQ)
     logger.info(f'start training: epoch {state.epoch} update {state.step} of {state.total_epochs} epochs x '
                 f'{state.updates_per_epoch} updates')
@@ -376,26 +396,25 @@ def start(args: argparse.Namespace, stop: StopSignal) -> Tuple[CN, DistContext, 
 
 
 def load_data(cfg: CN, ctx: DistContext, output_dir: str, train_mode: bool):
-    """The loaders, the checkpoint this run starts from (its head decides the classes of an
-    evaluation) and Mixup. Returns (config with the class count, data, resume path, its content,
-    mixup_fn)."""
+    """The loaders, where the run starts (the checkpoint's head decides the classes of an evaluation)
+    and Mixup. Returns (config with the class count, data, start point, mixup_fn)."""
     data = build_loaders(cfg, ctx.rank, ctx.world_size, train=train_mode, pin_memory=ctx.device.type == 'cuda')
-    resume, ckpt = checkpoint_to_resume(cfg, output_dir, train_mode)
-    num_classes = choose_num_classes(data.num_classes, None if train_mode else ckpt, resume, cfg.EVAL_EMA)
-    if num_classes != cfg.MODEL.NUM_CLASSES:
-        logger.warning(f'MODEL.NUM_CLASSES={cfg.MODEL.NUM_CLASSES}: using {num_classes} classes '
+    start = resolve_start(cfg, output_dir, train_mode, data.num_classes)
+    if start.num_classes != cfg.MODEL.NUM_CLASSES:
+        logger.warning(f'MODEL.NUM_CLASSES={cfg.MODEL.NUM_CLASSES}: using {start.num_classes} classes '
                        f'({"the dataset" if train_mode else "the checkpoint"}\'s count)')
+        cfg = cfg.clone()
         cfg.defrost()
-        cfg.MODEL.NUM_CLASSES = num_classes
+        cfg.MODEL.NUM_CLASSES = start.num_classes
         cfg.freeze()
     mixup_fn = build_mixup(cfg, cfg.MODEL.NUM_CLASSES) if train_mode else None
     if (mixup_fn is not None) and (cfg.DATA.BATCH_SIZE % 2):
         raise ConfigError(f'DATA.BATCH_SIZE={cfg.DATA.BATCH_SIZE} is odd, but Mixup/CutMix pair up the samples of a '
                           f'batch: use an even batch size or set AUG.MIXUP 0.0 AUG.CUTMIX 0.0')
-    return cfg, data, resume, ckpt, mixup_fn
+    return cfg, data, start, mixup_fn
 
 
-def build_models(cfg: CN, ctx: DistContext, source: str, resume: Optional[str]):
+def build_models(cfg: CN, ctx: DistContext, source: str, resuming: bool):
     """The model (with --pretrained weights when not resuming), its EMA and, under torchrun, its DDP
     wrapper. Returns (model to train, bare model, EMA or None)."""
     model = build_model_for(cfg, source)
@@ -405,7 +424,7 @@ def build_models(cfg: CN, ctx: DistContext, source: str, resume: Optional[str]):
         logger.info(f'--compile-core: {set_compiled_core(model)} focused-attention modules compile their core '
                     'for training steps and evaluation')
     model.to(ctx.device)
-    if cfg.MODEL.PRETRAINED and not resume:
+    if cfg.MODEL.PRETRAINED and not resuming:
         load_pretrained(model, cfg.MODEL.PRETRAINED)
     if cfg.CHANNELS_LAST:
         model.to(memory_format=torch.channels_last)
@@ -425,14 +444,14 @@ def build_models(cfg: CN, ctx: DistContext, source: str, resume: Optional[str]):
 
 def run(args: argparse.Namespace, stop: StopSignal) -> int:
     cfg, ctx, output_dir, train_mode = start(args, stop)
-    cfg, data, resume, ckpt, mixup_fn = load_data(cfg, ctx, output_dir, train_mode)
-    job = Job(cfg, ctx, data, output_dir, config_to_yaml(cfg), make_autocast(cfg, ctx.device), stop)
-    model, model_without_ddp, ema = build_models(cfg, ctx, args.cfg, resume)
+    cfg, data, start_point, mixup_fn = load_data(cfg, ctx, output_dir, train_mode)
+    job = Job(cfg, ctx, data, output_dir, config_to_yaml(cfg), make_autocast(cfg, ctx.device), stop, start_point)
+    model, model_without_ddp, ema = build_models(cfg, ctx, args.cfg, resuming=start_point.path is not None)
     if not train_mode:
-        result = evaluate_only(job, model_without_ddp, ema, resume, ckpt)
+        result = evaluate_only(job, model_without_ddp, ema)
         write_config(output_dir, 'config_eval.yaml', job.config_yaml, ctx.is_main)
         return result
-    return train(job, model, model_without_ddp, ema, mixup_fn, resume, ckpt)
+    return train(job, model, model_without_ddp, ema, mixup_fn)
 
 
 def error_message(err: BaseException) -> str:
