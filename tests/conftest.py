@@ -1,8 +1,16 @@
 """Shared fixtures: golden files, inventories and tiny on-disk datasets."""
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import os
+import random
 import re
+import subprocess
+import sys
+import traceback
+import warnings
 from pathlib import Path
 from typing import List
 
@@ -110,18 +118,65 @@ def micro_cfg(tmp_path: Path) -> str:
     return str(path)
 
 
-def run_main(args: List[str], launcher: List[str] | None = None, timeout: float = 600, threads: int | None = 1):
-    """Run main.py in a subprocess (as a user would) and return the CompletedProcess.
+def run_main(args: List[str], launcher: List[str] | None = None, timeout: float = 600, threads: int | None = 1,
+             fresh_process: bool = False) -> subprocess.CompletedProcess:
+    """Run main.py with `args` and return what a user would see: exit code, stdout and stderr.
 
-    `threads` caps the intra-op threads (OMP_NUM_THREADS) of the micro runs, which only lose to
+    In this process by default (``main.main(args)`` from the repository root, its logs and warnings
+    captured, the caller's logger, RNG and thread count put back afterwards): starting Python and
+    importing torch for every CLI test adds nothing to what it checks. A real process
+    (``fresh_process``, or any `launcher` such as torchrun) for what only one can show: signals, the
+    interpreter's exit code and traceback, torchrun, and torch.compile, whose caches and recompile
+    limits are per process. `threads` caps the intra-op threads of the micro runs, which only lose to
     threading overhead; None keeps PyTorch's default (all cores), as a user's run would."""
-    import subprocess
-    import sys
-    env = dict(os.environ, PYTHONUNBUFFERED='1')
-    if threads is not None:
-        env['OMP_NUM_THREADS'] = str(threads)
-    command = (launcher or [sys.executable]) + [str(REPO / 'main.py')] + [str(a) for a in args]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    args = [str(a) for a in args]
+    if fresh_process or (launcher is not None):
+        env = dict(os.environ, PYTHONUNBUFFERED='1')
+        if threads is not None:
+            env['OMP_NUM_THREADS'] = str(threads)
+        command = (launcher or [sys.executable]) + [str(REPO / 'main.py')] + args
+        return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return _run_main_in_process(args, threads)
+
+
+def _run_main_in_process(args: List[str], threads: int | None) -> subprocess.CompletedProcess:
+    import main
+    project_logger = logging.getLogger('flatten')
+    saved_logger = (list(project_logger.handlers), project_logger.level, project_logger.propagate)
+    saved_rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    saved_threads, saved_cwd = torch.get_num_threads(), os.getcwd()
+    stdout, stderr = io.StringIO(), io.StringIO()
+
+    def show_warning(message, category, filename, lineno, file=None, line=None):
+        stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    try:
+        os.chdir(REPO)
+        if threads is not None:
+            torch.set_num_threads(threads)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
+            warnings.simplefilter('default')
+            warnings.showwarning = show_warning
+            try:
+                code = main.main(args)
+            except SystemExit as exit_:  # argparse
+                code = exit_.code if isinstance(exit_.code, int) else 1
+            except Exception:  # what the interpreter would print before exiting with 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        for handler in project_logger.handlers:
+            if handler not in saved_logger[0]:
+                handler.close()
+        project_logger.handlers[:] = saved_logger[0]
+        project_logger.setLevel(saved_logger[1])
+        project_logger.propagate = saved_logger[2]
+        random.setstate(saved_rng[0])
+        np.random.set_state(saved_rng[1])
+        torch.set_rng_state(saved_rng[2])
+        torch.set_num_threads(saved_threads)
+        os.chdir(saved_cwd)
+    return subprocess.CompletedProcess(['main.py'] + args, code, stdout.getvalue(), stderr.getvalue())
 
 
 def assert_model_contract(make, size: int, num_classes: int = 10) -> None:

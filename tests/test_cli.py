@@ -95,7 +95,7 @@ def test_compile_and_channels_last(tmp_path, image_folder, micro_cfg):
     plain parameter names (no ``_orig_mod.``) and evaluates to the logged accuracy without the flags."""
     out = tmp_path / 'out'
     result = run_main(['--cfg', micro_cfg, '--data-path', image_folder, '--output', out, '--compile',
-                       '--channels-last', '--opts', 'TRAIN.EPOCHS', '1'], threads=None)
+                       '--channels-last', '--opts', 'TRAIN.EPOCHS', '1'], threads=None, fresh_process=True)
     assert result.returncode == 0, result.stdout + result.stderr
     run = _run_dir(out)
     config = (run / 'config.yaml').read_text()
