@@ -218,7 +218,7 @@ def test_compile_core_cli(tmp_path, image_folder, micro_cfg):
     saves the key."""
     out = tmp_path / 'out'
     result = run_main(['--cfg', micro_cfg, '--data-path', image_folder, '--output', out, '--compile-core',
-                       '--opts', 'TRAIN.EPOCHS', '1'], threads=None)
+                       '--opts', 'TRAIN.EPOCHS', '1'], threads=None, fresh_process=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert re.search(r'--compile-core: [1-9]\d* focused-attention modules compile their core', result.stdout)
     assert not re.search(r'the compiled .* failed', result.stdout + result.stderr)  # training and evaluation graphs
