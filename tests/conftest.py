@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import logging
 import os
@@ -23,6 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 # (docs/checkpoints.md, "State-dict inventories"), so that every clone can check numerical identity.
 ASSETS = REPO / 'tests' / 'assets'
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+# PyTorch's own intra-op thread count, read before any test changes it: what a user's fresh process gets
+DEFAULT_THREADS = torch.get_num_threads()
 
 
 def asset_path(*parts: str) -> Path:
@@ -152,8 +155,7 @@ def _run_main_in_process(args: List[str], threads: int | None) -> subprocess.Com
 
     try:
         os.chdir(REPO)
-        if threads is not None:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(DEFAULT_THREADS if threads is None else threads)
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), warnings.catch_warnings():
             warnings.simplefilter('default')
             warnings.showwarning = show_warning
@@ -183,8 +185,11 @@ def assert_model_contract(make, size: int, num_classes: int = 10) -> None:
     """The registry-wide model checks (timm tests/test_models.py style) for the model `make()` builds
     with `num_classes` classes, at batch 1 and ``size``² input: shape and finite output; a finite
     gradient for every parameter except those the model declares unused; strict state-dict round trip
-    to an identical output; pre-logits features; reset_classifier to 3 and to 0 classes."""
+    into a copy with other weights, to an identical output; pre-logits features; reset_classifier to 3
+    and to 0 classes."""
     model = make()
+    # the round-trip target: a copy with other weights (a second make() would redo the costly init)
+    clone = randomize(copy.deepcopy(model), seed=1).eval()
     x = torch.randn(1, 3, size, size)
     out = model(x)
     assert out.shape == (1, num_classes) and model.num_classes == num_classes
@@ -201,7 +206,6 @@ def assert_model_contract(make, size: int, num_classes: int = 10) -> None:
             assert torch.isfinite(param.grad).all(), param_name
 
     model.eval()
-    clone = make().eval()
     clone.load_state_dict(model.state_dict(), strict=True)
     with torch.no_grad():
         reference = model(x)

@@ -1,7 +1,10 @@
 """Every registered model, timm tests/test_models.py style: forward, backward, heads, state dicts.
 
-Each registered variant is built at full size (batch 1, at the resolution its name gives: 384 for
-``*_384``, else 224) with 10 classes, so the whole registry is exercised the way users create it.
+Each registered variant is built as users create it (full width and depth, 10 classes) and runs the
+contract at batch 1 on a reduced 64² input, which every backbone takes (any input size); one model
+per family, the first FLatten variant of :data:`FULL_SIZE`, runs it at the resolution its name gives
+(384 for ``*_384``, else 224), as timm's own tests do: reduced sizes for the registry, full size for a
+few.
 """
 from __future__ import annotations
 
@@ -14,9 +17,21 @@ from conftest import assert_model_contract
 
 import models
 
+# one full-size model per family; every other variant runs the same checks at REDUCED_SIZE
+FULL_SIZE = ('flatten_deit_tiny_patch16_224', 'flatten_pvt_tiny', 'flatten_pvt_v2_b0', 'flatten_swin_tiny_patch4_224',
+             'flatten_cswin_tiny_224')
+REDUCED_SIZE = 64
+
 
 def _resolution(name: str) -> int:
+    if name not in FULL_SIZE:
+        return REDUCED_SIZE
     return 384 if name.endswith('384') else 224
+
+
+def test_one_full_size_model_per_family():
+    families = {models.create_model(name).__class__ for name in FULL_SIZE}
+    assert len(families) == len(FULL_SIZE) and set(FULL_SIZE) <= set(models.list_models())
 
 
 def test_every_variant_is_registered_in_timm():
