@@ -235,7 +235,7 @@ def test_real_runs_exit_2_without_traceback(micro_yaml, tmp_path):
     }
     args = [['--cfg', micro_yaml, '--output', tmp_path / 'out', '--opts', key, value] for key, value in runs]
     with ThreadPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(lambda a: run_main(a, timeout=120), args))
+        results = list(pool.map(lambda a: run_main(a, timeout=120, fresh_process=True), args))
     for result, expected in zip(results, runs.values(), strict=True):
         text = result.stdout + result.stderr
         assert result.returncode == 2, text[-2000:]
