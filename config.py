@@ -168,8 +168,12 @@ _C.DATA.NUM_WORKERS = 8
 # them and uses the next readable image instead
 _C.DATA.SKIP_CORRUPT = False
 # *new* Train on a fixed random subset of this many training images (drawn with SEED; 0 = all), for
-# quick experiments and tests. Validation always uses the whole split.
+# quick experiments and tests
 _C.DATA.TRAIN_SUBSET = 0
+# *new* Validate on a fixed random subset of this many validation images (drawn with SEED; 0 = all):
+# the same images every epoch, on every rank count, and logged as such. Accuracy figures to compare
+# with a paper need the whole split (0)
+_C.DATA.VAL_SUBSET = 0
 # *new* Repeated augmentation (DeiT's recipe, --repeated-aug): each image drawn in an epoch appears
 # REPEATED_AUG_COUNT = k times, on different ranks (when the world size W >= k), each augmented
 # differently. The epoch keeps its length: every rank takes g*floor(N/(W*g)) samples, g = k/gcd(k, W),
@@ -426,6 +430,8 @@ RANGES: Dict[str, Range] = {
     'DATA.NUM_WORKERS': Range('[0, inf)', 'loader processes per process; 0 loads in the main process', integer=True),
     'DATA.TRAIN_SUBSET': Range('[0, inf)', 'training images to keep, 0 = all; more than the split holds is refused '
                                            'when it is loaded', integer=True),
+    'DATA.VAL_SUBSET': Range('[0, inf)', 'validation images to keep, 0 = all; more than the split holds is refused '
+                                         'when it is loaded', integer=True),
     'DATA.REPEATED_AUG_COUNT': Range('[1, inf)', 'copies of each sampled image per epoch; 1 = no repetition',
                                      integer=True),
     # model

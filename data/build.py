@@ -112,10 +112,11 @@ def build_mixup(cfg, num_classes: int) -> Optional[Mixup]:
         label_smoothing=cfg.MODEL.LABEL_SMOOTHING, num_classes=num_classes)
 
 
-def _subset(dataset: torch.utils.data.Dataset, size: int, seed: int) -> torch.utils.data.Subset:
-    """A fixed random subset (the same for every rank and run with this seed)."""
+def _subset(dataset: torch.utils.data.Dataset, size: int, seed: int, split: str) -> torch.utils.data.Subset:
+    """A fixed random subset of the `split` ('train' or 'val') split, the same for every rank and run with this seed."""
     if not 0 < size <= len(dataset):
-        raise DataError(f'DATA.TRAIN_SUBSET={size} must be between 1 and the {len(dataset)} training images')
+        raise DataError(f'DATA.{split.upper()}_SUBSET={size} must be between 1 and the {len(dataset)} {split} images')
+    logger.info(f'{split} split: a fixed random {size:,} of its {len(dataset):,} images (DATA.{split.upper()}_SUBSET)')
     indices = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
     return torch.utils.data.Subset(dataset, indices.tolist())
 
@@ -139,6 +140,8 @@ def build_loaders(cfg, rank: int = 0, world_size: int = 1, train: bool = True, p
     """
     dataset_val, val_classes = build_dataset(False, cfg)
     num_classes = len(val_classes)
+    if cfg.DATA.VAL_SUBSET:
+        dataset_val = _subset(dataset_val, cfg.DATA.VAL_SUBSET, cfg.SEED, 'val')
     # Each loader draws its workers' base seed from its own generator, not from the global RNG: a
     # global draw per epoch would shift drop-path and Mixup randomness between an uninterrupted and
     # a resumed run (augmentations do not depend on worker seeds, see SeededAugmentation). Workers
@@ -160,7 +163,7 @@ def build_loaders(cfg, rank: int = 0, world_size: int = 1, train: bool = True, p
                 f'different names (only in train: {only_train}; only in val: {only_val}): label indices would '
                 f'not match; both splits must hold the same class folders')
         if cfg.DATA.TRAIN_SUBSET:
-            dataset_train = _subset(dataset_train, cfg.DATA.TRAIN_SUBSET, cfg.SEED)
+            dataset_train = _subset(dataset_train, cfg.DATA.TRAIN_SUBSET, cfg.SEED, 'train')
         dataset_train = SeededAugmentation(dataset_train, cfg.SEED)
         if cfg.DATA.REPEATED_AUG:
             sampler = ResumableRepeatAugSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,

@@ -105,6 +105,25 @@ def test_image_folder_loaders(image_folder):
     assert sum(len(batch[1]) for batch in bundle.loader_val) == 9
 
 
+def test_subsets_are_fixed_draws_of_each_split(image_folder, caplog):
+    opts = ['DATA.DATA_PATH', str(image_folder), 'DATA.BATCH_SIZE', '2', 'DATA.IMG_SIZE', '32', 'DATA.NUM_WORKERS', '0',
+            'DATA.TRAIN_SUBSET', '10', 'DATA.VAL_SUBSET', '5']
+    with caplog.at_level('INFO', logger='flatten.data'):
+        bundle = build_loaders(load_config(None, opts))
+    assert 'val split: a fixed random 5 of its 9 images (DATA.VAL_SUBSET)' in caplog.text
+    assert len(bundle.dataset_train) == 10 and len(bundle.dataset_val) == 5
+    assert sum(len(labels) for _, labels in bundle.loader_val) == 5 and bundle.num_classes == 3
+    # the same seed draws the same images; another seed other ones
+    again = build_loaders(load_config(None, opts))
+    assert again.dataset_val.indices == bundle.dataset_val.indices
+    assert build_loaders(load_config(None, opts + ['SEED', '1'])).dataset_val.indices != bundle.dataset_val.indices
+    for key, size, message in (('DATA.VAL_SUBSET', '10', 'DATA.VAL_SUBSET=10 must be between 1 and the 9 val images'),
+                               ('DATA.TRAIN_SUBSET', '25',
+                                'DATA.TRAIN_SUBSET=25 must be between 1 and the 24 train images')):
+        with pytest.raises(ValueError, match=message):
+            build_loaders(load_config(None, opts + [key, size]))
+
+
 def _epochs(bundle, epochs, skip=0):
     """The training batches of each epoch, driven as main.run_epoch drives them."""
     out = []

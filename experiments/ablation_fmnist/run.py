@@ -111,6 +111,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     parser.add_argument('--train-subset', type=int, default=10000, help='training images per epoch (0: all 60k)')
     parser.add_argument('--epochs', type=int, default=2)
+    parser.add_argument('--val-subset', type=int, default=0,
+                        help='test images to evaluate on, a fixed random subset (0: all 10k)')
     parser.add_argument('--jobs', type=int, default=2, help='runs at a time (one thread each)')
     parser.add_argument('--data-path', default='', help='Fashion-MNIST folder (default: the Debian package)')
     parser.add_argument('--report', default=str(HERE / 'README.md'), metavar='PATH',
@@ -136,7 +138,7 @@ def write_configs(work: Path) -> Dict[str, Path]:
 def run_one(cfg: Path, opts: List[str], seed: int, args, output: Path) -> dict:
     command = [sys.executable, str(REPO / 'main.py'), '--cfg', str(cfg), '--output', str(output),
                '--opts', 'SEED', str(seed), 'TRAIN.EPOCHS', str(args.epochs),
-               'DATA.TRAIN_SUBSET', str(args.train_subset), *opts]
+               'DATA.TRAIN_SUBSET', str(args.train_subset), 'DATA.VAL_SUBSET', str(args.val_subset), *opts]
     if args.data_path:
         command[4:4] = ['--data-path', args.data_path]
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
@@ -179,11 +181,15 @@ def verdict(table: Dict[str, Dict[str, dict]]) -> List[str]:
 def write_report(path: str, json_path: str, table, results, args, seconds: float) -> None:
     """The markdown report at `path`; it names the JSON of the runs, `json_path`, relative to itself."""
     families = list(table)
+    val_subset = getattr(args, 'val_subset', 0)  # JSON written before the option existed lacks it
+    options = f'--seeds {" ".join(map(str, args.seeds))} --train-subset {args.train_subset} --epochs {args.epochs}'
+    options += f' --val-subset {val_subset}' if val_subset else ''
+    count = results[0]['count']
+    scope = 'the 10,000' if count == 10000 else f'{count:,} of the 10,000'
     lines = ['# Table 4 ladder on Fashion-MNIST', '',
-             'Produced by `python -m experiments.ablation_fmnist.run` '
-             f'(`--seeds {" ".join(map(str, args.seeds))} --train-subset {args.train_subset} --epochs {args.epochs}`), '
+             f'Produced by `python -m experiments.ablation_fmnist.run` (`{options}`), '
              f'which writes this page and every run in `{os.path.relpath(json_path, os.path.dirname(path))}`. '
-             f'Top-1 (%) on the 10,000 Fashion-MNIST test images after {args.epochs} epoch(s) on '
+             f'Top-1 (%) on {scope} Fashion-MNIST test images after {args.epochs} epoch(s) on '
              f'{args.train_subset or 60000} training images, 32² input, mean ± std over {len(args.seeds)} seed(s); '
              f'{len(results)} runs took {seconds / 60:.1f} min on {os.cpu_count()} CPU cores.', '']
     rows = [dict(rung=rung, **{f: f'{table[f][rung]["mean"]:.2f} ± {table[f][rung]["std"]:.2f}' for f in families})
