@@ -7,57 +7,40 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_main
+from conftest import REPO, run_main
 
 from models.swin import FLattenSwinTransformer
 
 ACC = re.compile(r' \* Acc@1 (\d+\.\d+)')
+DEMO = REPO / 'configs' / 'demo' / 'flatten_swin_fmnist.yaml'
 
-# A micro FLatten-Swin: patch 2, a global focused-linear stage and a global softmax stage, so both
-# the positional encodings and the relative position bias tables change size with the resolution.
+# The demo's recipe (configs/demo) on a smaller FLatten-Swin: patch 2, a global focused-linear stage and a
+# global softmax stage, so both the positional encodings and the relative position bias tables change
+# size with the resolution.
 MICRO = """\
+BASE: [ '{demo}' ]
 DATA:
-  DATASET: fashion_mnist
   IMG_SIZE: {img}
-  BATCH_SIZE: 128
-  NUM_WORKERS: 1
   TRAIN_SUBSET: 10000
   VAL_SUBSET: 2000
 MODEL:
-  TYPE: flatten_swin
   NAME: micro
-  DROP_PATH_RATE: 0.0
   SWIN:
     PATCH_SIZE: 2
     EMBED_DIM: 32
-    DEPTHS: [ 2, 2 ]
     NUM_HEADS: [ 1, 2 ]
     WINDOW_SIZE: {window}
     SOFTMAX_WINDOW_SIZE: {softmax_window}
-  LA:
-    ATTN_TYPE: LS
 TRAIN:
   EPOCHS: {epochs}
   WARMUP_EPOCHS: 0
-  BASE_LR: 8e-3
-  MIN_LR: 8e-5
-AUG:
-  AUTO_AUGMENT: none
-  COLOR_JITTER: 0.0
-  REPROB: 0.0
-  MIXUP: 0.0
-  CUTMIX: 0.0
-  SCALE: (1.0, 1.0)
-  RATIO: (1.0, 1.0)
-TEST:
-  CROP: False
 PRINT_FREQ: 1000
 """
 
 
 def _config(tmp: Path, img: int, epochs: int) -> str:
     path = tmp / f'micro_{img}_{epochs}.yaml'
-    path.write_text(MICRO.format(img=img, window=img // 2, softmax_window=img // 4, epochs=epochs))
+    path.write_text(MICRO.format(demo=DEMO, img=img, window=img // 2, softmax_window=img // 4, epochs=epochs))
     return str(path)
 
 
