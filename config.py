@@ -182,6 +182,44 @@ _C.DATA.REPEATED_AUG = False
 _C.DATA.REPEATED_AUG_COUNT = 3
 
 # -----------------------------------------------------------------------------
+# *new* Semantic segmentation (TASK 'segmentation', configs/ade20k; docs/segmentation.md)
+# -----------------------------------------------------------------------------
+# What main.py trains and evaluates: 'classification' (ImageNet-style folders, Fashion-MNIST) or
+# 'segmentation' (ADE20K-layout folders, DATA.DATASET 'ade20k')
+_C.TASK = 'classification'
+_C.SEG = CN()
+# Decoder: 'upernet' (PPM + FPN fusion, Xiao et al. 2018) or 'fpn' (Semantic FPN, Kirillov et al. 2019)
+_C.SEG.DECODER = 'upernet'
+# Decoder width: UperNet's PPM/FPN channels (512), or the Semantic FPN head's (128)
+_C.SEG.CHANNELS = 512
+# Semantic FPN: channels of the FPN neck
+_C.SEG.FPN_CHANNELS = 256
+# UperNet: output sides of the pyramid pooling module
+_C.SEG.POOL_SCALES = [1, 2, 3, 6]
+# Dropout before the classifier of the decoder and of the auxiliary head
+_C.SEG.DROPOUT = 0.1
+# Auxiliary FCN head on backbone stage AUX_STAGE (0-based; 2 = the third), used in training only:
+# its loss counts AUX_WEIGHT times; 0 builds no auxiliary head
+_C.SEG.AUX_WEIGHT = 0.4
+_C.SEG.AUX_CHANNELS = 256
+_C.SEG.AUX_STAGE = 2
+# Training images are resized to SEG.SCALE (long side, short side) times a ratio drawn from
+# RATIO_RANGE, keeping their aspect ratio, then cropped to CROP_SIZE (H, W) with at most
+# CAT_MAX_RATIO of the labelled pixels in one class (1 = no limit)
+_C.SEG.SCALE = [2048, 512]
+_C.SEG.RATIO_RANGE = [0.5, 2.0]
+_C.SEG.CROP_SIZE = [512, 512]
+_C.SEG.CAT_MAX_RATIO = 0.75
+# Inference: 'whole' (the image rescaled to SEG.SCALE in one pass) or 'slide' (CROP_SIZE windows
+# every TEST_STRIDE (H, W) pixels, overlaps averaged)
+_C.SEG.TEST_MODE = 'whole'
+_C.SEG.TEST_STRIDE = [341, 341]
+# Ratios of SEG.SCALE to evaluate at, and whether to add each one's horizontal flip; the class
+# scores of all passes are averaged ([0.5, 0.75, 1.0, 1.25, 1.5, 1.75] + flip = multi-scale testing)
+_C.SEG.TEST_SCALES = [1.0]
+_C.SEG.TEST_FLIP = False
+
+# -----------------------------------------------------------------------------
 # Model settings
 # -----------------------------------------------------------------------------
 _C.MODEL = CN()
@@ -312,11 +350,19 @@ _C.TRAIN.FIND_UNUSED_PARAMS = False
 _C.TRAIN.CKPT_STEPS = 0
 # *new* Stop after this many consecutive updates with non-finite loss or gradients (each is skipped)
 _C.TRAIN.MAX_NONFINITE_STEPS = 20
+# *new* Iteration-based schedule (segmentation): ITERS optimizer updates in all, with evaluation and a
+# checkpoint every EVAL_PERIOD updates (an iteration schedule's "epoch"); WARMUP_ITERS of linear
+# warm-up from WARMUP_LR. ITERS 0 keeps the epoch schedule (EPOCHS, WARMUP_EPOCHS)
+_C.TRAIN.ITERS = 0
+_C.TRAIN.WARMUP_ITERS = 0
+_C.TRAIN.EVAL_PERIOD = 16000
 
 # LR scheduler
 _C.TRAIN.LR_SCHEDULER = CN()
-# cosine, linear or step
+# cosine, linear, step or poly (*new*: (1 - t/T)^POWER from BASE_LR to MIN_LR, as mmseg's)
 _C.TRAIN.LR_SCHEDULER.NAME = 'cosine'
+# *new* Power of the poly schedule
+_C.TRAIN.LR_SCHEDULER.POWER = 1.0
 # Epoch interval to decay LR, used in StepLRScheduler
 _C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
 # LR decay rate, used in StepLRScheduler
@@ -434,6 +480,23 @@ RANGES: Dict[str, Range] = {
                                          'when it is loaded', integer=True),
     'DATA.REPEATED_AUG_COUNT': Range('[1, inf)', 'copies of each sampled image per epoch; 1 = no repetition',
                                      integer=True),
+    # segmentation
+    'SEG.CHANNELS': Range('[1, inf)', 'decoder width', integer=True),
+    'SEG.FPN_CHANNELS': Range('[1, inf)', 'Semantic FPN neck width', integer=True),
+    'SEG.POOL_SCALES': Range('[1, inf)', 'output sides of the pyramid pooling module', form='list', integer=True),
+    'SEG.DROPOUT': Range('[0, 1)', 'dropout probability before the classifiers'),
+    'SEG.AUX_WEIGHT': Range('[0, inf)', 'weight of the auxiliary head loss, 0 = no auxiliary head'),
+    'SEG.AUX_CHANNELS': Range('[1, inf)', 'auxiliary head width', integer=True),
+    'SEG.AUX_STAGE': Range('[0, inf)', 'backbone stage (0-based) the auxiliary head reads; below the stage count, '
+                                       'checked when the model is built', integer=True),
+    'SEG.SCALE': Range('[1, inf)', 'image scale (long side, short side) in pixels', form='pair'),
+    'SEG.RATIO_RANGE': Range('(0, inf)', 'range of the random resize ratio', form='pair', order='<='),
+    'SEG.CROP_SIZE': Range('[1, inf)', 'training crop and sliding window (H, W) in pixels', form='pair',
+                           integer=True),
+    'SEG.CAT_MAX_RATIO': Range('(0, 1]', 'largest share of a crop\'s labelled pixels one class may take; 1 = '
+                                         'no limit'),
+    'SEG.TEST_STRIDE': Range('[1, inf)', 'sliding-window step (H, W) in pixels', form='pair', integer=True),
+    'SEG.TEST_SCALES': Range('(0, inf)', 'ratios of SEG.SCALE evaluated and averaged', form='list'),
     # model
     'MODEL.NUM_CLASSES': Range('[1, inf)', "classifier outputs; a training run uses the dataset's class count",
                                integer=True),
@@ -482,6 +545,12 @@ RANGES: Dict[str, Range] = {
                               integer=True),
     'TRAIN.CKPT_STEPS': Range('[0, inf)', 'updates between mid-epoch checkpoints, 0 = only at epoch ends',
                               integer=True),
+    'TRAIN.ITERS': Range('[0, inf)', 'length of an iteration schedule in updates; 0 = the epoch schedule',
+                         integer=True),
+    'TRAIN.WARMUP_ITERS': Range('[0, inf)', 'updates of linear warm-up of an iteration schedule', integer=True),
+    'TRAIN.EVAL_PERIOD': Range('[1, inf)', 'updates between evaluations and checkpoints of an iteration schedule',
+                               integer=True),
+    'TRAIN.LR_SCHEDULER.POWER': Range('(0, inf)', 'exponent of the poly schedule; 1 decays linearly'),
     'TRAIN.MAX_NONFINITE_STEPS': Range('[1, inf)', 'consecutive skipped non-finite updates that stop the run',
                                        integer=True),
     'TRAIN.LR_SCHEDULER.DECAY_EPOCHS': Range('[1, inf)', 'epochs between decays of the step schedule; 0 would '
@@ -516,6 +585,14 @@ RANGES: Dict[str, Range] = {
                   integer=True),
     'LOCAL_RANK': Range('[0, inf)', 'process index on this machine', integer=True),
     'DIST_TIMEOUT': Range('[1, inf)', 'minutes a collective waits for the other ranks', integer=True),
+}
+
+# String keys with a fixed set of values.
+CHOICES: Dict[str, tuple] = {
+    'AMP_DTYPE': ('fp16', 'bf16'),
+    'TASK': ('classification', 'segmentation'),
+    'SEG.DECODER': ('upernet', 'fpn'),
+    'SEG.TEST_MODE': ('whole', 'slide'),
 }
 
 # Keys that yacs would let take a number but that need no range, and why.
@@ -665,9 +742,17 @@ def _validate(cfg: CN, sources: Optional[Dict[str, str]] = None) -> None:
         if not valid.accepts(value):
             origin = f' (from {sources[key]})' if key in sources else ''
             problems.append(f'{key}={value!r}{origin} is out of range: expected {valid.describe()} ({valid.why})')
-    if cfg.AMP_DTYPE not in ('fp16', 'bf16'):
-        origin = f' (from {sources["AMP_DTYPE"]})' if 'AMP_DTYPE' in sources else ''
-        problems.append(f"AMP_DTYPE must be 'fp16' or 'bf16', got {cfg.AMP_DTYPE!r}{origin}")
+    for key, choices in CHOICES.items():
+        value = _value_of(cfg, key)
+        if value not in choices:
+            origin = f' (from {sources[key]})' if key in sources else ''
+            problems.append(f'{key} must be one of {", ".join(map(repr, choices))}, got {value!r}{origin}')
+    if cfg.TRAIN.ITERS and cfg.TRAIN.ITERS % cfg.TRAIN.EVAL_PERIOD:
+        problems.append(f'TRAIN.ITERS={cfg.TRAIN.ITERS} is not a multiple of '
+                        f'TRAIN.EVAL_PERIOD={cfg.TRAIN.EVAL_PERIOD}: an iteration schedule is a whole number of '
+                        f'evaluation periods')
+    if cfg.TASK == 'segmentation' and not cfg.TRAIN.ITERS:
+        problems.append('TASK segmentation trains on an iteration schedule: set TRAIN.ITERS (and TRAIN.EVAL_PERIOD)')
     if len(problems) == 1:
         raise ConfigError(problems[0])
     if problems:
@@ -676,7 +761,7 @@ def _validate(cfg: CN, sources: Optional[Dict[str, str]] = None) -> None:
 
 def scale_lr(cfg: CN, world_size: int) -> CN:
     """Linear LR scaling: lr · BATCH_SIZE · world_size · ACCUMULATION_STEPS / 512 (docs/training.md,
-    "Linear LR scaling").
+    "Linear LR scaling"); segmentation configs keep their rates (docs/segmentation.md).
 
     Returns a frozen copy; the run folder's config.yaml records the scaled values, as the
     official code does. The factor is positive (BATCH_SIZE, ACCUMULATION_STEPS >= 1), so the
@@ -685,6 +770,8 @@ def scale_lr(cfg: CN, world_size: int) -> CN:
     """
     if world_size < 1:
         raise ValueError(f'world_size must be >= 1, got {world_size}')
+    if cfg.TASK == 'segmentation':  # mmseg's recipes give the rate of their total batch; it is used as written
+        return cfg
     factor = cfg.DATA.BATCH_SIZE * world_size * cfg.TRAIN.ACCUMULATION_STEPS / 512.0
     cfg = cfg.clone()
     cfg.defrost()

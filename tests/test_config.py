@@ -119,13 +119,17 @@ def test_yaml_round_trip():
     ('DATA:\n  BATCH_SIZE: [1, 2]\n', "wrong value type for 'DATA.BATCH_SIZE'"),
     ('- a\n- b\n', 'must be a YAML mapping'),
     ('MODEL: [unclosed\n', 'is not valid YAML'),
-    ('AMP_DTYPE: fp8\n', "AMP_DTYPE must be 'fp16' or 'bf16'"),
+    ('AMP_DTYPE: fp8\n', "AMP_DTYPE must be one of 'fp16', 'bf16', got 'fp8'"),
+    ('TASK: detect\n', "TASK must be one of 'classification', 'segmentation', got 'detect'"),
+    ('SEG:\n  TEST_MODE: sliding\n', "SEG.TEST_MODE must be one of 'whole', 'slide'"),
+    ('TRAIN:\n  ITERS: 100\n  EVAL_PERIOD: 30\n', 'TRAIN.ITERS=100 is not a multiple of TRAIN.EVAL_PERIOD=30'),
+    ('TASK: segmentation\n', 'TASK segmentation trains on an iteration schedule: set TRAIN.ITERS'),
 ])
 def test_bad_files_name_the_problem(tmp_path, text, message):
     path = _write(tmp_path / 'bad.yaml', text)
     with pytest.raises(ConfigError, match=message.replace('[', r'\[').replace('.', r'\.')) as info:
         load_config(path)
-    assert 'bad.yaml' in str(info.value) or 'AMP_DTYPE' in str(info.value)
+    assert 'bad.yaml' in str(info.value) or message.split()[0] in str(info.value)
 
 
 def test_bad_opts_name_the_key():
