@@ -6,7 +6,8 @@ from typing import Iterator, Sized, Tuple
 
 import torch
 
-__all__ = ['ShardedEvalSampler', 'ResumableDistributedSampler', 'ResumableRepeatAugSampler', 'EpochTaggedSampler']
+__all__ = ['ShardedEvalSampler', 'ResumableDistributedSampler', 'ResumableRepeatAugSampler', 'ResumableStreamSampler',
+           'EpochTaggedSampler']
 
 
 class ShardedEvalSampler(torch.utils.data.Sampler):
@@ -115,6 +116,48 @@ class ResumableRepeatAugSampler(_StartsMidEpoch, torch.utils.data.Sampler):
         positions = torch.arange(self.rank, self.num_samples * self.num_replicas, self.num_replicas)
         encoded = (positions % self.num_repeats) * self.dataset_len + order[positions // self.num_repeats]
         return iter(encoded[self.start:].tolist())
+
+
+class ResumableStreamSampler(_StartsMidEpoch, torch.utils.data.Sampler):
+    """The training order of an iteration schedule: an endless stream of passes over the N indices,
+    pass p shuffled by ``seed + p``, cut into "epochs" (evaluation periods) of ``num_samples``
+    indices per rank.
+
+    Period e covers stream positions ``[e·num_samples·W, (e+1)·num_samples·W)`` and rank r takes
+    every W-th of them from r on, so the ranks' k-th batches together are the stream positions a
+    single process with W times the batch takes in its k-th batch: the same samples for any world
+    size at the same total batch. A period may span passes, and the end of a pass is never dropped.
+
+    The sampler yields ``p * N + index`` (p the pass): :class:`data.datasets.SeededAugmentation`
+    decodes it, so an image drawn again in a later pass of the same period is augmented afresh.
+    ``set_epoch`` and ``skip`` behave as in :class:`ResumableDistributedSampler`.
+    """
+
+    def __init__(self, dataset: Sized, num_samples: int, num_replicas: int = 1, rank: int = 0, seed: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f'rank {rank} is outside [0, {num_replicas})')
+        if len(dataset) < 1 or num_samples < 1:
+            raise ValueError(f'a stream needs indices and a period length, got {len(dataset)} and {num_samples}')
+        self.dataset_len, self.num_samples = len(dataset), num_samples
+        self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        n, span = self.dataset_len, self.num_samples * self.num_replicas
+        positions = torch.arange(self.epoch * span + self.rank, (self.epoch + 1) * span, self.num_replicas)
+        positions = positions[self.start:]
+        passes = positions // n
+        encoded = torch.empty_like(positions)
+        for p in passes.unique().tolist():
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + p))
+            here = passes == p
+            encoded[here] = p * n + order[positions[here] % n]
+        return iter(encoded.tolist())
 
 
 class EpochTaggedSampler(torch.utils.data.Sampler):

@@ -13,9 +13,10 @@ Training, in order (one image and its label map):
 5. **Normalise** with the ImageNet mean and std (in 0–255 units), then **pad** the bottom and right
    to `crop` with 0 (image) and the ignore index (label).
 
-Evaluation rescales the image the same way with r = 1 and leaves the label at its own size, since
-predictions are scored at the original resolution. Randomness comes from Python's ``random``, which
-:class:`data.datasets.SeededAugmentation` seeds per (seed, epoch, sample) as for classification.
+Evaluation rescales the image the same way with r = 1 (or with each ratio of a multi-scale test)
+and leaves the label at its own size, since predictions are scored at the original resolution.
+Randomness comes from Python's ``random``, which :class:`data.datasets.SeededAugmentation` seeds per
+(seed, epoch, sample) as for classification.
 Where this differs from mmseg's OpenCV code (Pillow's resampling, Pillow's HSV), docs/segmentation.md
 says by how much.
 """
@@ -126,11 +127,14 @@ class SegTrainTransform:
 
 
 class SegEvalTransform:
-    """The image rescaled as training does at ratio 1 and normalised; the label as it is (int64)."""
+    """The image rescaled as training does, at each ratio of `ratios` (multi-scale testing), and
+    normalised; the label as it is (int64). Returns ``(list of (3, h, w) images, label)``."""
 
-    def __init__(self, scale: Sequence[int] = (2048, 512)):
-        self.scale = tuple(scale)
+    def __init__(self, scale: Sequence[int] = (2048, 512), ratios: Sequence[float] = (1.0,)):
+        self.scale, self.ratios = tuple(scale), tuple(ratios)
 
-    def __call__(self, image: Image.Image, label: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
-        pixels = np.asarray(image.resize(rescale_size(image.size, self.scale), Image.BILINEAR))
-        return _normalise(pixels), torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))
+    def __call__(self, image: Image.Image, label: np.ndarray) -> Tuple[list, torch.Tensor]:
+        images = [_normalise(np.asarray(image.resize(rescale_size(image.size, (self.scale[0] * r, self.scale[1] * r)),
+                                                     Image.BILINEAR)))
+                  for r in self.ratios]
+        return images, torch.from_numpy(np.ascontiguousarray(label).astype(np.int64))

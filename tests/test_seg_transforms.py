@@ -113,5 +113,7 @@ def test_photometric_distortion():
 
 def test_eval_keeps_the_label_at_its_size():
     label = np.arange(48 * 64).reshape(48, 64) % 7
-    image, target = SegEvalTransform(scale=(128, 32))(Image.new('RGB', (64, 48)), label)
-    assert image.shape == (3, 32, 43) and torch.equal(target, torch.from_numpy(label))
+    images, target = SegEvalTransform(scale=(128, 32))(Image.new('RGB', (64, 48)), label)
+    assert [image.shape for image in images] == [(3, 32, 43)] and torch.equal(target, torch.from_numpy(label))
+    images, _ = SegEvalTransform(scale=(128, 32), ratios=(0.5, 1.5))(Image.new('RGB', (64, 48)), label)
+    assert [image.shape for image in images] == [(3, 16, 21), (3, 48, 64)]

@@ -2,14 +2,15 @@
 
 ``step_update(t)`` is called with the update counter ``t = epoch·I + idx`` after every optimizer
 step, ``I`` being the optimizer updates per epoch. The cosine spans ``EPOCHS`` only (``t`` is not
-shifted by the warm-up); cooldown epochs run at ``MIN_LR``.
+shifted by the warm-up); cooldown epochs run at ``MIN_LR``. An iteration schedule (``TRAIN.ITERS``)
+spans ITERS updates with WARMUP_ITERS of warm-up; its "epochs" are evaluation periods.
 """
 from __future__ import annotations
 
 from typing import List
 
 import torch
-from timm.scheduler import CosineLRScheduler, StepLRScheduler
+from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 
 __all__ = ['build_scheduler', 'LinearLRScheduler']
@@ -40,8 +41,11 @@ class LinearLRScheduler(Scheduler):
 
 def build_scheduler(cfg, optimizer: torch.optim.Optimizer, updates_per_epoch: int) -> Scheduler:
     """The ``TRAIN.LR_SCHEDULER.NAME`` schedule in optimizer updates (scaled LRs from `cfg`)."""
-    num_steps = int(cfg.TRAIN.EPOCHS * updates_per_epoch)
-    warmup_steps = int(cfg.TRAIN.WARMUP_EPOCHS * updates_per_epoch)
+    if cfg.TRAIN.ITERS:  # an iteration schedule (segmentation)
+        num_steps, warmup_steps = cfg.TRAIN.ITERS, cfg.TRAIN.WARMUP_ITERS
+    else:
+        num_steps = int(cfg.TRAIN.EPOCHS * updates_per_epoch)
+        warmup_steps = int(cfg.TRAIN.WARMUP_EPOCHS * updates_per_epoch)
     name = cfg.TRAIN.LR_SCHEDULER.NAME
     if num_steps < 1:
         raise ValueError(f'TRAIN.EPOCHS={cfg.TRAIN.EPOCHS} with {updates_per_epoch} updates per epoch gives an '
@@ -58,4 +62,9 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, updates_per_epoch: in
             optimizer, decay_t=int(cfg.TRAIN.LR_SCHEDULER.DECAY_EPOCHS * updates_per_epoch),
             decay_rate=cfg.TRAIN.LR_SCHEDULER.DECAY_RATE, warmup_lr_init=cfg.TRAIN.WARMUP_LR,
             warmup_t=warmup_steps, t_in_epochs=False)
-    raise ValueError(f"TRAIN.LR_SCHEDULER.NAME={name!r} is not supported; use 'cosine', 'linear' or 'step'")
+    if name == 'poly':
+        return PolyLRScheduler(
+            optimizer, t_initial=num_steps, power=cfg.TRAIN.LR_SCHEDULER.POWER, lr_min=cfg.TRAIN.MIN_LR,
+            warmup_lr_init=cfg.TRAIN.WARMUP_LR, warmup_t=warmup_steps, cycle_limit=1, t_in_epochs=False,
+            warmup_prefix=False)
+    raise ValueError(f"TRAIN.LR_SCHEDULER.NAME={name!r} is not supported; use 'cosine', 'linear', 'step' or 'poly'")
