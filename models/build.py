@@ -172,11 +172,16 @@ def describe(cfg) -> str:
 
 
 def build_model(cfg) -> nn.Module:
-    """Build the model described by `cfg` (``MODEL.TYPE`` plus the keys its row reads), see :func:`resolve`.
+    """Build the model described by `cfg` (``MODEL.TYPE`` plus the keys its row reads), see :func:`resolve`:
+    the classifier, or with ``TASK: segmentation`` a :class:`models.segmentation.Segmentor` on it.
 
     Raises :class:`models.registry.UnknownModelError` listing the known types (closest first) when
     ``MODEL.TYPE`` is not registered, and ValueError naming the offending key when the keys do not fit
     together (e.g. an image size the windows cannot tile).
     """
+    # a segmentor: the backbone of the same row under a decode head (models/segmentation.py)
+    if getattr(cfg, 'TASK', 'classification') == 'segmentation':
+        from .segmentation import build_segmentor
+        return build_segmentor(cfg)
     name, overrides = resolve(cfg)
     return create_model(name, **overrides)

@@ -40,7 +40,7 @@ def test_every_table8_row_has_a_config():
 @pytest.mark.slow
 def test_table8(tmp_path, capsys):
     out = tmp_path / 'table.json'
-    assert main(['--json', str(out)]) == 0
+    assert main(['--table', '8', '--json', str(out)]) == 0
     rows = {row['config']: row for row in json.loads(out.read_text())}
     printed = capsys.readouterr().out
     assert format_table(list(rows.values())).splitlines()[0] in printed
@@ -56,3 +56,24 @@ def test_table8(tmp_path, capsys):
         elif stem not in KNOWN_BASELINE_MISMATCHES:
             # softmax baselines: parameters within 3% of the paper
             assert abs(row['params'] - paper_params) / paper_params <= 0.03, (stem, row['params'])
+
+
+# Table 1 FLOPs our counter cannot reproduce (docs/segmentation.md, "Parameters and FLOPs against Table 1"):
+# 128.3G against 169G; the PVT-T row, same decoder, matches to -0.2 %
+KNOWN_TABLE1_FLOP_MISMATCHES = {'fpn_flatten_pvt_t'}
+
+
+@pytest.mark.slow
+def test_table1(tmp_path):
+    """Three Table 1 rows at 512×2048 (about a minute on 2 cores; the whole table takes 7, see the docs):
+    params within 3 %, FLOPs within 5 % except the known mismatch."""
+    from tools.model_table import PAPER_TABLE1, segmentation_configs
+    out = tmp_path / 'table1.json'
+    chosen = [p for p in segmentation_configs() if p.stem in ('fpn_pvt_t', 'fpn_flatten_pvt_t', 'upernet_swin_t')]
+    assert main([*map(str, chosen), '--json', str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 3
+    for row in rows:
+        stem = row['config']
+        assert row['params_match'], (stem, row['params'], PAPER_TABLE1[stem])
+        assert (abs(row['flops_delta_pct']) <= 5.0) != (stem in KNOWN_TABLE1_FLOP_MISMATCHES), (stem, row['gmacs'])

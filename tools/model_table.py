@@ -1,18 +1,24 @@
-"""Parameters and FLOPs of every config, beside the paper's Table 8.
+"""Parameters and FLOPs of every config, beside the paper's Table 8 (classification) and Table 1 (ADE20K).
 
-    python -m tools.model_table                     # every configs/*.yaml (not configs/demo)
+    python -m tools.model_table                     # configs/*.yaml, then configs/ade20k/*.yaml (not the bases)
     python -m tools.model_table configs/flatten_swin_t.yaml configs/swin_t.yaml --json table.json
+    python -m tools.model_table --table 1           # the segmentation configs only
 
-FLOPs are multiply-adds (GMACs, the unit of the paper's tables) of one 1×C×IMG×IMG inference pass
-at the config's DATA.IMG_SIZE, counted by ``torch.utils.flop_counter`` (utils/flops.py): every
-matmul, including the linear-attention products KᵀV and Q(KᵀV), every convolution (patch
-embeddings, the DWC, LePE) and the fused softmax-attention kernels. Element-wise work is not counted.
+FLOPs are multiply-adds (GMACs, the unit of the paper's tables) of one inference pass at batch 1,
+counted by ``torch.utils.flop_counter`` (utils/flops.py): every matmul, including the
+linear-attention products KᵀV and Q(KᵀV) and softmax attention's QKᵀ and AV, every convolution (patch
+embeddings, the DWC, LePE, the decoders) and the fused softmax-attention kernels. Element-wise work
+is not counted. A classifier runs on 1×C×IMG×IMG at its DATA.IMG_SIZE; a segmentor (TASK
+segmentation) on 1×3×512×2048, the input of Table 1, encoder and decoder (the auxiliary head, which
+only trains, is not run). At that size a full segmentor takes about a minute on 2 CPU cores
+(docs/segmentation.md, "The models").
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -24,7 +30,7 @@ if __package__ in (None, ''):  # run as `python tools/model_table.py`: make the 
 
 import models  # noqa: E402  (registers every model)
 from config import load_config  # noqa: E402
-from utils.flops import count_macs  # noqa: E402
+from utils.flops import count_layer_macs, count_macs  # noqa: E402
 
 # Table 8 of the paper: config stem -> (params in M as printed, GFLOPs). The printed precision
 # (e.g. '29' vs '12.2') is the precision at which our count has to agree.
@@ -50,6 +56,18 @@ PAPER_TABLE8: Dict[str, Tuple[str, float]] = {
 }
 
 
+# Table 1 of the paper: config stem -> (params in M as printed, GFLOPs at 512×2048). Params are compared
+# within 3 % (the table prints whole millions), FLOPs within 5 %. CSWin-T has no Table 1 row; CSWin's own
+# paper gives UperNet CSWin-T 60M / 959G, which its published config does not reproduce
+# (docs/segmentation.md, "The models").
+PAPER_TABLE1: Dict[str, Tuple[str, float]] = {
+    'fpn_pvt_t': ('17', 158.0), 'fpn_flatten_pvt_t': ('16', 169.0),
+    'upernet_swin_t': ('60', 945.0), 'upernet_flatten_swin_t': ('60', 946.0),
+    'upernet_swin_s': ('81', 1038.0), 'upernet_flatten_swin_s': ('82', 1038.0),
+}
+SEGMENTATION_INPUT = (3, 512, 2048)  # (C, H, W) of Table 1's FLOPs
+
+
 def _in_chans(model: nn.Module) -> int:
     """Input channels: those of the first convolution (every backbone here starts with one)."""
     for module in model.modules():
@@ -69,42 +87,70 @@ def measure(path: Path) -> dict:
     cfg = load_config(str(path))
     model = models.build_model(cfg)
     params = sum(p.numel() for p in model.parameters())
-    macs, _ = count_macs(model, (_in_chans(model), cfg.DATA.IMG_SIZE, cfg.DATA.IMG_SIZE))
-    row = {'config': path.stem, 'model_type': cfg.MODEL.TYPE, 'img_size': cfg.DATA.IMG_SIZE,
-           'params': params, 'gmacs': round(macs / 1e9, 4)}
-    paper = PAPER_TABLE8.get(path.stem)
+    segmentation = cfg.TASK == 'segmentation'
+    input_size = SEGMENTATION_INPUT if segmentation else (_in_chans(model), cfg.DATA.IMG_SIZE, cfg.DATA.IMG_SIZE)
+    start = time.perf_counter()
+    macs, _ = count_macs(model, input_size)
+    row = {'config': path.stem, 'model_type': cfg.MODEL.TYPE, 'task': cfg.TASK,
+           'input': f'{input_size[1]}x{input_size[2]}', 'img_size': input_size[1], 'params': params,
+           'gmacs': round(macs / 1e9, 4), 'count_seconds': round(time.perf_counter() - start, 1)}
+    if segmentation:  # Table 1's figures come from mmseg-era tools: also the conv + linear work they see
+        row['layer_gmacs'] = round(count_layer_macs(model, input_size) / 1e9, 4)
+    paper = (PAPER_TABLE1 if segmentation else PAPER_TABLE8).get(path.stem)
     if paper is not None:
-        row.update(paper_params_m=paper[0], paper_gflops=paper[1], params_match=params_match(params, paper[0]),
+        paper_params = float(paper[0]) * 1e6
+        row.update(paper_params_m=paper[0], paper_gflops=paper[1],
+                   params_match=(abs(params - paper_params) <= 0.03 * paper_params) if segmentation
+                   else params_match(params, paper[0]),
+                   params_delta_pct=round(100 * (params - paper_params) / paper_params, 2),
                    flops_delta_pct=round(100 * (macs / 1e9 - paper[1]) / paper[1], 2))
     return row
 
 
 def format_table(rows: List[dict]) -> str:
-    head = f'{"config":22s} {"res":>4s} {"params":>12s} {"paper":>6s} {"GMACs":>8s} {"paper":>6s} {"ΔFLOPs":>7s}'
+    head = (f'{"config":24s} {"input":>9s} {"params":>12s} {"paper":>6s} {"GMACs":>9s} {"paper":>7s} {"ΔFLOPs":>7s} '
+            f'{"count":>6s} {"layers":>9s}')
     lines = [head, '-' * len(head)]
     for row in rows:
         paper_p = row.get('paper_params_m', '')
         mark = '' if row.get('params_match', True) else '*'
         paper_f = f'{row["paper_gflops"]:.1f}' if 'paper_gflops' in row else ''
         delta = f'{row["flops_delta_pct"]:+.1f}%' if 'flops_delta_pct' in row else ''
-        lines.append(f'{row["config"]:22s} {row["img_size"]:4d} {row["params"] / 1e6:11.3f}M {paper_p:>5s}{mark:1s} '
-                     f'{row["gmacs"]:8.3f} {paper_f:>6s} {delta:>7s}')
-    lines.append('params in millions; * = does not round to the paper\'s printed figure; '
-                 'FLOPs in GMACs at the config resolution, batch 1')
+        layers = f'{row["layer_gmacs"]:9.3f}' if 'layer_gmacs' in row else ''
+        lines.append(f'{row["config"]:24s} {row["input"]:>9s} {row["params"] / 1e6:11.3f}M {paper_p:>5s}{mark:1s} '
+                     f'{row["gmacs"]:9.3f} {paper_f:>7s} {delta:>7s} {row["count_seconds"]:5.1f}s {layers}')
+    lines.append('params in millions; * = does not round to the paper\'s printed figure (Table 8) or is more than 3 % '
+                 'off (Table 1); FLOPs in GMACs at the input shown, batch 1; count = seconds the FLOP count took; '
+                 'layers = GMACs of the conv and linear layers alone (mmcv\'s get_flops convention; segmentors only)')
     return '\n'.join(lines)
 
 
+def is_recipe_base(path: Path) -> bool:
+    """A shared recipe file (``configs/ade20k/base_*.yaml``) that model configs list in BASE, not a model."""
+    return path.stem.startswith('base_')
+
+
 def default_configs() -> List[Path]:
+    """The classification configs of Table 8: configs/*.yaml."""
     return sorted(p for p in (REPO / 'configs').glob('*.yaml'))
+
+
+def segmentation_configs() -> List[Path]:
+    """The segmentation configs of Table 1: configs/ade20k/*.yaml, without the recipe bases."""
+    return sorted(p for p in (REPO / 'configs' / 'ade20k').glob('*.yaml') if not is_recipe_base(p))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('configs', nargs='*', type=Path, help='config files (default: configs/*.yaml)')
+    parser.add_argument('configs', nargs='*', type=Path,
+                        help='config files (default: configs/*.yaml and configs/ade20k/*.yaml, see --table)')
+    parser.add_argument('--table', choices=('1', '8', 'all'), default='all',
+                        help='without config files: Table 8 (configs/*.yaml), Table 1 (configs/ade20k) or both')
     parser.add_argument('--json', type=Path, help='also write the rows to this JSON file')
     args = parser.parse_args(argv)
+    listing = {'8': default_configs(), '1': segmentation_configs(), 'all': default_configs() + segmentation_configs()}
     rows = []
-    for path in args.configs or default_configs():
+    for path in args.configs or listing[args.table]:
         if not path.is_file():
             parser.error(f'config file not found: {path}')
         rows.append(measure(path))

@@ -427,10 +427,15 @@ def _restore_rng(states: Any, path: str) -> None:
 
 @dataclass
 class PretrainedReport:
-    """What :func:`load_pretrained` changed on the way in (state-dict keys)."""
+    """What :func:`load_pretrained` changed on the way in (state-dict keys). Into a segmentor,
+    `loaded` holds the model keys that took checkpoint tensors, `dropped` the checkpoint keys it has
+    no place for (the classifier head, the final norm) and `not_loaded` the model keys left as
+    initialised (decoder, auxiliary head)."""
     resized: List[str] = field(default_factory=list)
     dropped: List[str] = field(default_factory=list)
     reinitialized: List[str] = field(default_factory=list)
+    loaded: List[str] = field(default_factory=list)
+    not_loaded: List[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         return (f'resized {len(self.resized)} tensors, dropped {len(self.dropped)} keys, '
@@ -460,23 +465,11 @@ def infer_source_grid(length: int, target: GridSpec, key: str) -> Tuple[int, int
     return matches[0]
 
 
-def load_pretrained(model: nn.Module, path: str) -> PretrainedReport:
-    """Load weights from `path` into `model`, adapting what depends on resolution or classes.
-
-    * parameters whose modules declare a grid (``positional_encoding`` of every focused kind,
-      Swin's ``relative_position_bias_table`` and ``absolute_pos_embed``, PVT's ``pos_embed{i}``,
-      DeiT's ``pos_embed``) and have another length are bicubic-resized over that 2-D grid;
-    * derived buffers (``relative_position_index``, ``attn_mask``) are rebuilt by the model;
-    * a ``head`` for another class count is dropped and a freshly initialised one kept.
-
-    Everything else must match exactly; otherwise CheckpointError lists the first missing,
-    unexpected and mismatched keys with their shapes. Returns what was changed.
-    """
-    target = unwrap(model)
-    state_dict = _strip_prefix(dict(model_state_dict(torch_load(path), path)))
+def _resize_grids(target: nn.Module, state_dict: Dict[str, torch.Tensor], report: PretrainedReport) -> None:
+    """Drop the checkpoint's derived buffers that `target` lacks and bicubic-resize, in place, every grid
+    tensor of `state_dict` whose length differs from `target`'s (see :func:`load_pretrained`)."""
     own = target.state_dict()
     grids = collect_parameter_grids(target)
-    report = PretrainedReport()
     for key in [k for k in state_dict if _is_derived(k) and k not in own]:
         del state_dict[key]
         report.dropped.append(key)
@@ -489,9 +482,67 @@ def load_pretrained(model: nn.Module, path: str) -> PretrainedReport:
         elif (spec.layout == 'table') and (value.shape[-1] == own[key].shape[-1]):
             source = infer_source_grid(value.shape[0], spec, key)
         else:
-            continue  # another width: reported as a mismatch below
+            continue  # another width: reported as a mismatch by the strict load
         state_dict[key] = resize_grid_tensor(value, spec, source)
         report.resized.append(key)
+
+
+def _load_backbone(target: nn.Module, state_dict: Dict[str, torch.Tensor], path: str) -> PretrainedReport:
+    """An ImageNet classifier's weights into the backbone of a model with ``backbone_model`` and
+    ``backbone_prefix`` (a :class:`models.segmentation.Segmentor`): every backbone tensor must come from
+    the file (grids resized, as into a classifier); the file's keys under a top-level module the
+    backbone pruned to Identity or dropped (the classifier ``head``, the final ``norm``) are skipped;
+    the rest of the model keeps its initialisation. CheckpointError naming the file when no key
+    matches, or listing the backbone's missing, unexpected and mismatched keys."""
+    backbone, prefix = target.backbone_model, target.backbone_prefix
+    own = backbone.state_dict()
+    if not any(key in own for key in state_dict):
+        raise CheckpointError(
+            f'checkpoint {path!r} has none of the {len(own)} backbone tensors of {type(backbone).__name__} '
+            f'(file keys {list(state_dict)[:4]}, backbone keys {list(own)[:4]}): is it a classifier of this '
+            f'MODEL.TYPE?')
+    report = PretrainedReport()
+    children = dict(backbone.named_children())
+    for key in list(state_dict):
+        top = key.split('.')[0]
+        if (key not in own) and ((top not in children) or isinstance(children[top], nn.Identity)):
+            del state_dict[key]
+            report.dropped.append(key)
+    _resize_grids(backbone, state_dict, report)
+    load_model_weights(backbone, state_dict, path)
+    report.loaded = [prefix + key for key in own]
+    report.not_loaded = [key for key in target.state_dict() if not key.startswith(prefix)]
+    skipped = sorted({key.rsplit('.', 1)[0] for key in report.dropped if not _is_derived(key)})
+    modules = sorted({key.split('.')[0] for key in report.not_loaded})
+    logger.info(f'loaded pretrained weights from {path}: {len(report.loaded)} backbone tensors into '
+                f'{prefix.rstrip(".")} ({len(report.resized)} resized); skipped the checkpoint\'s '
+                f'{", ".join(skipped) or "nothing"} (classifier parts the segmentor has not); not in the checkpoint, '
+                f'kept as initialised: {", ".join(modules) or "nothing"} ({len(report.not_loaded)} tensors)')
+    return report
+
+
+def load_pretrained(model: nn.Module, path: str) -> PretrainedReport:
+    """Load weights from `path` into `model`, adapting what depends on resolution or classes.
+
+    * parameters whose modules declare a grid (``positional_encoding`` of every focused kind,
+      Swin's ``relative_position_bias_table`` and ``absolute_pos_embed``, PVT's ``pos_embed{i}``,
+      DeiT's ``pos_embed``) and have another length are bicubic-resized over that 2-D grid;
+    * derived buffers (``relative_position_index``, ``attn_mask``) are rebuilt by the model;
+    * a ``head`` for another class count is dropped and a freshly initialised one kept.
+
+    Everything else must match exactly; otherwise CheckpointError lists the first missing,
+    unexpected and mismatched keys with their shapes. Returns what was changed.
+
+    Into a segmentor (a model with ``backbone_model``, :class:`models.segmentation.Segmentor`) an
+    ImageNet classifier's file loads into the backbone alone, the same way; its classifier head and
+    final norm are skipped and the decoder keeps its initialisation (one log line says which).
+    """
+    target = unwrap(model)
+    state_dict = _strip_prefix(dict(model_state_dict(torch_load(path), path)))
+    if hasattr(target, 'backbone_model'):
+        return _load_backbone(target, state_dict, path)
+    report = PretrainedReport()
+    _resize_grids(target, state_dict, report)
     head = getattr(target, 'head', None)
     ckpt_head = state_dict.get('head.weight')
     if isinstance(head, nn.Linear) and (ckpt_head is not None) and (ckpt_head.shape != head.weight.shape):

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, flop_registry, register_flop_formula, sdpa_flop_count
 
-__all__ = ['count_macs']
+__all__ = ['count_macs', 'count_layer_macs']
 
 # PyTorch registers the CUDA fused-attention kernels but not the CPU one that SDPA dispatches to here.
 _CPU_SDPA = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -46,3 +46,34 @@ def count_macs(
         model.train(was_training)
     per_op = {str(op): flops / 2 / batch_size for op, flops in counter.get_flop_counts()['Global'].items()}
     return counter.get_total_flops() / 2 / batch_size, per_op
+
+
+@torch.no_grad()
+def count_layer_macs(model: nn.Module, input_size: Tuple[int, int, int]) -> float:
+    """Multiply-adds of the ``nn.Conv2d`` and ``nn.Linear`` layers alone, for one image of `input_size` (C, H, W).
+
+    This is the matmul work mmcv's ``get_model_complexity_info`` (mmseg's and mmdet's ``get_flops.py``)
+    sees: it hooks modules, so the products of attention written as tensor operations (QKᵀ, AV, KᵀV,
+    Q(KᵀV)) are missing from its totals. A conv is output elements × in/groups × kernel area, a linear
+    layer output elements × in_features, as mmcv counts them (its element-wise extras, norms and
+    activations, are left out here as in :func:`count_macs`).
+    """
+    total = [0]
+
+    def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
+        if isinstance(module, nn.Conv2d):
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            total[0] += output.numel() * (module.in_channels // module.groups) * kernel
+        else:
+            total[0] += output.numel() * module.in_features
+
+    was_training = model.training
+    model.eval()
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        model(torch.zeros(1, *input_size, device=next(model.parameters()).device))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return float(total[0])
