@@ -747,12 +747,14 @@ def _validate(cfg: CN, sources: Optional[Dict[str, str]] = None) -> None:
         if value not in choices:
             origin = f' (from {sources[key]})' if key in sources else ''
             problems.append(f'{key} must be one of {", ".join(map(repr, choices))}, got {value!r}{origin}')
-    if cfg.TRAIN.ITERS and cfg.TRAIN.ITERS % cfg.TRAIN.EVAL_PERIOD:
-        problems.append(f'TRAIN.ITERS={cfg.TRAIN.ITERS} is not a multiple of '
-                        f'TRAIN.EVAL_PERIOD={cfg.TRAIN.EVAL_PERIOD}: an iteration schedule is a whole number of '
-                        f'evaluation periods')
-    if cfg.TASK == 'segmentation' and not cfg.TRAIN.ITERS:
-        problems.append('TASK segmentation trains on an iteration schedule: set TRAIN.ITERS (and TRAIN.EVAL_PERIOD)')
+    if not problems:  # how keys fit together is judged on values that are each valid
+        if cfg.TRAIN.ITERS % cfg.TRAIN.EVAL_PERIOD:
+            problems.append(f'TRAIN.ITERS={cfg.TRAIN.ITERS} is not a multiple of '
+                            f'TRAIN.EVAL_PERIOD={cfg.TRAIN.EVAL_PERIOD}: an iteration schedule is a whole number '
+                            f'of evaluation periods')
+        if cfg.TASK == 'segmentation' and not cfg.TRAIN.ITERS:
+            problems.append('TASK segmentation trains on an iteration schedule: set TRAIN.ITERS (and '
+                            'TRAIN.EVAL_PERIOD)')
     if len(problems) == 1:
         raise ConfigError(problems[0])
     if problems:

@@ -6,6 +6,9 @@
 
 The story: parse flags into a config → set up device / distributed → build data, model,
 optimizer and schedule → load pretrained weights or resume → per epoch: train, evaluate, save.
+A segmentation config (``TASK: segmentation``, configs/ade20k) runs the same story with its own data,
+model, loss and metric (utils/seg_engine.py); its "epochs" are evaluation periods of an iteration
+schedule (TRAIN.ITERS, TRAIN.EVAL_PERIOD).
 Bad input (unknown config key, missing data, unreadable checkpoint, ...) ends with one error
 paragraph and exit code 2, never a traceback.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import logging
 import os
 import sys
@@ -57,6 +61,7 @@ from utils.misc import count_parameters, seed_everything
 from utils.optimizer import build_optimizer
 from utils.preemption import EXIT_PREEMPTED, Preempted, StopSignal
 from utils.run_folder import CheckpointTriggers, RunFolder, write_config
+from utils.seg_engine import SegLoss, evaluate_segmentation, sync_batchnorm
 
 logger = logging.getLogger('flatten')
 
@@ -152,6 +157,8 @@ def flags_to_opts(args: argparse.Namespace) -> List[str]:
 
 
 def build_criterion(cfg, mixup_active: bool) -> torch.nn.Module:
+    if cfg.TASK == 'segmentation':
+        return SegLoss(cfg.SEG.AUX_WEIGHT)
     if mixup_active:
         return SoftTargetCrossEntropy()  # targets are already smoothed and mixed by timm's Mixup
     if cfg.MODEL.LABEL_SMOOTHING > 0.:
@@ -236,7 +243,9 @@ def resolve_start(cfg, output_dir: str, train_mode: bool, dataset_classes: int) 
     """The checkpoint this run restores and its class count. Training uses the dataset's classes (a
     pretrained head of another size is replaced); evaluation the checkpoint head's."""
     path, ckpt = find_resume(cfg, output_dir, train_mode)
-    num_classes = dataset_classes if train_mode else checkpoint_classes(dataset_classes, ckpt, path, cfg.EVAL_EMA)
+    if train_mode or cfg.TASK == 'segmentation':  # a segmentor's classes are MODEL.NUM_CLASSES, the data's
+        return StartPoint(path, ckpt, dataset_classes)
+    num_classes = checkpoint_classes(dataset_classes, ckpt, path, cfg.EVAL_EMA)
     return StartPoint(path, ckpt, num_classes)
 
 
@@ -248,7 +257,8 @@ def build_model_for(cfg, source: str) -> torch.nn.Module:
 
 
 def evaluate_only(job, model, ema) -> int:
-    """--eval / --eval-ema / --throughput: load the weights to judge, then measure them."""
+    """--eval / --eval-ema / --throughput: load the weights to judge, then measure them; the figures
+    also go to ``eval_metrics.json`` in the run folder (with a segmentation's confusion matrix)."""
     cfg, start = job.cfg, job.start
     if start.path:
         logger.info(f'loading {"EMA " if cfg.EVAL_EMA else ""}weights from {start.path}')
@@ -259,14 +269,30 @@ def evaluate_only(job, model, ema) -> int:
     elif not cfg.MODEL.PRETRAINED:
         logger.warning('no --resume or --pretrained checkpoint: evaluating randomly initialised weights')
     if cfg.THROUGHPUT_MODE:
+        if cfg.TASK == 'segmentation':
+            raise ConfigError('--throughput times classifiers on a batch of equal-size images; a segmentation '
+                              'config evaluates whole images of different sizes one by one: time it with '
+                              'python -m bench.dense')
         throughput(model, job.data.loader_val, device=job.ctx.device, autocast=job.autocast,
                    memory_format=memory_format(cfg))
         return 0
-    stats = evaluate(model, job.data.loader_val, **job.eval_kwargs())
-    logger.info(f'Accuracy of the network on the {stats["count"]} test images: {stats["acc1"]:.1f}%')
+    stats = job.evaluate(model)
+    logger.info(job.summary(stats))
+    record = {'weights': start.path or cfg.MODEL.PRETRAINED or 'random', 'val': stats}
     if ema is not None:
-        evaluate(ema.module, job.data.loader_val, name=' EMA', **job.eval_kwargs())
+        record['ema'] = job.evaluate(ema.module, name=' EMA')
+    if job.ctx.is_main:
+        write_json(os.path.join(job.output_dir, 'eval_metrics.json'), record)
     return 0
+
+
+def write_json(path: str, record: dict) -> None:
+    """`record` as JSON (tensors as nested lists), replacing `path` only once it is complete."""
+    def plain(value):
+        return value.tolist() if isinstance(value, torch.Tensor) else str(value)
+    with open(path + '.tmp', 'w') as f:
+        json.dump(record, f, indent=1, default=plain)
+    os.replace(path + '.tmp', path)
 
 
 @dataclass
@@ -285,6 +311,28 @@ class Job:
         return dict(device=self.ctx.device, autocast=self.autocast, print_freq=self.cfg.PRINT_FREQ,
                     memory_format=memory_format(self.cfg))
 
+    @property
+    def metric(self) -> str:
+        """The validation figure that picks the best checkpoint: top-1 accuracy, or mIoU."""
+        return 'mIoU' if self.cfg.TASK == 'segmentation' else 'acc1'
+
+    def evaluate(self, model, name: str = '') -> dict:
+        """The task's evaluation of `model` over the whole validation set (exact under DDP)."""
+        if self.cfg.TASK != 'segmentation':
+            return evaluate(model, self.data.loader_val, name=name, **self.eval_kwargs())
+        seg = self.cfg.SEG
+        return evaluate_segmentation(
+            model, self.data.loader_val, name=name, num_classes=self.cfg.MODEL.NUM_CLASSES, mode=seg.TEST_MODE,
+            crop=tuple(seg.CROP_SIZE), stride=tuple(seg.TEST_STRIDE), flip=seg.TEST_FLIP,
+            class_names=self.data.class_names, **self.eval_kwargs())
+
+    def summary(self, stats: dict, best: Optional[float] = None) -> str:
+        if self.cfg.TASK == 'segmentation':
+            text = f'mIoU of the network on the {stats["count"]} val images: {stats["mIoU"]:.2f}%'
+            return text + (f'; best mIoU: {best:.2f}%' if best is not None else '')
+        text = f'Accuracy of the network on the {stats["count"]} test images: {stats["acc1"]:.1f}%'
+        return text + (f'; max accuracy: {best:.2f}%' if best is not None else '')
+
 
 def build_run_state(job: Job, model, model_without_ddp, ema) -> RunState:
     """Optimizer, schedule and scaler for `model`, with the state of the run's start point restored into them."""
@@ -298,9 +346,10 @@ def build_run_state(job: Job, model, model_without_ddp, ema) -> RunState:
     state = RunState(
         model=model_without_ddp, train_model=model, optimizer=optimizer,
         lr_scheduler=build_scheduler(cfg, optimizer, updates_per_epoch), updates_per_epoch=updates_per_epoch,
-        total_epochs=cfg.TRAIN.EPOCHS + cfg.TRAIN.COOLDOWN_EPOCHS, accumulation_steps=accumulation,
+        total_epochs=(cfg.TRAIN.ITERS // cfg.TRAIN.EVAL_PERIOD) if cfg.TRAIN.ITERS
+        else cfg.TRAIN.EPOCHS + cfg.TRAIN.COOLDOWN_EPOCHS, accumulation_steps=accumulation,
         scaler=torch.amp.GradScaler(job.ctx.device.type) if (cfg.AMP and cfg.AMP_DTYPE == 'fp16') else None,
-        ema=ema, epoch=cfg.TRAIN.START_EPOCH)
+        ema=ema, epoch=cfg.TRAIN.START_EPOCH, iteration_schedule=bool(cfg.TRAIN.ITERS))
     start = job.start
     if start.path:
         logger.info(f'resuming from {start.path}')
@@ -313,16 +362,16 @@ def build_run_state(job: Job, model, model_without_ddp, ema) -> RunState:
 
 def evaluate_epoch(job: Job, state: RunState) -> Tuple[dict, Optional[dict], bool, bool]:
     """Evaluate the model (and its EMA) after an epoch: (val stats, EMA stats, is best, EMA is best)."""
-    val_stats = evaluate(state.model, job.data.loader_val, **job.eval_kwargs())
-    is_best = val_stats['acc1'] >= state.max_accuracy
-    state.max_accuracy = max(state.max_accuracy, val_stats['acc1'])
-    logger.info(f'Accuracy of the network on the {val_stats["count"]} test images: {val_stats["acc1"]:.1f}%; '
-                f'max accuracy: {state.max_accuracy:.2f}%')
+    metric = job.metric
+    val_stats = job.evaluate(state.model)
+    is_best = val_stats[metric] >= state.max_accuracy
+    state.max_accuracy = max(state.max_accuracy, val_stats[metric])
+    logger.info(job.summary(val_stats, state.max_accuracy))
     if state.ema is None:
         return val_stats, None, is_best, False
-    ema_stats = evaluate(state.ema.module, job.data.loader_val, name=' EMA', **job.eval_kwargs())
-    is_best_ema = ema_stats['acc1'] >= state.max_accuracy_ema
-    state.max_accuracy_ema = max(state.max_accuracy_ema, ema_stats['acc1'])
+    ema_stats = job.evaluate(state.ema.module, name=' EMA')
+    is_best_ema = ema_stats[metric] >= state.max_accuracy_ema
+    state.max_accuracy_ema = max(state.max_accuracy_ema, ema_stats[metric])
     return val_stats, ema_stats, is_best, is_best_ema
 
 
@@ -355,7 +404,7 @@ def train(job: Job, model, model_without_ddp, ema, mixup_fn) -> int:
     if state.epoch >= state.total_epochs:
         logger.info(f'{job.start.path} already completed all {state.total_epochs} epochs; evaluating it (raise '
                     f'TRAIN.EPOCHS to train longer, or pick another --tag / --output for a new run)')
-        evaluate(model_without_ddp, job.data.loader_val, **job.eval_kwargs())
+        job.evaluate(model_without_ddp)
         return 0
     settings = StepSettings(criterion=build_criterion(cfg, mixup_fn is not None), device=ctx.device,
                             autocast=job.autocast, mixup_fn=mixup_fn, clip_grad=cfg.TRAIN.CLIP_GRAD,
@@ -372,7 +421,8 @@ def train(job: Job, model, model_without_ddp, ema, mixup_fn) -> int:
             run_epoch(job, state, settings, folder, triggers)
     finally:
         folder.close()
-    logger.info(f'training time {format_eta(time.time() - start_time)}; max accuracy {state.max_accuracy:.2f}%')
+    best = 'best mIoU' if cfg.TASK == 'segmentation' else 'max accuracy'
+    logger.info(f'training time {format_eta(time.time() - start_time)}; {best} {state.max_accuracy:.2f}%')
     return 0
 
 
@@ -407,7 +457,7 @@ def load_data(cfg: CN, ctx: DistContext, output_dir: str, train_mode: bool):
         cfg.defrost()
         cfg.MODEL.NUM_CLASSES = start.num_classes
         cfg.freeze()
-    mixup_fn = build_mixup(cfg, cfg.MODEL.NUM_CLASSES) if train_mode else None
+    mixup_fn = build_mixup(cfg, cfg.MODEL.NUM_CLASSES) if (train_mode and cfg.TASK == 'classification') else None
     if (mixup_fn is not None) and (cfg.DATA.BATCH_SIZE % 2):
         raise ConfigError(f'DATA.BATCH_SIZE={cfg.DATA.BATCH_SIZE} is odd, but Mixup/CutMix pair up the samples of a '
                           f'batch: use an even batch size or set AUG.MIXUP 0.0 AUG.CUTMIX 0.0')
@@ -418,6 +468,8 @@ def build_models(cfg: CN, ctx: DistContext, source: str, resuming: bool):
     """The model (with --pretrained weights when not resuming), its EMA and, under torchrun, its DDP
     wrapper. Returns (model to train, bare model, EMA or None)."""
     model = build_model_for(cfg, source)
+    if cfg.TASK == 'segmentation' and ctx.world_size > 1:
+        model = sync_batchnorm(model, ctx.device)  # the decoders' BatchNorm sees the global batch, as mmseg's SyncBN
     n_parameters = count_parameters(model)
     logger.info(f'{cfg.MODEL.NAME}: {describe(cfg)}, {n_parameters:,} parameters ({n_parameters / 1e6:.2f}M)')
     if cfg.COMPILE_CORE:

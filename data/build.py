@@ -2,6 +2,9 @@
 
 * ``imagenet`` / ``imagefolder``: torchvision ImageFolder trees ``<DATA_PATH>/train`` and ``/val``.
 * ``fashion_mnist``: the Debian IDX files (train 60k / test 10k as val).
+* ``ade20k`` (``TASK: segmentation``): the ADEChallengeData2016 folder (data/ade20k.py), with the
+  segmentation transforms (data/seg_transforms.py) and an endless shuffled stream cut into evaluation
+  periods for training (:class:`data.samplers.ResumableStreamSampler`); whole images for validation.
 
 Train: timm's RandomResizedCrop + flip + RandAugment + ToTensor + Normalize + RandomErasing,
 seeded per sample (:class:`data.datasets.SeededAugmentation`) and sharded by a shuffled
@@ -21,15 +24,26 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from utils.distributed import barrier
 from utils.preemption import ignore_stop_signals
 
+from .ade20k import ADE20K
 from .augment import use_stable_posterize
 from .datasets import CheckedImageFolder, SeededAugmentation
 from .errors import DataError, DatasetNotFoundError
 from .fashion_mnist import FashionMNIST
-from .samplers import EpochTaggedSampler, ResumableDistributedSampler, ResumableRepeatAugSampler, ShardedEvalSampler
+from .samplers import (
+    EpochTaggedSampler,
+    ResumableDistributedSampler,
+    ResumableRepeatAugSampler,
+    ResumableStreamSampler,
+    ShardedEvalSampler,
+)
+from .seg_demo import SEG_DEMO_CLASSES, ensure_seg_demo
+from .seg_transforms import SegEvalTransform, SegTrainTransform
 
-__all__ = ['DataBundle', 'build_dataset', 'build_transform', 'build_loaders', 'build_mixup']
+__all__ = ['DataBundle', 'build_dataset', 'build_transform', 'build_loaders', 'build_segmentation_loaders',
+           'build_mixup']
 
 logger = logging.getLogger('flatten.data')
 
@@ -128,6 +142,58 @@ class DataBundle:
     loader_train: Optional[torch.utils.data.DataLoader]
     loader_val: torch.utils.data.DataLoader
     num_classes: int
+    class_names: Tuple[str, ...] = ()  # for per-class logs, where the dataset names its classes
+
+
+def segmentation_root(cfg, rank: int = 0) -> str:
+    """The ADE20K-layout folder of a segmentation config: ``--data-path`` for 'ade20k'; for the demo's
+    'fmnist_canvases' the folder data/seg_demo.py writes (once: rank 0 first, then the others read
+    its marker), at ``--data-path`` or ``<OUTPUT>/datasets/fmnist_canvases``."""
+    name = cfg.DATA.DATASET
+    if name == 'ade20k':
+        if not cfg.DATA.DATA_PATH:
+            raise DatasetNotFoundError("DATA.DATASET='ade20k' needs --data-path (the ADEChallengeData2016 folder)")
+        return cfg.DATA.DATA_PATH
+    if name == 'fmnist_canvases':
+        root = cfg.DATA.DATA_PATH or os.path.join(cfg.OUTPUT or 'output', 'datasets', 'fmnist_canvases')
+        if rank == 0:
+            ensure_seg_demo(root)
+        barrier()
+        return ensure_seg_demo(root)
+    raise DataError(f"DATA.DATASET={name!r} is not a segmentation dataset; TASK segmentation reads 'ade20k' (an "
+                    f"ADEChallengeData2016 folder) or 'fmnist_canvases' (the demo's)")
+
+
+def build_segmentation_loaders(cfg, rank: int = 0, world_size: int = 1, train: bool = True,
+                               pin_memory: bool = False) -> DataBundle:
+    """ADE20K-layout loaders. Validation: whole images one per batch (their sizes differ), at each
+    ``SEG.TEST_SCALES`` ratio, with labels at their own size. Training: ``SEG`` crops, seeded per
+    (SEED, period, sample), from a stream that gives each rank ``EVAL_PERIOD · BATCH_SIZE ·
+    ACCUMULATION_STEPS`` samples per evaluation period."""
+    seg, root, classes = cfg.SEG, segmentation_root(cfg, rank), cfg.MODEL.NUM_CLASSES
+    dataset_val = ADE20K(root, 'val', classes, SegEvalTransform(seg.SCALE, seg.TEST_SCALES))
+    if cfg.DATA.VAL_SUBSET:
+        dataset_val = _subset(dataset_val, cfg.DATA.VAL_SUBSET, cfg.SEED, 'val')
+    persistent = cfg.DATA.NUM_WORKERS > 0
+    loader_val = torch.utils.data.DataLoader(
+        dataset_val, sampler=ShardedEvalSampler(len(dataset_val), rank, world_size), batch_size=1,
+        num_workers=cfg.DATA.NUM_WORKERS, pin_memory=pin_memory, persistent_workers=persistent,
+        generator=torch.Generator().manual_seed(cfg.SEED), worker_init_fn=ignore_stop_signals)
+    dataset_train = loader_train = None
+    if train:
+        dataset_train = ADE20K(root, 'train', classes, SegTrainTransform(
+            seg.SCALE, seg.RATIO_RANGE, seg.CROP_SIZE, seg.CAT_MAX_RATIO, flip_prob=cfg.AUG.HFLIP))
+        if cfg.DATA.TRAIN_SUBSET:
+            dataset_train = _subset(dataset_train, cfg.DATA.TRAIN_SUBSET, cfg.SEED, 'train')
+        dataset_train = SeededAugmentation(dataset_train, cfg.SEED)
+        per_period = cfg.TRAIN.EVAL_PERIOD * cfg.DATA.BATCH_SIZE * cfg.TRAIN.ACCUMULATION_STEPS
+        sampler = ResumableStreamSampler(dataset_train, per_period, num_replicas=world_size, rank=rank, seed=cfg.SEED)
+        loader_train = torch.utils.data.DataLoader(
+            dataset_train, sampler=EpochTaggedSampler(sampler), batch_size=cfg.DATA.BATCH_SIZE,
+            num_workers=cfg.DATA.NUM_WORKERS, pin_memory=pin_memory, drop_last=True, persistent_workers=persistent,
+            generator=torch.Generator().manual_seed(cfg.SEED), worker_init_fn=ignore_stop_signals)
+    names = SEG_DEMO_CLASSES if cfg.DATA.DATASET == 'fmnist_canvases' else ()
+    return DataBundle(dataset_train, dataset_val, loader_train, loader_val, cfg.MODEL.NUM_CLASSES, tuple(names))
 
 
 def build_loaders(cfg, rank: int = 0, world_size: int = 1, train: bool = True, pin_memory: bool = False) -> DataBundle:
@@ -138,6 +204,8 @@ def build_loaders(cfg, rank: int = 0, world_size: int = 1, train: bool = True, p
     ``dataset_train.set_epoch`` and ``loader_train.sampler.set_epoch`` / ``skip`` every epoch. The
     workers (``DATA.NUM_WORKERS`` > 0) live for the whole run.
     """
+    if cfg.TASK == 'segmentation':
+        return build_segmentation_loaders(cfg, rank, world_size, train, pin_memory)
     dataset_val, val_classes = build_dataset(False, cfg)
     num_classes = len(val_classes)
     if cfg.DATA.VAL_SUBSET:

@@ -18,6 +18,7 @@ from typing import List
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 # Golden tensors (the official code's outputs, tests/assets/golden/README.md) and state-dict inventories
@@ -56,7 +57,6 @@ def make_image_folder(root: Path, classes: int = 3, train_per_class: int = 8, va
                       size: int = 32, seed: int = 0) -> Path:
     """A tiny ImageFolder tree root/{train,val}/class_i/*.png of class-dependent colour blobs,
     so that a model can actually learn something from it."""
-    from PIL import Image
     rng = np.random.default_rng(seed)
     for split, per_class in (('train', train_per_class), ('val', val_per_class)):
         for c in range(classes):
@@ -119,6 +119,77 @@ def micro_cfg(tmp_path: Path) -> str:
     path = tmp_path / 'micro.yaml'
     path.write_text(MICRO_YAML)
     return str(path)
+
+
+# A micro segmentor for CLI tests: UperNet (16 channels, auxiliary head) on a four-stage micro
+# FLatten-Swin (64² build size; L stages global, S stages in 2x2 windows), 4 classes, 2 periods of 2 updates.
+SEG_MICRO_YAML = """\
+TASK: segmentation
+DATA:
+  DATASET: ade20k
+  IMG_SIZE: 64
+  BATCH_SIZE: 2
+  NUM_WORKERS: 0
+MODEL:
+  TYPE: flatten_swin
+  NAME: seg_micro
+  NUM_CLASSES: 4
+  DROP_PATH_RATE: 0.0
+  LABEL_SMOOTHING: 0.0
+  SWIN:
+    PATCH_SIZE: 4
+    EMBED_DIM: 16
+    DEPTHS: [ 1, 1, 1, 1 ]
+    NUM_HEADS: [ 1, 1, 2, 2 ]
+    WINDOW_SIZE: 16
+    SOFTMAX_WINDOW_SIZE: 2
+  LA:
+    ATTN_TYPE: LLSS
+SEG:
+  DECODER: upernet
+  CHANNELS: 16
+  AUX_CHANNELS: 8
+  SCALE: [ 64, 48 ]
+  RATIO_RANGE: [ 0.75, 1.25 ]
+  CROP_SIZE: [ 48, 48 ]
+TRAIN:
+  ITERS: 4
+  EVAL_PERIOD: 2
+  WARMUP_ITERS: 1
+  BASE_LR: 2e-3
+  WARMUP_LR: 2e-6
+  MIN_LR: 0.0
+  WEIGHT_DECAY: 0.01
+  CLIP_GRAD: None
+  LR_SCHEDULER:
+    NAME: poly
+AUG:
+  MIXUP: 0.0
+  CUTMIX: 0.0
+PRINT_FREQ: 1
+"""
+
+
+@pytest.fixture
+def seg_micro_cfg(tmp_path: Path) -> str:
+    path = tmp_path / 'seg_micro.yaml'
+    path.write_text(SEG_MICRO_YAML)
+    return str(path)
+
+
+def write_ade20k_split(root: Path, split: str, count: int, size=(12, 9), classes: int = 5, seed: int = 0) -> None:
+    """`count` random JPEG images of `size` (W, H) with random single-channel annotations 0..classes, in the
+    ADEChallengeData2016 layout under `root`."""
+    rng = np.random.default_rng(seed)
+    folder = {'train': 'training', 'val': 'validation'}[split]
+    (root / 'images' / folder).mkdir(parents=True, exist_ok=True)
+    (root / 'annotations' / folder).mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        stem = f'ADE_{split}_{i:08d}'
+        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(root / 'images' / folder / f'{stem}.jpg')
+        label = rng.integers(0, classes + 1, (size[1], size[0]), dtype=np.uint8)
+        Image.fromarray(label, mode='L').save(root / 'annotations' / folder / f'{stem}.png')
 
 
 def run_main(args: List[str], launcher: List[str] | None = None, timeout: float = 600, threads: int | None = 1,
@@ -243,9 +314,6 @@ def fashion_mnist_samples(per_class: int, train: bool = False, root: str = FASHI
 def render_rgb_jpeg(image: np.ndarray, size: int, quality: int = 90) -> bytes:
     """A 28×28 grayscale image as the JPEG bytes of a size×size RGB picture (bicubic upscale), the
     kind of file an ImageFolder of photographs holds; decode with :func:`decode_rgb`."""
-    import io
-
-    from PIL import Image
     picture = Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC).convert('RGB')
     buffer = io.BytesIO()
     picture.save(buffer, format='JPEG', quality=quality)
@@ -254,9 +322,6 @@ def render_rgb_jpeg(image: np.ndarray, size: int, quality: int = 90) -> bytes:
 
 def decode_rgb(jpeg: bytes):
     """JPEG bytes as an RGB PIL image, as torchvision's ImageFolder loader opens a file."""
-    import io
-
-    from PIL import Image
     with Image.open(io.BytesIO(jpeg)) as image:
         return image.convert('RGB')
 

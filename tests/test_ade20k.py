@@ -7,31 +7,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_ade20k_split
 from PIL import Image
 
 from data.ade20k import ADE20K, IGNORE_INDEX
 from data.errors import DataError, DatasetNotFoundError
 
 
-def _write_split(root: Path, split: str, count: int, size=(12, 9), classes: int = 5, seed: int = 0) -> None:
-    """`count` random JPEG images of `size` (W, H) with random single-channel annotations 0..classes."""
-    rng = np.random.default_rng(seed)
-    folder = {'train': 'training', 'val': 'validation'}[split]
-    (root / 'images' / folder).mkdir(parents=True, exist_ok=True)
-    (root / 'annotations' / folder).mkdir(parents=True, exist_ok=True)
-    for i in range(count):
-        stem = f'ADE_{split}_{i:08d}'
-        pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(root / 'images' / folder / f'{stem}.jpg')
-        label = rng.integers(0, classes + 1, (size[1], size[0]), dtype=np.uint8)
-        Image.fromarray(label, mode='L').save(root / 'annotations' / folder / f'{stem}.png')
-
-
 @pytest.fixture
 def ade(tmp_path: Path) -> Path:
     root = tmp_path / 'ADEChallengeData2016'
-    _write_split(root, 'train', 3)
-    _write_split(root, 'val', 2, seed=1)
+    write_ade20k_split(root, 'train', 3)
+    write_ade20k_split(root, 'val', 2, seed=1)
     return root
 
 

@@ -70,7 +70,9 @@ def cases_for(key: str) -> List[Tuple[Any, bool, bool]]:
         cases.append((True, False, False) if default_of(key) is None else (start, True, False))
     elif valid.form == 'list':
         cases += [(list(start[:-1]) + [item], ok, near) for item, ok, near in items]
-        cases += [([], False, False), (list(start[:-1]) + [float(start[-1])], False, False)]
+        cases.append(([], False, False))
+        if valid.integer:  # a float item in a list of integers
+            cases.append((list(start[:-1]) + [float(start[-1])], False, False))
     elif valid.form == 'pair':
         pair = type(start)
         lo = valid.bounds[0]

@@ -95,9 +95,23 @@ def test_linear_and_step_schedules():
     assert opt.param_groups[0]['lr'] == pytest.approx(0.1)
 
 
+def test_poly_over_an_iteration_schedule():
+    # mmseg's UperNet schedule in miniature: 100 updates, 10 of warm-up from 1e-6 of the rate, power 1.0,
+    # evaluation periods of 25 updates (the engine's "epochs": the counter runs over the whole schedule)
+    base, power = 6e-5, 0.9
+    cfg, opt, sched = _schedule(['TRAIN.ITERS', '100', 'TRAIN.EVAL_PERIOD', '25', 'TRAIN.WARMUP_ITERS', '10',
+                                 'TRAIN.BASE_LR', str(base), 'TRAIN.WARMUP_LR', str(base * 1e-6), 'TRAIN.MIN_LR', '0.0',
+                                 'TRAIN.LR_SCHEDULER.NAME', 'poly', 'TRAIN.LR_SCHEDULER.POWER', str(power)],
+                                updates_per_epoch=25)
+    for t in (0, 5, 10, 37, 99, 100, 120):
+        sched.step_update(t)
+        expected = base * 1e-6 + t * (base - base * 1e-6) / 10 if t < 10 else base * max(1 - t / 100, 0) ** power
+        assert opt.param_groups[0]['lr'] == pytest.approx(expected, rel=1e-9, abs=1e-15), t
+
+
 def test_unknown_names_are_errors():
-    with pytest.raises(ValueError, match="TRAIN.LR_SCHEDULER.NAME='poly'"):
-        _schedule(['TRAIN.LR_SCHEDULER.NAME', 'poly'])
+    with pytest.raises(ValueError, match="TRAIN.LR_SCHEDULER.NAME='exponential'"):
+        _schedule(['TRAIN.LR_SCHEDULER.NAME', 'exponential'])
     with pytest.raises(ValueError, match="TRAIN.OPTIMIZER.NAME='lamb'"):
         build_optimizer(load_config(None, ['TRAIN.OPTIMIZER.NAME', 'lamb']), torch.nn.Linear(2, 2))
 

@@ -58,6 +58,7 @@ class RunState:
     step: int = 0
     max_accuracy: float = 0.0
     max_accuracy_ema: float = 0.0
+    iteration_schedule: bool = False  # logs count updates of the whole run ("epochs" are evaluation periods)
 
     @property
     def batches_per_epoch(self) -> int:
@@ -131,8 +132,13 @@ class EpochLog:
         lr = state.optimizer.param_groups[0]['lr']
         step = self.first_batch + idx  # the batch index within the epoch
         eta = self.batch_time.avg * (self.num_batches - idx - 1)
+        if state.iteration_schedule:
+            done = state.epoch * state.updates_per_epoch + (step + 1) // state.accumulation_steps
+            where = f'[iter {done}/{state.total_epochs * state.updates_per_epoch}]'
+        else:
+            where = f'[{state.epoch}/{state.total_epochs}][{step}/{state.batches_per_epoch}]'
         logger.info(
-            f'Train: [{state.epoch}/{state.total_epochs}][{step}/{state.batches_per_epoch}]\t'
+            f'Train: {where}\t'
             f'eta {format_eta(eta)} lr {lr:.6f}\t'
             f'time {self.batch_time.val:.4f} ({self.batch_time.avg:.4f})\t'
             f'loss {loss_value:.4f} ({self.loss.avg:.4f})\t'

@@ -106,18 +106,19 @@ class RunFolder:
         'val' and (None without EMA) 'ema' metric dicts."""
         if not self.is_main:
             return
-        record = {'epoch': epoch, **{f'train_{k}': v for k, v in stats['train'].items()},
-                  **{f'val_{k}': v for k, v in stats['val'].items()}, 'max_accuracy': state.max_accuracy}
+        def figures(split: str) -> dict:  # the confusion matrix of a segmentation evaluation stays out of the log
+            return {f'{split}_{k}': v for k, v in stats[split].items() if not isinstance(v, torch.Tensor)}
+        record = {'epoch': epoch, **figures('train'), **figures('val'), 'max_accuracy': state.max_accuracy}
         if stats['ema'] is not None:
-            record.update({f'ema_{k}': v for k, v in stats['ema'].items()}, max_accuracy_ema=state.max_accuracy_ema)
+            record.update(figures('ema'), max_accuracy_ema=state.max_accuracy_ema)
         with open(os.path.join(self.output_dir, 'metrics.jsonl'), 'a') as f:
             f.write(json.dumps(record) + '\n')
         step = (epoch + 1) * state.batches_per_epoch
-        keys = {'train': ('loss', 'lr', 'grad_norm', 'skipped_updates'), 'val': ('acc1', 'acc5', 'loss'),
-                'ema': ('acc1', 'acc5', 'loss')}
-        for split, names in keys.items():
-            for key in names if stats[split] is not None else ():
-                self.tb_writer.add_scalar(f'epoch/{split}_{key}', stats[split][key], step)
+        keys = ('loss', 'lr', 'grad_norm', 'skipped_updates', 'acc1', 'acc5', 'mIoU', 'mAcc', 'aAcc')
+        for split in ('train', 'val', 'ema'):
+            for key in keys if stats[split] is not None else ():
+                if key in stats[split]:
+                    self.tb_writer.add_scalar(f'epoch/{split}_{key}', stats[split][key], step)
         self.tb_writer.flush()
 
     def close(self) -> None:
