@@ -471,7 +471,12 @@ def build_models(cfg: CN, ctx: DistContext, source: str, resuming: bool):
     if cfg.TASK == 'segmentation' and ctx.world_size > 1:
         model = sync_batchnorm(model, ctx.device)  # the decoders' BatchNorm sees the global batch, as mmseg's SyncBN
     n_parameters = count_parameters(model)
-    logger.info(f'{cfg.MODEL.NAME}: {describe(cfg)}, {n_parameters:,} parameters ({n_parameters / 1e6:.2f}M)')
+    what = describe(cfg)
+    if cfg.TASK == 'segmentation':
+        what = (f'{"UperNet" if cfg.SEG.DECODER == "upernet" else "Semantic FPN"} ({cfg.SEG.CHANNELS} channels'
+                f'{f", auxiliary head on stage {cfg.SEG.AUX_STAGE}" if cfg.SEG.AUX_WEIGHT else ""}) on the '
+                f'features of {what}')
+    logger.info(f'{cfg.MODEL.NAME}: {what}, {n_parameters:,} parameters ({n_parameters / 1e6:.2f}M)')
     if cfg.COMPILE_CORE:
         logger.info(f'--compile-core: {set_compiled_core(model)} focused-attention modules compile their core '
                     'for training steps and evaluation')

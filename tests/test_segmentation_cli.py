@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -50,6 +51,43 @@ def test_trains_by_iterations_and_eval_resume_reproduces_the_logged_miou(tmp_pat
     matrix = np.array(record['val']['confusion_matrix'])
     assert matrix.shape == (4, 4) and matrix.sum() == sum(
         (np.asarray(Image.open(p)) > 0).sum() for p in (ade / 'annotations' / 'validation').glob('*.png'))
+
+
+def test_a_run_resumed_mid_period_ends_bit_identical(tmp_path, seg_micro_cfg, ade):
+    # a checkpoint after every update; deleting everything after update 1 is a kill right after it was written
+    args = ['--cfg', seg_micro_cfg, '--data-path', ade, '--device', 'cpu', '--opts', 'TRAIN.CKPT_STEPS', '1',
+            'TRAIN.KEEP_CKPTS', '10']
+    whole = run_main(args[:-5] + ['--output', tmp_path / 'whole'] + args[-5:])
+    assert whole.returncode == 0, whole.stdout + whole.stderr
+    run_dir = tmp_path / 'cut' / 'seg_micro' / 'default'
+    shutil.copytree(tmp_path / 'whole' / 'seg_micro' / 'default', run_dir)
+    for path in run_dir.iterdir():
+        if path.name not in ('ckpt_epoch_0_step_1.pth', 'config.yaml'):
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    resumed = run_main(args[:-5] + ['--output', tmp_path / 'cut'] + args[-5:])
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert 'resuming from' in resumed.stdout and 'ckpt_epoch_0_step_1.pth' in resumed.stdout
+    one = torch.load(tmp_path / 'whole' / 'seg_micro' / 'default' / 'ckpt_epoch_1.pth', weights_only=True)
+    two = torch.load(run_dir / 'ckpt_epoch_1.pth', weights_only=True)
+    for key in ('model', 'optimizer', 'lr_scheduler'):
+        assert _equal(one[key], two[key]), key
+    assert _miou_lines(resumed.stdout)[-1] == _miou_lines(whole.stdout)[-1]
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b, strict=True))
+    return torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+
+
+def test_bf16_autocast_trains_and_evaluates(tmp_path, seg_micro_cfg, ade):
+    result = run_main(['--cfg', seg_micro_cfg, '--data-path', ade, '--device', 'cpu', '--output', tmp_path,
+                       '--amp-dtype', 'bf16'])
+    assert result.returncode == 0, result.stdout + result.stderr
+    losses = [float(x) for x in re.findall(r'\tloss (\S+) ', result.stdout)]
+    assert len(losses) == 4 and all(np.isfinite(losses)) and len(_miou_lines(result.stdout)) == 2
 
 
 @pytest.mark.slow

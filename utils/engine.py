@@ -131,7 +131,11 @@ class EpochLog:
         state = self.state
         lr = state.optimizer.param_groups[0]['lr']
         step = self.first_batch + idx  # the batch index within the epoch
-        eta = self.batch_time.avg * (self.num_batches - idx - 1)
+        remaining = self.num_batches - idx - 1
+        if state.iteration_schedule:  # the whole run's, not the evaluation period's
+            total = state.total_epochs * state.batches_per_epoch
+            remaining = total - (state.epoch * state.batches_per_epoch + step + 1)
+        eta = self.batch_time.avg * remaining
         if state.iteration_schedule:
             done = state.epoch * state.updates_per_epoch + (step + 1) // state.accumulation_steps
             where = f'[iter {done}/{state.total_epochs * state.updates_per_epoch}]'
