@@ -31,10 +31,16 @@ class ShardedEvalSampler(torch.utils.data.Sampler):
 
 
 class _StartsMidEpoch:
-    """``skip(n)`` and ``__len__`` of a sampler that draws ``num_samples`` indices per epoch and
+    """``set_epoch``, ``skip(n)`` and ``__len__`` of a sampler that draws ``num_samples`` indices per epoch and
     yields them from position ``start`` on (reset to 0 by ``set_epoch``)."""
     num_samples: int
+    epoch: int = 0
     start: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch `epoch` from its beginning."""
+        self.epoch = epoch
+        self.start = 0
 
     def skip(self, num_indices: int) -> None:
         if not 0 <= num_indices <= self.num_samples:
@@ -56,10 +62,6 @@ class ResumableDistributedSampler(_StartsMidEpoch, torch.utils.data.DistributedS
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.start = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        super().set_epoch(epoch)
         self.start = 0
 
     def __iter__(self) -> Iterator[int]:
@@ -102,10 +104,6 @@ class ResumableRepeatAugSampler(_StartsMidEpoch, torch.utils.data.Sampler):
         self.epoch = 0
         self.start = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.start = 0
-
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
@@ -141,10 +139,6 @@ class ResumableStreamSampler(_StartsMidEpoch, torch.utils.data.Sampler):
         self.dataset_len, self.num_samples = len(dataset), num_samples
         self.num_replicas, self.rank, self.seed = num_replicas, rank, seed
         self.epoch = 0
-        self.start = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
         self.start = 0
 
     def __iter__(self) -> Iterator[int]:
