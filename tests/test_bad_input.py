@@ -124,6 +124,27 @@ def test_more_processes_than_gpus_is_refused(monkeypatch):
         _pick_device('gpu0', local_rank=0, local_world_size=1)
 
 
+def test_bare_cuda_picks_an_indexed_device(monkeypatch):
+    """torch.cuda.set_device refuses torch.device('cuda') (no index): a single process asking for 'cuda'
+    must hand it the current GPU's index (seen on a real GPU: torchrun --nproc_per_node=1 failed)."""
+    chosen = []
+
+    def set_device(device):
+        if torch.device(device).index is None:
+            raise ValueError(f'Expected a torch.device with a specified index or an integer, but got:{device}')
+        chosen.append(device)
+
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    monkeypatch.setattr(torch.cuda, 'current_device', lambda: 1)
+    monkeypatch.setattr(torch.cuda, 'set_device', set_device)
+    assert _pick_device('cuda', local_rank=0, local_world_size=1) == torch.device('cuda', 1)
+    assert _pick_device('', local_rank=0, local_world_size=1) == torch.device('cuda', 1)
+    assert _pick_device('cuda', local_rank=1, local_world_size=2) == torch.device('cuda', 1)
+    assert _pick_device('cuda:0', local_rank=0, local_world_size=1) == torch.device('cuda', 0)
+    assert chosen == [torch.device('cuda', 1)] * 3 + [torch.device('cuda', 0)]
+
+
 def test_robustness_table_lists_every_case():
     page = (REPO / 'docs' / 'robustness.md').read_text()
     section = page.split('## What happens when')[1].split('\n## ')[0]

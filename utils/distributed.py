@@ -54,6 +54,9 @@ def _pick_device(requested: str, local_rank: int, local_world_size: int) -> torc
             device = torch.device('cuda', local_rank)
         elif (device.index is not None) and (device.index >= count):
             raise DeviceError(f'--device {requested}: only {count} CUDA device(s) are visible')
+        elif device.index is None:
+            # a bare 'cuda' is the current GPU; torch.cuda.set_device refuses a device without an index
+            device = torch.device('cuda', torch.cuda.current_device())
         torch.cuda.set_device(device)
     return device
 
