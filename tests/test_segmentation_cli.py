@@ -4,15 +4,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
+import signal
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import run_main, write_ade20k_split
+from conftest import REPO, run_main, write_ade20k_split
 from PIL import Image
+from test_preemption import _finish, _signal_until_exit, _start, _wait_for
+
+from utils.preemption import EXIT_PREEMPTED
 
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
 
@@ -53,25 +56,42 @@ def test_trains_by_iterations_and_eval_resume_reproduces_the_logged_miou(tmp_pat
         (np.asarray(Image.open(p)) > 0).sum() for p in (ade / 'annotations' / 'validation').glob('*.png'))
 
 
-def test_a_run_resumed_mid_period_ends_bit_identical(tmp_path, seg_micro_cfg, ade):
-    # a checkpoint after every update; deleting everything after update 1 is a kill right after it was written
-    args = ['--cfg', seg_micro_cfg, '--data-path', ade, '--device', 'cpu', '--opts', 'TRAIN.CKPT_STEPS', '1',
-            'TRAIN.KEEP_CKPTS', '10']
-    whole = run_main(args[:-5] + ['--output', tmp_path / 'whole'] + args[-5:])
-    assert whole.returncode == 0, whole.stdout + whole.stderr
+@pytest.mark.slow
+def test_sigkill_and_sigterm_mid_run_then_the_same_command_ends_bit_identical(tmp_path, seg_micro_cfg, ade):
+    # 12 iterations in 2 periods, a checkpoint after every update, 2 loader workers (their random crops,
+    # flips and photometric draws must resume too); the reference runs uninterrupted in its own process
+    opts = ['--opts', 'TRAIN.ITERS', '12', 'TRAIN.EVAL_PERIOD', '6', 'TRAIN.CKPT_STEPS', '1',
+            'TRAIN.KEEP_CKPTS', '3', 'DATA.NUM_WORKERS', '2', 'PRINT_FREQ', '1']
+    args = ['--cfg', seg_micro_cfg, '--data-path', ade, '--device', 'cpu']
+    _finish([sys.executable, str(REPO / 'main.py')] + args + ['--output', tmp_path / 'whole'] + opts,
+            tmp_path / 'whole.log')
+    command = [sys.executable, str(REPO / 'main.py')] + args + ['--output', tmp_path / 'cut'] + opts
     run_dir = tmp_path / 'cut' / 'seg_micro' / 'default'
-    shutil.copytree(tmp_path / 'whole' / 'seg_micro' / 'default', run_dir)
-    for path in run_dir.iterdir():
-        if path.name not in ('ckpt_epoch_0_step_1.pth', 'config.yaml'):
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-    resumed = run_main(args[:-5] + ['--output', tmp_path / 'cut'] + args[-5:])
-    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert 'resuming from' in resumed.stdout and 'ckpt_epoch_0_step_1.pth' in resumed.stdout
+
+    killed = _start(command, tmp_path / 'kill.log')  # 1. SIGKILL once iteration 3's checkpoint is on disk
+    _wait_for(killed, tmp_path / 'kill.log', 'saved ckpt_epoch_0_step_3.pth')
+    killed.kill()
+    assert killed.wait() == -signal.SIGKILL
+    assert not (run_dir / 'ckpt_epoch_1.pth').exists()
+
+    stopped = _start(command, tmp_path / 'term.log')  # 2. SIGTERM in the second period
+    _wait_for(stopped, tmp_path / 'term.log', 'Train: [iter 8/12]')
+    _signal_until_exit(stopped, stopped.pid, signal.SIGTERM)
+    text = (tmp_path / 'term.log').read_text()
+    assert stopped.returncode == EXIT_PREEMPTED, text[-3000:]
+    assert 'resuming from' in text and 'Traceback' not in text
+    where = re.search(r"stopped by SIGTERM \(.*\) after iteration (\d+) of 12; "
+                      r"saved (ckpt_epoch_1_step_\d+\.pth)", text)
+    assert where and 8 <= int(where.group(1)) < 12, text[-3000:]
+    assert torch.load(run_dir / where.group(2), weights_only=True)['step'] == int(where.group(1)) - 6
+
+    final = _finish(command, tmp_path / 'final.log')  # 3. the same command again
+    assert f'resuming from {run_dir / where.group(2)}' in final
     one = torch.load(tmp_path / 'whole' / 'seg_micro' / 'default' / 'ckpt_epoch_1.pth', weights_only=True)
     two = torch.load(run_dir / 'ckpt_epoch_1.pth', weights_only=True)
-    for key in ('model', 'optimizer', 'lr_scheduler'):
+    for key in ('model', 'optimizer', 'lr_scheduler', 'rng'):
         assert _equal(one[key], two[key]), key
-    assert _miou_lines(resumed.stdout)[-1] == _miou_lines(whole.stdout)[-1]
+    assert _miou_lines(final)[-1] == _miou_lines((tmp_path / 'whole.log').read_text())[-1]
 
 
 def _equal(a, b) -> bool:

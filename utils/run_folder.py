@@ -98,7 +98,10 @@ class RunFolder:
                 save_checkpoint(os.path.join(self.output_dir, name), config_yaml=self.config_yaml, rng=rng,
                                 **state.checkpoint_fields())
             prune_checkpoints(self.output_dir, self.keep)
-            logger.info(f'saved {", ".join(names)} in {self.output_dir}')
+            done = state.epoch * state.updates_per_epoch + state.step
+            at = f' (iteration {done} of {state.total_epochs * state.updates_per_epoch})' \
+                if state.iteration_schedule else ''
+            logger.info(f'saved {", ".join(names)} in {self.output_dir}{at}')
         barrier()  # no rank may exit (and so have torchrun stop the others) while rank 0 writes
 
     def record_epoch(self, epoch: int, state: RunState, stats: Dict[str, Optional[Dict[str, float]]]) -> None:
@@ -152,8 +155,12 @@ class CheckpointTriggers:
         if state.step >= state.updates_per_epoch:
             return
         name = periodic_checkpoint_name(state.epoch, state.step)
-        self.stop_if_asked(state, [name], f'after update {state.step} of {state.updates_per_epoch} of epoch '
-                                          f'{state.epoch}')
+        if state.iteration_schedule:
+            where = (f'after iteration {state.epoch * state.updates_per_epoch + state.step} of '
+                     f'{state.total_epochs * state.updates_per_epoch}')
+        else:
+            where = f'after update {state.step} of {state.updates_per_epoch} of epoch {state.epoch}'
+        self.stop_if_asked(state, [name], where)
         if self.ckpt_steps and (state.step % self.ckpt_steps == 0):
             self.folder.save(state, [name])
 
@@ -167,6 +174,9 @@ class CheckpointTriggers:
         names += ['max_acc.pth'] if is_best else []
         names += ['max_ema_acc.pth'] if is_best_ema else []
         if stopping and not last:
-            self._stop(state, names, f'at the end of epoch {epoch}')
+            where = (f'after iteration {state.epoch * state.updates_per_epoch} of '
+                     f'{state.total_epochs * state.updates_per_epoch} and its evaluation') \
+                if state.iteration_schedule else f'at the end of epoch {epoch}'
+            self._stop(state, names, where)
         if names:
             self.folder.save(state, names)
