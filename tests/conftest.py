@@ -8,12 +8,14 @@ import logging
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import traceback
 import warnings
 from pathlib import Path
-from typing import List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import pytest
@@ -27,6 +29,62 @@ ASSETS = REPO / 'tests' / 'assets'
 FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
 # PyTorch's own intra-op thread count, read before any test changes it: what a user's fresh process gets
 DEFAULT_THREADS = torch.get_num_threads()
+
+
+# Long end-to-end runs started in the background when collection ends (see start_early)
+_EARLY: Dict[str, Tuple[List[str], str]] = {}
+_STARTED: Dict[str, Tuple[subprocess.Popen, Path]] = {}
+
+
+def start_early(test_name: str, args: List[object], needs: str = '') -> None:
+    """Have ``main.py args --output DIR`` start, single-threaded, in a process of its own as soon as
+    the tests are collected, for the test function `test_name` (when it was selected), which then
+    runs last and reads the result through the :func:`early_run` fixture.
+
+    The suite's in-process tests mostly run on one thread, so the README demos (minutes each) take
+    the other core instead of running one after the other at the end: their assertions are the
+    same, only when the work happens changes. One thread gives the demos the same numbers as two
+    (micro models; docs/testing.md). Nothing starts when the folder `needs` is missing (the test
+    skips itself then)."""
+    _EARLY[test_name] = ([str(a) for a in args], needs)
+
+
+def pytest_collection_modifyitems(session, config, items) -> None:
+    items.sort(key=lambda item: item.name in _EARLY)  # stable: the early-started tests wait last
+
+
+def pytest_collection_finish(session) -> None:
+    for name in sorted({item.name for item in session.items} & set(_EARLY)):
+        args, needs = _EARLY[name]
+        if (name in _STARTED) or (needs and not os.path.isdir(needs)):
+            continue
+        output = Path(tempfile.mkdtemp(prefix=f'{name}-'))
+        env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+        with open(output / 'stdout.txt', 'w') as log:
+            command = [sys.executable, str(REPO / 'main.py')] + args + ['--output', str(output)]
+            process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _STARTED[name] = (process, output)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    for process, output in _STARTED.values():
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        shutil.rmtree(output, ignore_errors=True)
+
+
+@pytest.fixture
+def early_run(request) -> Tuple[int, str, Path]:
+    """(exit code, stdout and stderr, output folder) of this test's :func:`start_early` run."""
+    process, output = _STARTED[request.node.name]
+    try:
+        process.wait(timeout=1800)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        args = ' '.join(_EARLY[request.node.name][0])
+        raise AssertionError(f'{request.node.name}: main.py {args} ran over 30 minutes') from None
+    return process.returncode, (output / 'stdout.txt').read_text(), output
 
 
 def asset_path(*parts: str) -> Path:
