@@ -44,8 +44,9 @@ def start_early(test_name: str, args: List[object], needs: str = '') -> None:
     The suite's in-process tests mostly run on one thread, so the README demos (minutes each) take
     the other core instead of running one after the other at the end: their assertions are the
     same, only when the work happens changes. One thread gives the demos the same numbers as two
-    (micro models; docs/testing.md). Nothing starts when the folder `needs` is missing (the test
-    skips itself then)."""
+    (micro models; docs/testing.md). They run at the lowest CPU priority, so that a test using
+    both cores (timed bench loops, full-size models) is not slowed by them. Nothing starts when the
+    folder `needs` is missing (the test skips itself then)."""
     _EARLY[test_name] = ([str(a) for a in args], needs)
 
 
@@ -63,6 +64,8 @@ def pytest_collection_finish(session) -> None:
         with open(output / 'stdout.txt', 'w') as log:
             command = [sys.executable, str(REPO / 'main.py')] + args + ['--output', str(output)]
             process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        with contextlib.suppress(ProcessLookupError):  # lowest priority: it yields to every test (its loader
+            os.setpriority(os.PRIO_PROCESS, process.pid, 19)  # workers, forked later, inherit it)
         _STARTED[name] = (process, output)
 
 
