@@ -88,8 +88,8 @@ KNOWN_TABLE1_FLOP_MISMATCHES = {'fpn_flatten_pvt_t'}
 
 @pytest.mark.slow
 def test_table1(tmp_path):
-    """Three Table 1 rows at 512×2048 (about a minute on 2 cores; the whole table takes 7, see the docs):
-    params within 3 %, FLOPs within 5 % except the known mismatch."""
+    """Three Table 1 rows at 512×2048 (counted on fake tensors): params within 3 %, FLOPs within 5 %
+    except the known mismatch."""
     from tools.model_table import PAPER_TABLE1, segmentation_configs
     out = tmp_path / 'table1.json'
     chosen = [p for p in segmentation_configs() if p.stem in ('fpn_pvt_t', 'fpn_flatten_pvt_t', 'upernet_swin_t')]

@@ -10,8 +10,8 @@ linear-attention products KᵀV and Q(KᵀV) and softmax attention's QKᵀ and A
 embeddings, the DWC, LePE, the decoders) and the fused softmax-attention kernels. Element-wise work
 is not counted. A classifier runs on 1×C×IMG×IMG at its DATA.IMG_SIZE; a segmentor (TASK
 segmentation) on 1×3×512×2048, the input of Table 1, encoder and decoder (the auxiliary head, which
-only trains, is not run). At that size a full segmentor takes about a minute on 2 CPU cores
-(docs/segmentation.md, "The models").
+only trains, is not run); segmentors are counted on fake tensors (shapes only), since a real forward
+at that size is slow on a CPU and counts the same (docs/segmentation.md, "The models").
 """
 from __future__ import annotations
 
