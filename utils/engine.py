@@ -64,6 +64,15 @@ class RunState:
     def batches_per_epoch(self) -> int:
         return self.updates_per_epoch * self.accumulation_steps
 
+    @property
+    def updates_done(self) -> int:
+        """Optimizer updates of the whole run so far (an iteration schedule's iteration)."""
+        return self.epoch * self.updates_per_epoch + self.step
+
+    @property
+    def total_updates(self) -> int:
+        return self.total_epochs * self.updates_per_epoch
+
     def checkpoint_fields(self) -> Dict[str, Any]:
         """The keyword arguments of utils.checkpoint.save_checkpoint for this state."""
         return dict(model=self.model, epoch=self.epoch, step=self.step, max_accuracy=self.max_accuracy,
@@ -138,7 +147,7 @@ class EpochLog:
         eta = self.batch_time.avg * remaining
         if state.iteration_schedule:
             done = state.epoch * state.updates_per_epoch + (step + 1) // state.accumulation_steps
-            where = f'[iter {done}/{state.total_epochs * state.updates_per_epoch}]'
+            where = f'[iter {done}/{state.total_updates}]'
         else:
             where = f'[{state.epoch}/{state.total_epochs}][{step}/{state.batches_per_epoch}]'
         logger.info(

@@ -98,9 +98,7 @@ class RunFolder:
                 save_checkpoint(os.path.join(self.output_dir, name), config_yaml=self.config_yaml, rng=rng,
                                 **state.checkpoint_fields())
             prune_checkpoints(self.output_dir, self.keep)
-            done = state.epoch * state.updates_per_epoch + state.step
-            at = f' (iteration {done} of {state.total_epochs * state.updates_per_epoch})' \
-                if state.iteration_schedule else ''
+            at = f' (iteration {state.updates_done} of {state.total_updates})' if state.iteration_schedule else ''
             logger.info(f'saved {", ".join(names)} in {self.output_dir}{at}')
         barrier()  # no rank may exit (and so have torchrun stop the others) while rank 0 writes
 
@@ -156,8 +154,7 @@ class CheckpointTriggers:
             return
         name = periodic_checkpoint_name(state.epoch, state.step)
         if state.iteration_schedule:
-            where = (f'after iteration {state.epoch * state.updates_per_epoch + state.step} of '
-                     f'{state.total_epochs * state.updates_per_epoch}')
+            where = f'after iteration {state.updates_done} of {state.total_updates}'
         else:
             where = f'after update {state.step} of {state.updates_per_epoch} of epoch {state.epoch}'
         self.stop_if_asked(state, [name], where)
@@ -174,8 +171,7 @@ class CheckpointTriggers:
         names += ['max_acc.pth'] if is_best else []
         names += ['max_ema_acc.pth'] if is_best_ema else []
         if stopping and not last:
-            where = (f'after iteration {state.epoch * state.updates_per_epoch} of '
-                     f'{state.total_epochs * state.updates_per_epoch} and its evaluation') \
+            where = f'after iteration {state.updates_done} of {state.total_updates} and its evaluation' \
                 if state.iteration_schedule else f'at the end of epoch {epoch}'
             self._stop(state, names, where)
         if names:
