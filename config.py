@@ -17,7 +17,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import yaml
 from yacs.config import CfgNode as CN
@@ -220,6 +220,43 @@ _C.SEG.TEST_SCALES = [1.0]
 _C.SEG.TEST_FLIP = False
 
 # -----------------------------------------------------------------------------
+# *new* Detection and instance segmentation (TASK 'detection', configs/coco; docs/detection.md)
+# -----------------------------------------------------------------------------
+_C.DET = CN()
+# 'mask_rcnn' (torchvision's Mask R-CNN) or 'cascade_mask_rcnn' (three box stages at CASCADE_IOUS, a mask
+# head per stage, as mmdet's Cascade Mask R-CNN in the Swin detection recipe; models/detection.py)
+_C.DET.DETECTOR = 'mask_rcnn'
+# FPN width; box head fc width (Mask R-CNN's two fcs, the cascade's one); mask head conv width
+_C.DET.FPN_CHANNELS = 256
+_C.DET.BOX_FC_DIM = 1024
+_C.DET.MASK_CHANNELS = 256
+# Sampled anchors (RPN) and RoIs (box head) per training image; RPN proposals kept per image
+_C.DET.RPN_BATCH_PER_IMAGE = 256
+_C.DET.BOX_BATCH_PER_IMAGE = 512
+_C.DET.RPN_PRE_NMS_TRAIN = 2000
+_C.DET.RPN_POST_NMS_TRAIN = 1000
+_C.DET.RPN_PRE_NMS_TEST = 1000
+_C.DET.RPN_POST_NMS_TEST = 1000
+# Test-time detections: score threshold, boxes kept per image
+_C.DET.SCORE_THRESH = 0.05
+_C.DET.DETECTIONS_PER_IMAGE = 100
+# Cascade: IoU threshold of each stage's positives, and each stage's loss weight
+_C.DET.CASCADE_IOUS = [0.5, 0.6, 0.7]
+_C.DET.CASCADE_WEIGHTS = [1.0, 0.5, 0.25]
+# Training sizes, (long side, short side) limits of a keep-ratio resize: one of TRAIN_SCALES is drawn per
+# image ([[1333, 800]]: the 1x recipe; [[1333, 480], ..., [1333, 800]]: 3x multi-scale). With probability
+# CROP_PROB (Swin's 3x recipe: 0.5) the image is instead resized to one of CROP_SCALES, cropped to a random
+# (h, w) with each side in CROP_SIZE (absolute range), then resized to one of TRAIN_SCALES
+_C.DET.TRAIN_SCALES = [[1333, 800]]
+_C.DET.CROP_PROB = 0.0
+_C.DET.CROP_SCALES = [[1333, 400], [1333, 500], [1333, 600]]
+_C.DET.CROP_SIZE = [384, 600]
+# Evaluation size (long side, short side) limits; predictions are mapped back to the original image
+_C.DET.TEST_SCALE = [1333, 800]
+# --eval also writes the detections as COCO results files (<run folder>/detections_{bbox,segm}.json)
+_C.DET.SAVE_RESULTS = False
+
+# -----------------------------------------------------------------------------
 # Model settings
 # -----------------------------------------------------------------------------
 _C.MODEL = CN()
@@ -367,6 +404,8 @@ _C.TRAIN.LR_SCHEDULER.POWER = 1.0
 _C.TRAIN.LR_SCHEDULER.DECAY_EPOCHS = 30
 # LR decay rate, used in StepLRScheduler
 _C.TRAIN.LR_SCHEDULER.DECAY_RATE = 0.1
+# *new* 'multistep': the LR is multiplied by DECAY_RATE at each of these epochs (mmdet's 1x: [8, 11])
+_C.TRAIN.LR_SCHEDULER.MILESTONES = [8, 11]
 
 # Optimizer
 _C.TRAIN.OPTIMIZER = CN()
@@ -497,6 +536,23 @@ RANGES: Dict[str, Range] = {
                                          'no limit'),
     'SEG.TEST_STRIDE': Range('[1, inf)', 'sliding-window step (H, W) in pixels', form='pair', integer=True),
     'SEG.TEST_SCALES': Range('(0, inf)', 'ratios of SEG.SCALE evaluated and averaged', form='list'),
+    # detection
+    'DET.FPN_CHANNELS': Range('[1, inf)', 'FPN width', integer=True),
+    'DET.BOX_FC_DIM': Range('[1, inf)', 'box head fc width', integer=True),
+    'DET.MASK_CHANNELS': Range('[1, inf)', 'mask head conv width', integer=True),
+    'DET.RPN_BATCH_PER_IMAGE': Range('[1, inf)', 'anchors sampled per image for the RPN loss', integer=True),
+    'DET.BOX_BATCH_PER_IMAGE': Range('[1, inf)', 'RoIs sampled per image for the box head loss', integer=True),
+    'DET.RPN_PRE_NMS_TRAIN': Range('[1, inf)', 'RPN proposals per level before NMS in training', integer=True),
+    'DET.RPN_POST_NMS_TRAIN': Range('[1, inf)', 'RPN proposals per image after NMS in training', integer=True),
+    'DET.RPN_PRE_NMS_TEST': Range('[1, inf)', 'RPN proposals per level before NMS in evaluation', integer=True),
+    'DET.RPN_POST_NMS_TEST': Range('[1, inf)', 'RPN proposals per image after NMS in evaluation', integer=True),
+    'DET.SCORE_THRESH': Range('[0, 1)', 'lowest score of a kept detection'),
+    'DET.DETECTIONS_PER_IMAGE': Range('[1, inf)', 'detections kept per image', integer=True),
+    'DET.CASCADE_IOUS': Range('(0, 1)', 'IoU threshold of each cascade stage\'s positives', form='list'),
+    'DET.CASCADE_WEIGHTS': Range('[0, inf)', 'loss weight of each cascade stage', form='list'),
+    'DET.CROP_PROB': Range('[0, 1]', 'probability of the random-crop branch of the 3x recipe'),
+    'DET.CROP_SIZE': Range('[1, inf)', 'range of the crop sides in pixels', form='pair', integer=True, order='<='),
+    'DET.TEST_SCALE': Range('[1, inf)', 'evaluation size limits (long side, short side) in pixels', form='pair'),
     # model
     'MODEL.NUM_CLASSES': Range('[1, inf)', "classifier outputs; a training run uses the dataset's class count",
                                integer=True),
@@ -590,7 +646,8 @@ RANGES: Dict[str, Range] = {
 # String keys with a fixed set of values.
 CHOICES: Dict[str, tuple] = {
     'AMP_DTYPE': ('fp16', 'bf16'),
-    'TASK': ('classification', 'segmentation'),
+    'TASK': ('classification', 'segmentation', 'detection'),
+    'DET.DETECTOR': ('mask_rcnn', 'cascade_mask_rcnn'),
     'SEG.DECODER': ('upernet', 'fpn'),
     'SEG.TEST_MODE': ('whole', 'slide'),
 }
@@ -604,6 +661,7 @@ NO_RANGE: Dict[str, str] = {
     **{f'MODEL.{node}': '*unused* sub-config: any keys accepted, none read'
        for node in ('SWIN_HR', 'SWIN_LRVIT', 'PVD')},
     'MODEL.DEIT.ABS_POS_EMBED': 'a switch, not a number: True, False or None (automatic)',
+    'TRAIN.LR_SCHEDULER.MILESTONES': 'increasing epochs of the multistep schedule: checked by _validate',
 }
 
 
@@ -752,6 +810,7 @@ def _validate(cfg: CN, sources: Optional[Dict[str, str]] = None) -> None:
             problems.append(f'TRAIN.ITERS={cfg.TRAIN.ITERS} is not a multiple of '
                             f'TRAIN.EVAL_PERIOD={cfg.TRAIN.EVAL_PERIOD}: an iteration schedule is a whole number '
                             f'of evaluation periods')
+        problems += _detection_problems(cfg)
         if cfg.TASK == 'segmentation' and not cfg.TRAIN.ITERS:
             problems.append('TASK segmentation trains on an iteration schedule: set TRAIN.ITERS (and '
                             'TRAIN.EVAL_PERIOD)')
@@ -759,6 +818,29 @@ def _validate(cfg: CN, sources: Optional[Dict[str, str]] = None) -> None:
         raise ConfigError(problems[0])
     if problems:
         raise ConfigError(f'{len(problems)} config values are not valid: ' + '; '.join(problems))
+
+
+def _detection_problems(cfg: CN) -> List[str]:
+    """What is wrong with the list-of-pairs keys, the cascade lists and the multistep milestones."""
+    problems = []
+    for key in ('DET.TRAIN_SCALES', 'DET.CROP_SCALES'):
+        value = _value_of(cfg, key)
+        pairs_ok = isinstance(value, (list, tuple)) and len(value) > 0 and all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float('inf') for v in p)
+            for p in value)
+        if not pairs_ok:
+            problems.append(f'{key}={value!r} must be a non-empty list of [long side, short side] pairs of positive '
+                            f'sizes in pixels, e.g. [[1333, 800]]')
+    if len(cfg.DET.CASCADE_IOUS) != len(cfg.DET.CASCADE_WEIGHTS):
+        problems.append(f'DET.CASCADE_IOUS has {len(cfg.DET.CASCADE_IOUS)} stages but DET.CASCADE_WEIGHTS '
+                        f'{len(cfg.DET.CASCADE_WEIGHTS)}: one loss weight per stage')
+    milestones = list(cfg.TRAIN.LR_SCHEDULER.MILESTONES)
+    if cfg.TRAIN.LR_SCHEDULER.NAME == 'multistep' and (
+            not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in milestones)
+            or any(b <= a for a, b in zip(milestones, milestones[1:]))):
+        problems.append(f'TRAIN.LR_SCHEDULER.MILESTONES={milestones!r} must be increasing positive whole epochs')
+    return problems
 
 
 def scale_lr(cfg: CN, world_size: int) -> CN:
@@ -772,7 +854,7 @@ def scale_lr(cfg: CN, world_size: int) -> CN:
     """
     if world_size < 1:
         raise ValueError(f'world_size must be >= 1, got {world_size}')
-    if cfg.TASK == 'segmentation':  # mmseg's recipes give the rate of their total batch; it is used as written
+    if cfg.TASK in ('segmentation', 'detection'):  # mmseg / mmdet recipes give the rate of their total batch
         return cfg
     factor = cfg.DATA.BATCH_SIZE * world_size * cfg.TRAIN.ACCUMULATION_STEPS / 512.0
     cfg = cfg.clone()

@@ -120,10 +120,17 @@ def test_yaml_round_trip():
     ('- a\n- b\n', 'must be a YAML mapping'),
     ('MODEL: [unclosed\n', 'is not valid YAML'),
     ('AMP_DTYPE: fp8\n', "AMP_DTYPE must be one of 'fp16', 'bf16', got 'fp8'"),
-    ('TASK: detect\n', "TASK must be one of 'classification', 'segmentation', got 'detect'"),
+    ('TASK: detect\n', "TASK must be one of 'classification', 'segmentation', 'detection', got 'detect'"),
     ('SEG:\n  TEST_MODE: sliding\n', "SEG.TEST_MODE must be one of 'whole', 'slide'"),
     ('TRAIN:\n  ITERS: 100\n  EVAL_PERIOD: 30\n', 'TRAIN.ITERS=100 is not a multiple of TRAIN.EVAL_PERIOD=30'),
     ('TASK: segmentation\n', 'TASK segmentation trains on an iteration schedule: set TRAIN.ITERS'),
+    ('DET:\n  TRAIN_SCALES: [1333, 800]\n', 'DET.TRAIN_SCALES=[1333, 800] must be a non-empty list of [long side, '
+                                          'short side] pairs'),
+    ('DET:\n  CROP_SCALES: [[1333, 0]]\n', 'DET.CROP_SCALES=[[1333, 0]] must be a non-empty list'),
+    ('DET:\n  CASCADE_WEIGHTS: [1.0, 0.5]\n', 'DET.CASCADE_IOUS has 3 stages but DET.CASCADE_WEIGHTS 2'),
+    ('DET:\n  DETECTOR: retinanet\n', "DET.DETECTOR must be one of 'mask_rcnn', 'cascade_mask_rcnn'"),
+    ('TRAIN:\n  LR_SCHEDULER:\n    NAME: multistep\n    MILESTONES: [11, 8]\n',
+     'TRAIN.LR_SCHEDULER.MILESTONES=[11, 8] must be increasing positive whole epochs'),
 ])
 def test_bad_files_name_the_problem(tmp_path, text, message):
     path = _write(tmp_path / 'bad.yaml', text)

@@ -109,6 +109,21 @@ def test_poly_over_an_iteration_schedule():
         assert opt.param_groups[0]['lr'] == pytest.approx(expected, rel=1e-9, abs=1e-15), t
 
 
+def test_multistep_with_warmup_in_updates():
+    # mmdet's 1x in miniature: 12 epochs of 100 updates, x0.1 at epochs 8 and 11, linear warm-up over the first
+    # 50 updates from 0.001 of the rate; the milestones are absolute epochs (not shifted by the warm-up).
+    # step_update(t) runs after update t and sets the rate of update t + 1: epoch 8's first update (800)
+    # gets the decayed rate from step_update(799)
+    base = 1e-4
+    _, opt, sched = _schedule(['TRAIN.LR_SCHEDULER.NAME', 'multistep', 'TRAIN.LR_SCHEDULER.MILESTONES', '[8, 11]',
+                               'TRAIN.EPOCHS', '12', 'TRAIN.WARMUP_ITERS', '50', 'TRAIN.WARMUP_EPOCHS', '5',
+                               'TRAIN.BASE_LR', str(base), 'TRAIN.WARMUP_LR', str(base * 1e-3)], updates_per_epoch=100)
+    for t, expected in ((0, base * 1e-3), (25, base * 1e-3 + 25 * (base - base * 1e-3) / 50), (50, base),
+                        (798, base), (799, base * 0.1), (1098, base * 0.1), (1099, base * 0.01), (1199, base * 0.01)):
+        sched.step_update(t)
+        assert opt.param_groups[0]['lr'] == pytest.approx(expected, rel=1e-9), t
+
+
 def test_unknown_names_are_errors():
     with pytest.raises(ValueError, match="TRAIN.LR_SCHEDULER.NAME='exponential'"):
         _schedule(['TRAIN.LR_SCHEDULER.NAME', 'exponential'])

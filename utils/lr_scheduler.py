@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import List
 
 import torch
-from timm.scheduler import CosineLRScheduler, PolyLRScheduler, StepLRScheduler
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 
 __all__ = ['build_scheduler', 'LinearLRScheduler']
@@ -43,9 +43,9 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, updates_per_epoch: in
     """The ``TRAIN.LR_SCHEDULER.NAME`` schedule in optimizer updates (scaled LRs from `cfg`)."""
     if cfg.TRAIN.ITERS:  # an iteration schedule (segmentation)
         num_steps, warmup_steps = cfg.TRAIN.ITERS, cfg.TRAIN.WARMUP_ITERS
-    else:
+    else:  # an epoch schedule, whose warm-up may be counted in updates (detection: 500)
         num_steps = int(cfg.TRAIN.EPOCHS * updates_per_epoch)
-        warmup_steps = int(cfg.TRAIN.WARMUP_EPOCHS * updates_per_epoch)
+        warmup_steps = cfg.TRAIN.WARMUP_ITERS or int(cfg.TRAIN.WARMUP_EPOCHS * updates_per_epoch)
     name = cfg.TRAIN.LR_SCHEDULER.NAME
     if num_steps < 1:
         raise ValueError(f'TRAIN.EPOCHS={cfg.TRAIN.EPOCHS} with {updates_per_epoch} updates per epoch gives an '
@@ -62,9 +62,14 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, updates_per_epoch: in
             optimizer, decay_t=int(cfg.TRAIN.LR_SCHEDULER.DECAY_EPOCHS * updates_per_epoch),
             decay_rate=cfg.TRAIN.LR_SCHEDULER.DECAY_RATE, warmup_lr_init=cfg.TRAIN.WARMUP_LR,
             warmup_t=warmup_steps, t_in_epochs=False)
+    if name == 'multistep':  # mmdet's step schedule: x DECAY_RATE at each milestone epoch
+        return MultiStepLRScheduler(
+            optimizer, decay_t=[int(m * updates_per_epoch) for m in cfg.TRAIN.LR_SCHEDULER.MILESTONES],
+            decay_rate=cfg.TRAIN.LR_SCHEDULER.DECAY_RATE, warmup_lr_init=cfg.TRAIN.WARMUP_LR,
+            warmup_t=warmup_steps, warmup_prefix=False, t_in_epochs=False)
     if name == 'poly':
         return PolyLRScheduler(
             optimizer, t_initial=num_steps, power=cfg.TRAIN.LR_SCHEDULER.POWER, lr_min=cfg.TRAIN.MIN_LR,
             warmup_lr_init=cfg.TRAIN.WARMUP_LR, warmup_t=warmup_steps, cycle_limit=1, t_in_epochs=False,
             warmup_prefix=False)
-    raise ValueError(f"TRAIN.LR_SCHEDULER.NAME={name!r} is not supported; use 'cosine', 'linear', 'step' or 'poly'")
+    raise ValueError(f"TRAIN.LR_SCHEDULER.NAME={name!r} is not supported; use 'cosine', 'linear', 'step', 'multistep' or 'poly'")
