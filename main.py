@@ -8,7 +8,9 @@ The story: parse flags into a config → set up device / distributed → build d
 optimizer and schedule → load pretrained weights or resume → per epoch: train, evaluate, save.
 A segmentation config (``TASK: segmentation``, configs/ade20k) runs the same story with its own data,
 model, loss and metric (utils/seg_engine.py); its "epochs" are evaluation periods of an iteration
-schedule (TRAIN.ITERS, TRAIN.EVAL_PERIOD).
+schedule (TRAIN.ITERS, TRAIN.EVAL_PERIOD). A detection config (``TASK: detection``, configs/coco) trains
+a detector that computes its own losses (utils/engine.DetectorLoss) and is scored by COCO AP
+(utils/det_eval.py).
 Bad input (unknown config key, missing data, unreadable checkpoint, ...) ends with one error
 paragraph and exit code 2, never a traceback.
 """
@@ -46,6 +48,7 @@ from utils.checkpoint import (
 )
 from utils.distributed import DeviceError, DistContext, cleanup, init_distributed
 from utils.engine import (
+    DetectorLoss,
     EpochLog,
     NonFiniteGuard,
     NonFiniteLossError,
@@ -156,7 +159,10 @@ def flags_to_opts(args: argparse.Namespace) -> List[str]:
     return opts
 
 
-def build_criterion(cfg, mixup_active: bool) -> torch.nn.Module:
+def build_criterion(cfg, mixup_active: bool) -> Optional[torch.nn.Module]:
+    """The loss of model outputs and targets; None for a detector (it computes its own: DetectorLoss)."""
+    if cfg.TASK == 'detection':
+        return None
     if cfg.TASK == 'segmentation':
         return SegLoss(cfg.SEG.AUX_WEIGHT)
     if mixup_active:
@@ -243,7 +249,7 @@ def resolve_start(cfg, output_dir: str, train_mode: bool, dataset_classes: int) 
     """The checkpoint this run restores and its class count. Training uses the dataset's classes (a
     pretrained head of another size is replaced); evaluation the checkpoint head's."""
     path, ckpt = find_resume(cfg, output_dir, train_mode)
-    if train_mode or cfg.TASK == 'segmentation':  # a segmentor's classes are MODEL.NUM_CLASSES, the data's
+    if train_mode or cfg.TASK != 'classification':  # a dense model's classes are MODEL.NUM_CLASSES, the data's
         return StartPoint(path, ckpt, dataset_classes)
     num_classes = checkpoint_classes(dataset_classes, ckpt, path, cfg.EVAL_EMA)
     return StartPoint(path, ckpt, num_classes)
@@ -269,8 +275,8 @@ def evaluate_only(job, model, ema) -> int:
     elif not cfg.MODEL.PRETRAINED:
         logger.warning('no --resume or --pretrained checkpoint: evaluating randomly initialised weights')
     if cfg.THROUGHPUT_MODE:
-        if cfg.TASK == 'segmentation':
-            raise ConfigError('--throughput times classifiers on a batch of equal-size images; a segmentation '
+        if cfg.TASK != 'classification':
+            raise ConfigError(f'--throughput times classifiers on a batch of equal-size images; a {cfg.TASK} '
                               'config evaluates whole images of different sizes one by one: time it with '
                               'python -m bench.dense')
         throughput(model, job.data.loader_val, device=job.ctx.device, autocast=job.autocast,
@@ -313,13 +319,19 @@ class Job:
 
     @property
     def metric(self) -> str:
-        """The validation figure that picks the best checkpoint: top-1 accuracy, or mIoU."""
-        return 'mIoU' if self.cfg.TASK == 'segmentation' else 'acc1'
+        """The validation figure that picks the best checkpoint: top-1 accuracy, mIoU or box AP."""
+        return {'segmentation': 'mIoU', 'detection': 'bbox_AP'}.get(self.cfg.TASK, 'acc1')
 
     def evaluate(self, model, name: str = '') -> dict:
         """The task's evaluation of `model` over the whole validation set (exact under DDP)."""
-        if self.cfg.TASK != 'segmentation':
+        if self.cfg.TASK == 'classification':
             return evaluate(model, self.data.loader_val, name=name, **self.eval_kwargs())
+        if self.cfg.TASK == 'detection':
+            from utils.det_eval import evaluate_detection  # pycocotools: imported by detection runs only
+            save = self.cfg.EVAL_MODE and self.cfg.DET.SAVE_RESULTS and not name
+            return evaluate_detection(model, self.data.loader_val, gt=self.data.val_gt, name=name,
+                                      device=self.ctx.device, autocast=self.autocast, print_freq=self.cfg.PRINT_FREQ,
+                                      results_dir=self.output_dir if save else None)
         seg = self.cfg.SEG
         return evaluate_segmentation(
             model, self.data.loader_val, name=name, num_classes=self.cfg.MODEL.NUM_CLASSES, mode=seg.TEST_MODE,
@@ -327,6 +339,10 @@ class Job:
             class_names=self.data.class_names, **self.eval_kwargs())
 
     def summary(self, stats: dict, best: Optional[float] = None) -> str:
+        if self.cfg.TASK == 'detection':
+            masks = f', mask AP {stats["segm_AP"]:.1f}' if 'segm_AP' in stats else ''
+            text = f'box AP of the network on the {stats["count"]} val images: {stats["bbox_AP"]:.1f}{masks}'
+            return text + (f'; best box AP: {best:.1f}' if best is not None else '')
         if self.cfg.TASK == 'segmentation':
             text = f'mIoU of the network on the {stats["count"]} val images: {stats["mIoU"]:.2f}%'
             return text + (f'; best mIoU: {best:.2f}%' if best is not None else '')
@@ -383,8 +399,9 @@ def run_epoch(job: Job, state: RunState, settings: StepSettings, folder: RunFold
     job.data.dataset_train.set_epoch(epoch)
     job.data.loader_train.sampler.set_epoch(epoch)
     job.data.loader_train.sampler.skip(state.step * state.accumulation_steps * job.cfg.DATA.BATCH_SIZE)
+    terms = settings.model_loss if isinstance(settings.model_loss, DetectorLoss) else None
     train_stats = train_one_epoch(
-        state, job.data.loader_train, settings, log=EpochLog(state, job.cfg.PRINT_FREQ, folder.tb_writer),
+        state, job.data.loader_train, settings, log=EpochLog(state, job.cfg.PRINT_FREQ, folder.tb_writer, terms),
         guard=NonFiniteGuard(job.cfg.TRAIN.MAX_NONFINITE_STEPS), after_update=triggers.after_update)
     val_stats, ema_stats, is_best, is_best_ema = evaluate_epoch(job, state)
     folder.record_epoch(epoch, state, {'train': train_stats, 'val': val_stats, 'ema': ema_stats})
@@ -408,7 +425,8 @@ def train(job: Job, model, model_without_ddp, ema, mixup_fn) -> int:
         return 0
     settings = StepSettings(criterion=build_criterion(cfg, mixup_fn is not None), device=ctx.device,
                             autocast=job.autocast, mixup_fn=mixup_fn, clip_grad=cfg.TRAIN.CLIP_GRAD,
-                            memory_format=memory_format(cfg))
+                            memory_format=memory_format(cfg),
+                            model_loss=DetectorLoss(ctx.device) if cfg.TASK == 'detection' else None)
     folder = RunFolder(job.output_dir, job.config_yaml, cfg.TRAIN.KEEP_CKPTS, ctx.is_main, state,
                        resuming=job.start.path is not None)
     triggers = CheckpointTriggers(folder, job.stop, ctx.device, cfg.TRAIN.CKPT_STEPS, cfg.SAVE_FREQ)
@@ -421,8 +439,9 @@ def train(job: Job, model, model_without_ddp, ema, mixup_fn) -> int:
             run_epoch(job, state, settings, folder, triggers)
     finally:
         folder.close()
-    best = 'best mIoU' if cfg.TASK == 'segmentation' else 'max accuracy'
-    logger.info(f'training time {format_eta(time.time() - start_time)}; {best} {state.max_accuracy:.2f}%')
+    best = {'segmentation': 'best mIoU', 'detection': 'best box AP'}.get(cfg.TASK, 'max accuracy')
+    unit = '' if cfg.TASK == 'detection' else '%'
+    logger.info(f'training time {format_eta(time.time() - start_time)}; {best} {state.max_accuracy:.2f}{unit}')
     return 0
 
 
@@ -468,14 +487,18 @@ def build_models(cfg: CN, ctx: DistContext, source: str, resuming: bool):
     """The model (with --pretrained weights when not resuming), its EMA and, under torchrun, its DDP
     wrapper. Returns (model to train, bare model, EMA or None)."""
     model = build_model_for(cfg, source)
-    if cfg.TASK == 'segmentation' and ctx.world_size > 1:
-        model = sync_batchnorm(model, ctx.device)  # the decoders' BatchNorm sees the global batch, as mmseg's SyncBN
+    if cfg.TASK != 'classification' and ctx.world_size > 1:
+        model = sync_batchnorm(model, ctx.device)  # the heads' BatchNorm sees the global batch, as mmseg's SyncBN
     n_parameters = count_parameters(model)
     what = describe(cfg)
     if cfg.TASK == 'segmentation':
         what = (f'{"UperNet" if cfg.SEG.DECODER == "upernet" else "Semantic FPN"} ({cfg.SEG.CHANNELS} channels'
                 f'{f", auxiliary head on stage {cfg.SEG.AUX_STAGE}" if cfg.SEG.AUX_WEIGHT else ""}) on the '
                 f'features of {what}')
+    elif cfg.TASK == 'detection':
+        detector = 'Mask R-CNN' if cfg.DET.DETECTOR == 'mask_rcnn' else \
+            f'Cascade Mask R-CNN ({len(cfg.DET.CASCADE_IOUS)} stages)'
+        what = f'{detector} with a {cfg.DET.FPN_CHANNELS}-channel FPN on the features of {what}'
     logger.info(f'{cfg.MODEL.NAME}: {what}, {n_parameters:,} parameters ({n_parameters / 1e6:.2f}M)')
     if cfg.COMPILE_CORE:
         logger.info(f'--compile-core: {set_compiled_core(model)} focused-attention modules compile their core '

@@ -17,7 +17,7 @@ from timm.utils import AverageMeter
 from .benchmark import inference_step, measure, median
 from .distributed import all_reduce_sum
 
-__all__ = ['RunState', 'StepSettings', 'NonFiniteGuard', 'EpochLog', 'train_one_epoch', 'evaluate', 'throughput',
+__all__ = ['RunState', 'StepSettings', 'DetectorLoss', 'to_device', 'NonFiniteGuard', 'EpochLog', 'train_one_epoch', 'evaluate', 'throughput',
            'NonFiniteLossError', 'format_eta']
 
 logger = logging.getLogger('flatten.engine')
@@ -89,6 +89,37 @@ class StepSettings:
     mixup_fn: Optional[Callable] = None
     clip_grad: Optional[float] = None
     memory_format: torch.memory_format = torch.contiguous_format
+    # (model, samples, targets) -> loss, for models that compute their own losses from the targets
+    # (detectors: lists of images and of target dicts); `criterion` is not used then
+    model_loss: Optional[Callable[[nn.Module, Any, Any], torch.Tensor]] = None
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """`value` with every tensor in it (nested in lists, tuples and dicts) moved to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {key: to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(item, device) for item in value)
+    return value
+
+
+class DetectorLoss:
+    """A ``StepSettings.model_loss`` for torchvision-style detectors: ``model(images, targets)`` returns a
+    dict of losses in training (RPN objectness and box, classifier, box regression, mask), summed here with
+    weight 1 each (the heads weigh their own terms, e.g. the cascade stages). `images` is a list of
+    (3, H, W) tensors and `targets` a list of dicts, as the detection loaders yield them. The last batch's
+    terms are kept in :attr:`last` (floats) for the progress line."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.last: Dict[str, float] = {}
+
+    def __call__(self, model: nn.Module, images: List[torch.Tensor], targets: List[dict]) -> torch.Tensor:
+        losses = model(to_device(list(images), self.device), to_device(list(targets), self.device))
+        self.last = {name: float(value.detach()) for name, value in losses.items()}
+        return sum(losses.values())
 
 
 class NonFiniteGuard:
@@ -119,8 +150,9 @@ class EpochLog:
     """Averages, the progress line with its ETA (every `print_freq` batches and the last one) and
     the per-batch TensorBoard scalars of one training epoch."""
 
-    def __init__(self, state: RunState, print_freq: int = 100, tb_writer=None):
+    def __init__(self, state: RunState, print_freq: int = 100, tb_writer=None, terms: Optional[DetectorLoss] = None):
         self.state, self.print_freq, self.tb_writer = state, print_freq, tb_writer
+        self.terms = terms  # a detector's loss terms of the last batch, printed after the total
         # a mid-epoch resume starts at update state.step: batch indices continue from there
         self.first_batch = state.step * state.accumulation_steps
         self.num_batches = state.batches_per_epoch - self.first_batch
@@ -155,7 +187,8 @@ class EpochLog:
             f'eta {format_eta(eta)} lr {lr:.6f}\t'
             f'time {self.batch_time.val:.4f} ({self.batch_time.avg:.4f})\t'
             f'loss {loss_value:.4f} ({self.loss.avg:.4f})\t'
-            f'grad_norm {self.grad_norm.val:.4f} ({self.grad_norm.avg:.4f})'
+            + (' '.join(f'{name} {value:.4f}' for name, value in self.terms.last.items()) + '\t' if self.terms else '')
+            + f'grad_norm {self.grad_norm.val:.4f} ({self.grad_norm.avg:.4f})'
             + (f'\tskipped {self.skipped}' if self.skipped else '')
             + (f'\tmem {_memory_mb(device):.0f}MB' if device.type == 'cuda' else ''))
         if self.tb_writer is not None:
@@ -173,19 +206,24 @@ class EpochLog:
 
 def backward_batch(state: RunState, settings: StepSettings, samples: torch.Tensor, targets: torch.Tensor,
                    is_update: bool) -> float:
-    """Forward and backward of one batch (``samples: (B, 3, H, W)``); returns the unscaled loss.
+    """Forward and backward of one batch (``samples: (B, 3, H, W)``, or what ``settings.model_loss``
+    takes); returns the unscaled loss.
 
     Mixup/CutMix mixes the batch first. Batches that do not end an update skip DDP's all-reduce.
     """
-    targets = targets.to(settings.device, non_blocking=True)
-    if settings.mixup_fn is not None:
-        samples, targets = settings.mixup_fn(samples.to(settings.device, non_blocking=True), targets)
-    samples = samples.to(settings.device, non_blocking=True, memory_format=settings.memory_format)
     model = state.train_model
+    if settings.model_loss is None:
+        targets = targets.to(settings.device, non_blocking=True)
+        if settings.mixup_fn is not None:
+            samples, targets = settings.mixup_fn(samples.to(settings.device, non_blocking=True), targets)
+        samples = samples.to(settings.device, non_blocking=True, memory_format=settings.memory_format)
     sync = contextlib.nullcontext() if (is_update or not hasattr(model, 'no_sync')) else model.no_sync()
     with sync:
         with settings.autocast():
-            loss = settings.criterion(model(samples), targets)
+            if settings.model_loss is None:
+                loss = settings.criterion(model(samples), targets)
+            else:
+                loss = settings.model_loss(model, samples, targets)
         scaled = loss / state.accumulation_steps
         if state.scaler is not None:
             state.scaler.scale(scaled).backward()
@@ -251,7 +289,7 @@ def train_one_epoch(state: RunState, loader: Iterable, settings: StepSettings, *
             state.step += 1
             if after_update is not None:
                 after_update(state)
-        log.batch(idx, loss_value, targets.size(0), settings.device)
+        log.batch(idx, loss_value, len(samples), settings.device)
     return log.summary()
 
 
