@@ -5,6 +5,9 @@
 * ``ade20k`` (``TASK: segmentation``): the ADEChallengeData2016 folder (data/ade20k.py), with the
   segmentation transforms (data/seg_transforms.py) and an endless shuffled stream cut into evaluation
   periods for training (:class:`data.samplers.ResumableStreamSampler`); whole images for validation.
+* ``coco`` (``TASK: detection``): the COCO folder (data/coco.py), with the detection transforms
+  (data/det_transforms.py) and the classification's resumable epochs for training; original images, one
+  per batch, for validation. ``fmnist_coco``: the demo's folder in the same layout (data/det_demo.py).
 
 Train: timm's RandomResizedCrop + flip + RandAugment + ToTensor + Normalize + RandomErasing,
 seeded per sample (:class:`data.datasets.SeededAugmentation`) and sharded by a shuffled
@@ -17,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
@@ -30,6 +33,7 @@ from utils.preemption import ignore_stop_signals
 from .ade20k import ADE20K
 from .augment import use_stable_posterize
 from .datasets import CheckedImageFolder, SeededAugmentation
+from .detection_toy import detection_collate
 from .errors import DataError, DatasetNotFoundError
 from .fashion_mnist import FashionMNIST
 from .samplers import (
@@ -42,8 +46,11 @@ from .samplers import (
 from .seg_demo import SEG_DEMO_CLASSES, ensure_seg_demo
 from .seg_transforms import SegEvalTransform, SegTrainTransform
 
+if TYPE_CHECKING:  # data/coco.py needs pycocotools, which only detection runs import
+    from .coco import CocoGroundTruth
+
 __all__ = ['DataBundle', 'build_dataset', 'build_transform', 'build_loaders', 'build_segmentation_loaders',
-           'build_mixup']
+           'build_detection_loaders', 'build_mixup']
 
 logger = logging.getLogger('flatten.data')
 
@@ -143,6 +150,7 @@ class DataBundle:
     loader_val: torch.utils.data.DataLoader
     num_classes: int
     class_names: Tuple[str, ...] = ()  # for per-class logs, where the dataset names its classes
+    val_gt: Optional[CocoGroundTruth] = None  # detection: the ground truth of the images evaluated
 
 
 def segmentation_root(cfg, rank: int = 0) -> str:
@@ -196,6 +204,76 @@ def build_segmentation_loaders(cfg, rank: int = 0, world_size: int = 1, train: b
     return DataBundle(dataset_train, dataset_val, loader_train, loader_val, cfg.MODEL.NUM_CLASSES, tuple(names))
 
 
+def detection_root(cfg, rank: int = 0) -> str:
+    """The COCO-layout folder of a detection config: ``--data-path`` for 'coco'; for the demo's 'fmnist_coco'
+    the folder data/det_demo.py writes (once: rank 0 first, then the others read its marker), at
+    ``--data-path`` or ``<OUTPUT>/datasets/fmnist_coco``."""
+    name = cfg.DATA.DATASET
+    if name == 'coco':
+        if not cfg.DATA.DATA_PATH:
+            raise DatasetNotFoundError("DATA.DATASET='coco' needs --data-path (the COCO folder, holding train2017/, "
+                                       "val2017/ and annotations/)")
+        return cfg.DATA.DATA_PATH
+    if name == 'fmnist_coco':
+        from .det_demo import ensure_det_demo  # pycocotools
+
+        root = cfg.DATA.DATA_PATH or os.path.join(cfg.OUTPUT or 'output', 'datasets', 'fmnist_coco')
+        if rank == 0:
+            ensure_det_demo(root)
+        barrier()
+        return ensure_det_demo(root)
+    raise DataError(f"DATA.DATASET={name!r} is not a detection dataset; TASK detection reads 'coco' (a COCO folder) "
+                    f"or 'fmnist_coco' (the demo's)")
+
+
+def build_detection_loaders(cfg, rank: int = 0, world_size: int = 1, train: bool = True,
+                            pin_memory: bool = False) -> DataBundle:
+    """COCO-layout loaders; batches are lists ``([image, ...], [target, ...])`` (data/coco.py gives the items).
+
+    Validation: the original images, one per batch (padding a batch would change the predictions, and one
+    process must score as two), each on one rank (:class:`ShardedEvalSampler`); ``val_gt`` is the ground truth
+    of the images evaluated (DATA.VAL_SUBSET's, when set). Training: the ``DET`` recipe
+    (:class:`data.det_transforms.DetTrainTransform`) seeded per (SEED, epoch, sample), over resumable shuffled
+    epochs as for classification, so that a mid-epoch resume sees the same batches."""
+    from .coco import CocoDetection, CocoGroundTruth  # pycocotools: imported by detection runs only
+    from .det_transforms import DetTrainTransform
+
+    root, det = detection_root(cfg, rank), cfg.DET
+    coco_val = CocoDetection(root, 'val')
+    dataset_val = _subset(coco_val, cfg.DATA.VAL_SUBSET, cfg.SEED, 'val') if cfg.DATA.VAL_SUBSET else coco_val
+    persistent = cfg.DATA.NUM_WORKERS > 0
+    loader_val = torch.utils.data.DataLoader(
+        dataset_val, sampler=ShardedEvalSampler(len(dataset_val), rank, world_size), batch_size=1,
+        collate_fn=detection_collate, num_workers=cfg.DATA.NUM_WORKERS, pin_memory=pin_memory,
+        persistent_workers=persistent, generator=torch.Generator().manual_seed(cfg.SEED),
+        worker_init_fn=ignore_stop_signals)
+    dataset_train = loader_train = None
+    if train:
+        transform = DetTrainTransform(det.TRAIN_SCALES, flip_prob=cfg.AUG.HFLIP, crop_prob=det.CROP_PROB,
+                                      crop_scales=det.CROP_SCALES, crop_size=det.CROP_SIZE)
+        dataset_train = CocoDetection(root, 'train', transform=transform, train=True)
+        if dataset_train.cat_ids != coco_val.cat_ids:
+            raise DataError(f'{dataset_train.annotation_file} and {coco_val.annotation_file} list other categories '
+                            f'(ids {list(dataset_train.cat_ids)[:10]} and {list(coco_val.cat_ids)[:10]}): the labels '
+                            f'1..K would not mean the same classes')
+        if cfg.DATA.TRAIN_SUBSET:
+            dataset_train = _subset(dataset_train, cfg.DATA.TRAIN_SUBSET, cfg.SEED, 'train')
+        dataset_train = SeededAugmentation(dataset_train, cfg.SEED)
+        sampler = ResumableDistributedSampler(dataset_train, num_replicas=world_size, rank=rank, shuffle=True,
+                                              seed=cfg.SEED)
+        if len(sampler) < cfg.DATA.BATCH_SIZE:
+            raise DataError(
+                f'DATA.BATCH_SIZE={cfg.DATA.BATCH_SIZE} is larger than the {len(sampler)} training images of each '
+                f'of the {world_size} process(es) ({len(dataset_train)} in all): no full batch can be formed')
+        loader_train = torch.utils.data.DataLoader(
+            dataset_train, sampler=EpochTaggedSampler(sampler), batch_size=cfg.DATA.BATCH_SIZE,
+            collate_fn=detection_collate, num_workers=cfg.DATA.NUM_WORKERS, pin_memory=pin_memory, drop_last=True,
+            persistent_workers=persistent, generator=torch.Generator().manual_seed(cfg.SEED),
+            worker_init_fn=ignore_stop_signals)
+    return DataBundle(dataset_train, dataset_val, loader_train, loader_val, coco_val.num_classes,
+                      coco_val.class_names, CocoGroundTruth.of(dataset_val))
+
+
 def build_loaders(cfg, rank: int = 0, world_size: int = 1, train: bool = True, pin_memory: bool = False) -> DataBundle:
     """Datasets and loaders; with ``train=False`` (``--eval``) only the validation side is built.
 
@@ -206,6 +284,8 @@ def build_loaders(cfg, rank: int = 0, world_size: int = 1, train: bool = True, p
     """
     if cfg.TASK == 'segmentation':
         return build_segmentation_loaders(cfg, rank, world_size, train, pin_memory)
+    if cfg.TASK == 'detection':
+        return build_detection_loaders(cfg, rank, world_size, train, pin_memory)
     dataset_val, val_classes = build_dataset(False, cfg)
     num_classes = len(val_classes)
     if cfg.DATA.VAL_SUBSET:

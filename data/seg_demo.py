@@ -22,24 +22,20 @@ write leaves no half dataset and concurrent callers (DDP ranks) are safe.
 from __future__ import annotations
 
 import dataclasses
-import errno
-import json
 import logging
 import os
-import shutil
-import time
-import uuid
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 from PIL import Image
 
+from ._glyph_demo import STALE_TEMP_SECONDS, CanvasParams, colour_glyphs, ensure_folder, write_marker
 from .detection_toy import paste_glyphs
 from .errors import DataError
-from .fashion_mnist import DEFAULT_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES, FashionMNIST
+from .fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
 
-__all__ = ['SEG_DEMO_CLASSES', 'SEG_DEMO_FORMAT', 'SEG_DEMO_MARKER', 'SegDemoParams', 'ensure_seg_demo',
-           'render_canvas', 'write_seg_demo']
+__all__ = ['SEG_DEMO_CLASSES', 'SEG_DEMO_FORMAT', 'SEG_DEMO_MARKER', 'STALE_TEMP_SECONDS', 'SegDemoParams',
+           'ensure_seg_demo', 'render_canvas', 'write_seg_demo']
 
 logger = logging.getLogger('flatten.data')
 
@@ -49,14 +45,11 @@ SEG_DEMO_FORMAT = 1
 SEG_DEMO_MARKER = 'seg_demo.json'
 # After the reader's reduce-zero-label: label 0 is the background, 1…10 the Fashion-MNIST classes.
 SEG_DEMO_CLASSES = ('background',) + FASHION_MNIST_CLASSES
-# A temporary folder untouched this long is a killed write, not a running one (the default set takes
-# seconds): the next call removes it.
-STALE_TEMP_SECONDS = 3600.0
 _SPLITS = (('train', 'training', True), ('val', 'validation', False))  # name, ADE20K folder, Fashion-MNIST train
 
 
 @dataclasses.dataclass(frozen=True)
-class SegDemoParams:
+class SegDemoParams(CanvasParams):
     """Everything that decides the files; recorded in ``seg_demo.json``.
 
     Defaults: 2,000 training and 200 validation canvases of 128×128 (`size`: (H, W), or one int for a
@@ -75,52 +68,8 @@ class SegDemoParams:
     canvas) still fit the image's edges. `fashion_mnist_root`: the folder of the IDX files ('' = the
     Debian package's)."""
 
-    num_train: int = 2000
-    num_val: int = 200
-    size: Tuple[int, int] = (128, 128)
-    glyphs: Tuple[int, int] = (2, 4)
-    scale: Tuple[float, float] = (1.0, 2.0)
-    threshold: int = 32
-    background: Tuple[int, int] = (0, 96)
-    noise: float = 8.0
-    tint: Tuple[int, int] = (128, 255)
-    quality: int = 95
-    seed: int = 0
-    fashion_mnist_root: str = ''
-
-    def __post_init__(self) -> None:
-        # normalise (lists from JSON or YAML, '' for the default folder) so equal settings compare equal
-        if isinstance(self.size, int):
-            object.__setattr__(self, 'size', (self.size, self.size))
-        for name in ('size', 'glyphs', 'background', 'tint'):
-            object.__setattr__(self, name, tuple(int(v) for v in getattr(self, name)))
-        object.__setattr__(self, 'scale', tuple(float(v) for v in self.scale))
-        object.__setattr__(self, 'noise', float(self.noise))
-        object.__setattr__(self, 'fashion_mnist_root',
-                           os.path.abspath(self.fashion_mnist_root or DEFAULT_FASHION_MNIST_DIR))
-        checks = (
-            ('num_train', (self.num_train >= 1), 'at least 1'),
-            ('num_val', (self.num_val >= 1), 'at least 1'),
-            ('size', (len(self.size) == 2 and min(self.size) >= 28), '(H, W) with sides of at least 28'),
-            ('glyphs', (len(self.glyphs) == 2 and 1 <= self.glyphs[0] <= self.glyphs[1]),
-             'a range (lo, hi), 1 <= lo <= hi'),
-            ('scale', (len(self.scale) == 2 and 0 < self.scale[0] <= self.scale[1]),
-             'a range (lo, hi), 0 < lo <= hi'),
-            ('threshold', (0 <= self.threshold < 255), 'in [0, 255)'),
-            ('background', (len(self.background) == 2 and 0 <= self.background[0] <= self.background[1] <= 255),
-             'a range (lo, hi) within [0, 255]'),
-            ('noise', (self.noise >= 0), 'at least 0'),
-            ('tint', (len(self.tint) == 2 and 0 <= self.tint[0] <= self.tint[1] <= 255),
-             'a range (lo, hi) within [0, 255]'),
-            ('quality', (1 <= self.quality <= 100), 'in [1, 100]'),
-        )
-        for name, ok, requirement in checks:
-            if not ok:
-                raise DataError(f'segmentation demo: {name} must be {requirement}, got {getattr(self, name)!r}')
-
-    def to_json(self) -> Dict[str, Any]:
-        """The marker's content: the format version and these parameters, as JSON reads them back."""
-        return json.loads(json.dumps({'format': SEG_DEMO_FORMAT, 'params': dataclasses.asdict(self)}))
+    KIND = 'segmentation demo'
+    FORMAT = SEG_DEMO_FORMAT
 
 
 def render_canvas(images: np.ndarray, classes: np.ndarray, params: SegDemoParams,
@@ -130,17 +79,12 @@ def render_canvas(images: np.ndarray, classes: np.ndarray, params: SegDemoParams
     count = int(rng.integers(params.glyphs[0], params.glyphs[1] + 1))
     # threshold 0: each mask is all of its glyph's ink, rim included, so that the rim takes the glyph's tint
     ink, target = paste_glyphs(images, classes, params.size, count, params.scale, 0, rng)
+    masks = target['masks'].numpy().astype(bool)
     annotation = np.ones(params.size, dtype=np.uint8)
-    colour = np.zeros(params.size + (3,), dtype=np.float32)
     solid = ink > params.threshold
-    for mask, label in zip(target['masks'].numpy().astype(bool), target['labels'].tolist(), strict=True):
-        colour[mask] = rng.uniform(params.tint[0], params.tint[1], 3)
+    for mask, label in zip(masks, target['labels'].tolist(), strict=True):
         annotation[mask] = np.where(solid[mask], label + 1, 0)  # paste_glyphs' labels are class + 1
-    alpha = ink[..., None].astype(np.float32) / 255
-    grey = rng.uniform(params.background[0], params.background[1])
-    noise = rng.standard_normal(params.size + (3,), dtype=np.float32) * params.noise
-    image = grey * (1 - alpha) + colour * alpha + noise
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8), annotation
+    return colour_glyphs(ink, masks, params, rng), annotation
 
 
 def write_seg_demo(root: str, params: Optional[SegDemoParams] = None, **overrides: Any) -> SegDemoParams:
@@ -167,67 +111,8 @@ def write_seg_demo(root: str, params: Optional[SegDemoParams] = None, **override
             Image.fromarray(image).save(os.path.join(image_dir, stem + '.jpg'), quality=params.quality,
                                         subsampling=0)
             Image.fromarray(annotation).save(os.path.join(label_dir, stem + '.png'))
-    with open(os.path.join(root, SEG_DEMO_MARKER), 'w') as f:
-        json.dump(params.to_json(), f, indent=2, sort_keys=True)
-        f.write('\n')
+    write_marker(root, SEG_DEMO_MARKER, params)
     return params
-
-
-def _read_marker(root: str) -> Optional[Dict[str, Any]]:
-    """The marker of `root`, or None when it has none or it cannot be parsed (a folder to rewrite)."""
-    try:
-        with open(os.path.join(root, SEG_DEMO_MARKER)) as f:
-            return json.load(f)
-    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-
-
-def _check_replaceable(root: str) -> None:
-    """Refuse to replace a folder this module did not write (no marker, not empty): it may be real data."""
-    if (os.path.isdir(root) and os.listdir(root) and not os.path.exists(os.path.join(root, SEG_DEMO_MARKER))):
-        raise DataError(f'segmentation demo: {root} exists and holds no {SEG_DEMO_MARKER}, so it was not written '
-                        f'by ensure_seg_demo; refusing to replace it. Point the demo at another folder or delete it.')
-    if os.path.exists(root) and not os.path.isdir(root):
-        raise DataError(f'segmentation demo: {root} exists and is not a folder')
-
-
-def _remove_stale_temps(parent: str, prefix: str) -> None:
-    """Remove temporary folders of killed writes (untouched for STALE_TEMP_SECONDS); a running write's
-    folder is younger and is left alone."""
-    now = time.time()
-    for name in os.listdir(parent):
-        path = os.path.join(parent, name)
-        try:
-            stale = name.startswith(prefix) and (now - os.path.getmtime(path) > STALE_TEMP_SECONDS)
-        except FileNotFoundError:  # another process removed it meanwhile
-            continue
-        if stale:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _install(temp: str, root: str, expected: Dict[str, Any], prefix: str, tries: int = 3) -> bool:
-    """Rename the finished `temp` to `root`; True when ours is installed, False when another process
-    installed the same data first (then `temp` is removed). A stale `root` is renamed aside, then removed."""
-    for _ in range(tries):
-        try:
-            os.rename(temp, root)  # atomic; replaces only a missing or empty folder
-            return True
-        except OSError as err:
-            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-        if _read_marker(root) == expected:  # lost the race to a process with the same parameters
-            shutil.rmtree(temp, ignore_errors=True)
-            return False
-        _check_replaceable(root)
-        aside = os.path.join(os.path.dirname(root), f'{prefix}old-{uuid.uuid4().hex}')
-        try:
-            os.rename(root, aside)
-        except FileNotFoundError:  # another process moved it aside first
-            continue
-        shutil.rmtree(aside, ignore_errors=True)
-    shutil.rmtree(temp, ignore_errors=True)
-    raise DataError(f'segmentation demo: could not install {root}: other processes keep writing it with other '
-                    f'parameters')
 
 
 def ensure_seg_demo(root: str, **params: Any) -> str:
@@ -240,27 +125,13 @@ def ensure_seg_demo(root: str, **params: Any) -> str:
     writes its own copy and the loser of the rename race uses the winner's folder. A folder at `root`
     that this function did not write (no marker) is never replaced: :class:`DataError`."""
     settings = SegDemoParams(**params)
-    expected = settings.to_json()
     root = os.path.abspath(root)
-    if _read_marker(root) == expected:
-        return root
-    _check_replaceable(root)
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    prefix = f'.{os.path.basename(root)}.tmp-'
-    _remove_stale_temps(parent, prefix)
-    start = time.perf_counter()
-    temp = os.path.join(parent, f'{prefix}{os.getpid()}-{uuid.uuid4().hex}')
-    try:
-        write_seg_demo(temp, settings)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    seconds = time.perf_counter() - start
+    # write_seg_demo is looked up at each call (tests replace it)
+    outcome, seconds = ensure_folder(root, settings, SEG_DEMO_MARKER, lambda temp: write_seg_demo(temp, settings))
     summary = (f'{settings.num_train} train + {settings.num_val} val canvases of {settings.size[0]}x{settings.size[1]} '
                f'(glyphs from the Fashion-MNIST train / test splits in {settings.fashion_mnist_root})')
-    if _install(temp, root, expected, prefix):
+    if outcome == 'written':
         logger.info(f'Segmentation demo data: wrote {summary} to {root} in {seconds:.1f} s')
-    else:
+    elif outcome == 'raced':
         logger.info(f'Segmentation demo data: another process wrote {root} first; using it ({summary})')
     return root
