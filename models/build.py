@@ -173,7 +173,8 @@ def describe(cfg) -> str:
 
 def build_model(cfg) -> nn.Module:
     """Build the model described by `cfg` (``MODEL.TYPE`` plus the keys its row reads), see :func:`resolve`:
-    the classifier, or with ``TASK: segmentation`` a :class:`models.segmentation.Segmentor` on it.
+    the classifier, or with ``TASK: segmentation`` a :class:`models.segmentation.Segmentor` on it, with
+    ``TASK: detection`` a :class:`models.detection.Detector`.
 
     Raises :class:`models.registry.UnknownModelError` listing the known types (closest first) when
     ``MODEL.TYPE`` is not registered, and ValueError naming the offending key when the keys do not fit
@@ -183,5 +184,9 @@ def build_model(cfg) -> nn.Module:
     if getattr(cfg, 'TASK', 'classification') == 'segmentation':
         from .segmentation import build_segmentor
         return build_segmentor(cfg)
+    # a detector: the same backbone under an FPN, an RPN and RoI heads (models/detection.py)
+    if getattr(cfg, 'TASK', 'classification') == 'detection':
+        from .detection import build_detector
+        return build_detector(cfg)
     name, overrides = resolve(cfg)
     return create_model(name, **overrides)

@@ -1,4 +1,4 @@
-"""tools/model_table.py: every config's params and GMACs against the paper's Table 8."""
+"""tools/model_table.py: every config's params and GMACs against the paper's Tables 8, 1 and 2."""
 from __future__ import annotations
 
 import copy
@@ -100,3 +100,41 @@ def test_table1(tmp_path):
         stem = row['config']
         assert row['params_match'], (stem, row['params'], PAPER_TABLE1[stem])
         assert (abs(row['flops_delta_pct']) <= 5.0) != (stem in KNOWN_TABLE1_FLOP_MISMATCHES), (stem, row['gmacs'])
+
+
+# Table 2 FLOPs our counter cannot reproduce (docs/detection.md, "The models"): 211.7G against 244G, the same
+# backbone gap as Table 1's Semantic FPN row; the PVT-T rows, same heads, match to -0.2 %
+KNOWN_TABLE2_FLOP_MISMATCHES = {'mask_rcnn_flatten_pvt_t_1x', 'mask_rcnn_flatten_pvt_t_3x'}
+
+
+def _check_table2_rows(rows: list) -> None:
+    from tools.model_table import PAPER_TABLE2
+    for row in rows:
+        stem = row['config']
+        assert row['task'] == 'detection' and row['input'] == '1280x800'
+        assert row['params_match'], (stem, row['params'], PAPER_TABLE2[stem])
+        assert (abs(row['flops_delta_pct']) <= 5.0) != (stem in KNOWN_TABLE2_FLOP_MISMATCHES), (stem, row['gmacs'])
+        assert row['layer_gmacs'] < row['gmacs']  # attention products and the mask heads' deconvolutions
+
+
+def test_table2_cascade_row(tmp_path):
+    """One Table 2 row, counted as mmdet's get_flops counts (forward_dummy at 1280×800, fake tensors): FLatten-Swin-T
+    Cascade Mask R-CNN, params within 3 %, FLOPs within 5 % (all rows: test_table2; the Mask R-CNN counting path
+    on a micro model: tests/test_detection.py)."""
+    from tools.model_table import detection_configs
+    out = tmp_path / 'table2.json'
+    chosen = [p for p in detection_configs() if p.stem == 'cascade_mask_rcnn_flatten_swin_t_3x']
+    assert main([*map(str, chosen), '--json', str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 1
+    _check_table2_rows(rows)
+
+
+@pytest.mark.slow
+def test_table2(tmp_path):
+    from tools.model_table import PAPER_TABLE2
+    out = tmp_path / 'table2.json'
+    assert main(['--table', '2', '--json', str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert {row['config'] for row in rows} == set(PAPER_TABLE2)
+    _check_table2_rows(rows)

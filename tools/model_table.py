@@ -1,8 +1,10 @@
-"""Parameters and FLOPs of every config, beside the paper's Table 8 (classification) and Table 1 (ADE20K).
+"""Parameters and FLOPs of every config, beside the paper's Table 8 (classification), Table 1 (ADE20K) and
+Table 2 (COCO).
 
-    python -m tools.model_table                     # configs/*.yaml, then configs/ade20k/*.yaml (not the bases)
+    python -m tools.model_table                     # configs/*.yaml, configs/ade20k/*.yaml, configs/coco/*.yaml
     python -m tools.model_table configs/flatten_swin_t.yaml configs/swin_t.yaml --json table.json
     python -m tools.model_table --table 1           # the segmentation configs only
+    python -m tools.model_table --table 2           # the detection configs only (not the recipe bases)
 
 FLOPs are multiply-adds (GMACs, the unit of the paper's tables) of one inference pass at batch 1,
 counted by ``torch.utils.flop_counter`` (utils/flops.py): every matmul, including the
@@ -11,17 +13,23 @@ embeddings, the DWC, LePE, the decoders) and the fused softmax-attention kernels
 is not counted. A classifier runs on 1×C×IMG×IMG at its DATA.IMG_SIZE; a segmentor (TASK
 segmentation) on 1×3×512×2048, the input of Table 1, encoder and decoder (the auxiliary head, which
 only trains, is not run); segmentors are counted on fake tensors (shapes only), since a real forward
-at that size is slow on a CPU and counts the same (docs/segmentation.md, "The models").
+at that size is slow on a CPU and counts the same (docs/segmentation.md, "The models"). A detector (TASK
+detection) is counted as mmdet's ``tools/get_flops.py`` counts Table 2: ``forward_dummy`` on 1×3×1280×800
+(backbone, FPN and RPN head on the image, every box head on 1000 RoIs, every mask head on 100;
+``models.detection.Detector.flops_forward``), on fake tensors, the model built without weight
+initialisation (counts do not depend on values; initialising a cascade detector takes seconds).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+import timm.layers.weight_init as timm_weight_init
 import torch.nn as nn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,6 +38,7 @@ if __package__ in (None, ''):  # run as `python tools/model_table.py`: make the 
 
 import models  # noqa: E402  (registers every model)
 from config import load_config  # noqa: E402
+from models.detection import ForwardDummy  # noqa: E402
 from utils.flops import count_layer_macs, count_macs  # noqa: E402
 
 # Table 8 of the paper: config stem -> (params in M as printed, GFLOPs). The printed precision
@@ -67,6 +76,36 @@ PAPER_TABLE1: Dict[str, Tuple[str, float]] = {
 }
 SEGMENTATION_INPUT = (3, 512, 2048)  # (C, H, W) of Table 1's FLOPs
 
+# Table 2 of the paper: config stem -> (params in M as printed, GFLOPs at 1280×800), compared as Table 1's
+# (params within 3 %, FLOPs within 5 %). The 1x and 3x rows of a backbone are the same model.
+PAPER_TABLE2: Dict[str, Tuple[str, float]] = {
+    **{f'mask_rcnn_{stem}_{schedule}': row for schedule in ('1x', '3x') for stem, row in (
+        ('pvt_t', ('33', 240.0)), ('flatten_pvt_t', ('32', 244.0)),
+        ('swin_t', ('48', 267.0)), ('flatten_swin_t', ('49', 268.0)))},
+    'cascade_mask_rcnn_swin_t_3x': ('86', 745.0), 'cascade_mask_rcnn_flatten_swin_t_3x': ('87', 747.0),
+    'cascade_mask_rcnn_swin_s_3x': ('107', 838.0), 'cascade_mask_rcnn_flatten_swin_s_3x': ('108', 841.0),
+}
+DETECTION_INPUT = (3, 1280, 800)  # (C, H, W) of mmdet's get_flops.py default, Table 2's FLOPs
+
+
+@contextlib.contextmanager
+def skip_weight_init() -> Iterator[None]:
+    """Build models without initialising their weights (timm's truncated normal and torch's uniform,
+    normal, Kaiming and Xavier initialisers leave the tensors as allocated): for counting only."""
+    def keep(tensor, *args, **kwargs):
+        return tensor
+
+    patched = [(timm_weight_init, '_trunc_normal_')] + [
+        (nn.init, name) for name in ('uniform_', 'normal_', 'kaiming_uniform_', 'kaiming_normal_', 'xavier_uniform_')]
+    saved = [(module, name, getattr(module, name)) for module, name in patched]
+    try:
+        for module, name in patched:
+            setattr(module, name, keep)
+        yield
+    finally:
+        for module, name, function in saved:
+            setattr(module, name, function)
+
 
 def _in_chans(model: nn.Module) -> int:
     """Input channels: those of the first convolution (every backbone here starts with one)."""
@@ -85,22 +124,28 @@ def params_match(params: int, printed: str) -> bool:
 def measure(path: Path) -> dict:
     """One row: the config's model, its parameters and GMACs, and the paper's figures."""
     cfg = load_config(str(path))
-    model = models.build_model(cfg)
+    detection = cfg.TASK == 'detection'
+    with (skip_weight_init() if detection else contextlib.nullcontext()):
+        model = models.build_model(cfg)
     params = sum(p.numel() for p in model.parameters())
-    segmentation = cfg.TASK == 'segmentation'
-    input_size = SEGMENTATION_INPUT if segmentation else (_in_chans(model), cfg.DATA.IMG_SIZE, cfg.DATA.IMG_SIZE)
+    dense = cfg.TASK in ('segmentation', 'detection')  # mmseg / mmdet figures: counted on fake tensors
+    if detection:
+        input_size, counted = DETECTION_INPUT, ForwardDummy(model)
+    else:
+        input_size = SEGMENTATION_INPUT if dense else (_in_chans(model), cfg.DATA.IMG_SIZE, cfg.DATA.IMG_SIZE)
+        counted = model
     start = time.perf_counter()
-    macs, _ = count_macs(model, input_size, fake=segmentation)  # a real 512x2048 forward takes up to a minute
+    macs, _ = count_macs(counted, input_size, fake=dense)  # a real 512x2048 forward takes up to a minute
     row = {'config': path.stem, 'model_type': cfg.MODEL.TYPE, 'task': cfg.TASK,
            'input': f'{input_size[1]}x{input_size[2]}', 'img_size': input_size[1], 'params': params,
            'gmacs': round(macs / 1e9, 4), 'count_seconds': round(time.perf_counter() - start, 1)}
-    if segmentation:  # Table 1's figures come from mmseg-era tools: also the conv + linear work they see
-        row['layer_gmacs'] = round(count_layer_macs(model, input_size, fake=True) / 1e9, 4)
-    paper = (PAPER_TABLE1 if segmentation else PAPER_TABLE8).get(path.stem)
+    if dense:  # Tables 1 and 2 come from mmseg/mmdet-era tools: also the conv + linear work they see
+        row['layer_gmacs'] = round(count_layer_macs(counted, input_size, fake=True) / 1e9, 4)
+    paper = {'segmentation': PAPER_TABLE1, 'detection': PAPER_TABLE2}.get(cfg.TASK, PAPER_TABLE8).get(path.stem)
     if paper is not None:
         paper_params = float(paper[0]) * 1e6
         row.update(paper_params_m=paper[0], paper_gflops=paper[1],
-                   params_match=(abs(params - paper_params) <= 0.03 * paper_params) if segmentation
+                   params_match=(abs(params - paper_params) <= 0.03 * paper_params) if dense
                    else params_match(params, paper[0]),
                    params_delta_pct=round(100 * (params - paper_params) / paper_params, 2),
                    flops_delta_pct=round(100 * (macs / 1e9 - paper[1]) / paper[1], 2))
@@ -108,7 +153,7 @@ def measure(path: Path) -> dict:
 
 
 def format_table(rows: List[dict]) -> str:
-    head = (f'{"config":24s} {"input":>9s} {"params":>12s} {"paper":>6s} {"GMACs":>9s} {"paper":>7s} {"ΔFLOPs":>7s} '
+    head = (f'{"config":36s} {"input":>9s} {"params":>12s} {"paper":>6s} {"GMACs":>9s} {"paper":>7s} {"ΔFLOPs":>7s} '
             f'{"count":>6s} {"layers":>9s}')
     lines = [head, '-' * len(head)]
     for row in rows:
@@ -117,16 +162,18 @@ def format_table(rows: List[dict]) -> str:
         paper_f = f'{row["paper_gflops"]:.1f}' if 'paper_gflops' in row else ''
         delta = f'{row["flops_delta_pct"]:+.1f}%' if 'flops_delta_pct' in row else ''
         layers = f'{row["layer_gmacs"]:9.3f}' if 'layer_gmacs' in row else ''
-        lines.append(f'{row["config"]:24s} {row["input"]:>9s} {row["params"] / 1e6:11.3f}M {paper_p:>5s}{mark:1s} '
+        lines.append(f'{row["config"]:36s} {row["input"]:>9s} {row["params"] / 1e6:11.3f}M {paper_p:>5s}{mark:1s} '
                      f'{row["gmacs"]:9.3f} {paper_f:>7s} {delta:>7s} {row["count_seconds"]:5.1f}s {layers}')
     lines.append('params in millions; * = does not round to the paper\'s printed figure (Table 8) or is more than 3 % '
-                 'off (Table 1); FLOPs in GMACs at the input shown, batch 1; count = seconds the FLOP count took; '
-                 'layers = GMACs of the conv and linear layers alone (mmcv\'s get_flops convention; segmentors only)')
+                 'off (Tables 1, 2); FLOPs in GMACs at the input shown, batch 1 (detectors: mmdet\'s forward_dummy); '
+                 'count = seconds the FLOP count took; layers = GMACs of the nn.Conv2d and nn.Linear layers alone '
+                 '(mmcv\'s get_flops convention; segmentors and detectors only)')
     return '\n'.join(lines)
 
 
 def is_recipe_base(path: Path) -> bool:
-    """A shared recipe file (``configs/ade20k/base_*.yaml``) that model configs list in BASE, not a model."""
+    """A shared recipe file (``configs/ade20k/base_*.yaml``, ``configs/coco/base_*.yaml``) that model configs
+    list in BASE, not a model."""
     return path.stem.startswith('base_')
 
 
@@ -140,15 +187,23 @@ def segmentation_configs() -> List[Path]:
     return sorted(p for p in (REPO / 'configs' / 'ade20k').glob('*.yaml') if not is_recipe_base(p))
 
 
+def detection_configs() -> List[Path]:
+    """The detection configs of Table 2: configs/coco/*.yaml, without the recipe bases."""
+    return sorted(p for p in (REPO / 'configs' / 'coco').glob('*.yaml') if not is_recipe_base(p))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('configs', nargs='*', type=Path,
-                        help='config files (default: configs/*.yaml and configs/ade20k/*.yaml, see --table)')
-    parser.add_argument('--table', choices=('1', '8', 'all'), default='all',
-                        help='without config files: Table 8 (configs/*.yaml), Table 1 (configs/ade20k) or both')
+                        help='config files (default: configs/*.yaml, configs/ade20k/*.yaml and configs/coco/*.yaml, '
+                             'see --table)')
+    parser.add_argument('--table', choices=('1', '2', '8', 'all'), default='all',
+                        help='without config files: Table 8 (configs/*.yaml), Table 1 (configs/ade20k), Table 2 '
+                             '(configs/coco) or all three')
     parser.add_argument('--json', type=Path, help='also write the rows to this JSON file')
     args = parser.parse_args(argv)
-    listing = {'8': default_configs(), '1': segmentation_configs(), 'all': default_configs() + segmentation_configs()}
+    listing = {'8': default_configs(), '1': segmentation_configs(), '2': detection_configs(),
+               'all': default_configs() + segmentation_configs() + detection_configs()}
     rows = []
     for path in args.configs or listing[args.table]:
         if not path.is_file():
