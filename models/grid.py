@@ -24,6 +24,7 @@ from typing import Dict, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._guards import detect_fake_mode
 
 __all__ = ['GridSpec', 'collect_parameter_grids', 'resize_grid_tensor', 'resized_parameter', 'padded_size',
            'resized_tokens', 'size_dependent', 'ceil_div']
@@ -83,10 +84,10 @@ def resize_grid_tensor(value: torch.Tensor, spec: GridSpec, source_grid: Tuple[i
 
 
 # resized copies of parameters, per parameter (by id, dropped with it) and grid; see resized_parameter
-_RESIZED: Dict[int, Tuple[weakref.ref, Dict[Tuple[int, int], Tuple[tuple, torch.Tensor]]]] = {}
+_RESIZED: Dict[int, Tuple[weakref.ref, Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]]]] = {}
 
 
-def _resize_cache(param: torch.Tensor) -> Dict[Tuple[int, int], Tuple[tuple, torch.Tensor]]:
+def _resize_cache(param: torch.Tensor) -> Dict[Tuple[int, int], Tuple[torch.Tensor, torch.Tensor]]:
     key = id(param)
     entry = _RESIZED.get(key)
     if (entry is None) or (entry[0]() is not param):
@@ -94,26 +95,35 @@ def _resize_cache(param: torch.Tensor) -> Dict[Tuple[int, int], Tuple[tuple, tor
     return entry[1]
 
 
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.device == b.device) and (a.dtype == b.dtype) and (a.shape == b.shape) and torch.equal(a, b)
+
+
 def resized_parameter(param: torch.Tensor, spec: GridSpec, grid: Tuple[int, int]) -> torch.Tensor:
     """`param`, laid out on ``spec.grid``, resized to `grid` by :func:`resize_grid_tensor`; `param`
     itself when `grid` is ``spec.grid``.
 
     Without gradients to record (inference, or a frozen parameter) the result is cached per
-    parameter and grid, and recomputed once the parameter changes (its version, storage, device or
-    dtype); in training it is recomputed every call, so gradients reach the parameter. The cache
-    is not part of the model: it is neither saved nor copied, and goes with the parameter.
+    parameter and grid, beside a copy of the values it was computed from, and recomputed once the
+    parameter holds other values. The values are compared, not the parameter's version counter: torch's
+    fused optimizers (AdamW ``fused=True``, this repository's default) update parameters in place
+    without bumping it, so a cache filled by one evaluation would otherwise serve the next one, after
+    more training, stale tables. In training it is recomputed every call, so gradients reach the
+    parameter; under fake tensors (shape-only FLOP counting) nothing is cached. The cache is not part of
+    the model: it is neither saved nor copied, and goes with the parameter.
     """
     grid = (int(grid[0]), int(grid[1]))
     if grid == spec.grid:
         return param
     target = dataclasses.replace(spec, grid=grid)
-    if (torch.is_grad_enabled() and param.requires_grad) or torch.compiler.is_compiling():
+    if ((torch.is_grad_enabled() and param.requires_grad) or torch.compiler.is_compiling()
+            or (detect_fake_mode() is not None)):
         return resize_grid_tensor(param, target, spec.grid)
     cache = _resize_cache(param)
-    stamp = (param._version, param.data_ptr(), param.device, param.dtype)
+    source = param.detach()
     hit = cache.get(grid)
-    if (hit is None) or (hit[0] != stamp):
-        hit = cache[grid] = (stamp, resize_grid_tensor(param.detach(), target, spec.grid))
+    if (hit is None) or not _same(hit[0], source):
+        hit = cache[grid] = (source.clone(), resize_grid_tensor(source, target, spec.grid))
     return hit[1]
 
 

@@ -8,6 +8,7 @@ merge, a map that windows or stripes do not divide).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Dict, List, Tuple
 
 import pytest
@@ -17,7 +18,7 @@ import torch.nn as nn
 from models.attention import Attention
 from models.cswin import CSWinTransformer
 from models.deit import FLattenDeiT
-from models.grid import GridSpec, _resize_cache, resized_parameter
+from models.grid import GridSpec, _resize_cache, resize_grid_tensor, resized_parameter
 from models.pvt import PyramidVisionTransformer
 from models.pvt_v2 import PyramidVisionTransformerV2
 from models.swin import FLattenSwinTransformer
@@ -117,6 +118,27 @@ def test_resized_parameters_are_cached_per_size_and_follow_updates():
         updated = resized_parameter(param, spec, (8, 5))
     assert updated is not first
     torch.testing.assert_close(updated, first + 1.0)  # bicubic weights sum to one
+
+
+@pytest.mark.parametrize('impl', ['fused', 'foreach'])
+def test_an_optimizer_step_between_evaluations_refreshes_the_resized_tables(impl):
+    """torch's fused AdamW (the default here) updates parameters without bumping their version counter:
+    an evaluation after more training must not reuse the tables resized for the previous one."""
+    module = _randomised(_build('deit')).blocks[0].attn
+    spec, param = GridSpec(module.key_grid), module.positional_encoding
+    with torch.no_grad():
+        before = resized_parameter(param, spec, (8, 5)).clone()
+    version = param._version
+    optimizer = torch.optim.AdamW([param], lr=0.1, **{impl: True})
+    param.grad = torch.ones_like(param)
+    optimizer.step()
+    if impl == 'fused':
+        assert param._version == version  # why the cache compares values
+    with torch.no_grad():
+        after = resized_parameter(param, spec, (8, 5))
+    assert not torch.equal(after, before)
+    torch.testing.assert_close(after, resize_grid_tensor(param.detach(), dataclasses.replace(spec, grid=(8, 5)),
+                                                         spec.grid), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize('name', ['swin', 'cswin', 'pvt', 'pvt_v2', 'deit'])
