@@ -13,6 +13,7 @@ flags already turned into ``KEY VALUE`` pairs (see ``FLAG_TO_KEY`` in ``main.py`
 from __future__ import annotations
 
 import difflib
+import itertools
 import math
 import os
 import re
@@ -838,7 +839,7 @@ def _detection_problems(cfg: CN) -> List[str]:
     milestones = list(cfg.TRAIN.LR_SCHEDULER.MILESTONES)
     if cfg.TRAIN.LR_SCHEDULER.NAME == 'multistep' and (
             not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in milestones)
-            or any(b <= a for a, b in zip(milestones, milestones[1:]))):
+            or any(b <= a for a, b in itertools.pairwise(milestones))):
         problems.append(f'TRAIN.LR_SCHEDULER.MILESTONES={milestones!r} must be increasing positive whole epochs')
     return problems
 

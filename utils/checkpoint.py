@@ -516,7 +516,7 @@ def _load_backbone(target: nn.Module, state_dict: Dict[str, torch.Tensor], path:
     modules = sorted({key.split('.')[0] for key in report.not_loaded})
     logger.info(f'loaded pretrained weights from {path}: {len(report.loaded)} backbone tensors into '
                 f'{prefix.rstrip(".")} ({len(report.resized)} resized); skipped the checkpoint\'s '
-                f'{", ".join(skipped) or "nothing"} (classifier parts the segmentor has not); not in the checkpoint, '
+                f'{", ".join(skipped) or "nothing"} (classifier parts the model has not); not in the checkpoint, '
                 f'kept as initialised: {", ".join(modules) or "nothing"} ({len(report.not_loaded)} tensors)')
     return report
 

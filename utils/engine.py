@@ -17,7 +17,8 @@ from timm.utils import AverageMeter
 from .benchmark import inference_step, measure, median
 from .distributed import all_reduce_sum
 
-__all__ = ['RunState', 'StepSettings', 'DetectorLoss', 'to_device', 'NonFiniteGuard', 'EpochLog', 'train_one_epoch', 'evaluate', 'throughput',
+__all__ = ['RunState', 'StepSettings', 'DetectorLoss', 'to_device', 'NonFiniteGuard', 'EpochLog', 'train_one_epoch',
+           'evaluate', 'throughput',
            'NonFiniteLossError', 'format_eta']
 
 logger = logging.getLogger('flatten.engine')

@@ -79,14 +79,18 @@ def count_layer_macs(model: nn.Module, input_size: Tuple[int, int, int], fake: b
 
     This is the matmul work mmcv's ``get_model_complexity_info`` (mmseg's and mmdet's ``get_flops.py``)
     sees: it hooks modules, so the products of attention written as tensor operations (QKᵀ, AV, KᵀV,
-    Q(KᵀV)) are missing from its totals. A conv is output elements × in/groups × kernel area, a linear
-    layer output elements × in_features, as mmcv counts them (its element-wise extras, norms and
-    activations, are left out here as in :func:`count_macs`).
+    Q(KᵀV)) are missing from its totals. A conv is output elements × in/groups × kernel area, a transposed
+    conv (Mask R-CNN's mask upsampling) input elements × out/groups × kernel area, a linear layer output
+    elements × in_features, as mmcv counts them (its element-wise extras, norms and activations, are left
+    out here as in :func:`count_macs`).
     """
     total = [0]
 
     def hook(module: nn.Module, inputs, output: torch.Tensor) -> None:
-        if isinstance(module, nn.Conv2d):
+        if isinstance(module, nn.ConvTranspose2d):
+            kernel = module.kernel_size[0] * module.kernel_size[1]
+            total[0] += inputs[0].numel() * (module.out_channels // module.groups) * kernel
+        elif isinstance(module, nn.Conv2d):
             kernel = module.kernel_size[0] * module.kernel_size[1]
             total[0] += output.numel() * (module.in_channels // module.groups) * kernel
         else:
@@ -94,7 +98,8 @@ def count_layer_macs(model: nn.Module, input_size: Tuple[int, int, int], fake: b
 
     @contextlib.contextmanager
     def hooked(module: nn.Module) -> Iterator[None]:
-        handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        layers = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)
+        handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, layers)]
         try:
             yield
         finally:

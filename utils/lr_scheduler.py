@@ -72,4 +72,5 @@ def build_scheduler(cfg, optimizer: torch.optim.Optimizer, updates_per_epoch: in
             optimizer, t_initial=num_steps, power=cfg.TRAIN.LR_SCHEDULER.POWER, lr_min=cfg.TRAIN.MIN_LR,
             warmup_lr_init=cfg.TRAIN.WARMUP_LR, warmup_t=warmup_steps, cycle_limit=1, t_in_epochs=False,
             warmup_prefix=False)
-    raise ValueError(f"TRAIN.LR_SCHEDULER.NAME={name!r} is not supported; use 'cosine', 'linear', 'step', 'multistep' or 'poly'")
+    raise ValueError(f"TRAIN.LR_SCHEDULER.NAME={name!r} is not supported; use 'cosine', 'linear', 'step', "
+                     f"'multistep' or 'poly'")
