@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -126,6 +127,14 @@ def test_trains_and_eval_resume_reproduces_the_logged_ap(tmp_path, det_micro_cfg
         detections = json.loads(next((tmp_path / 'eval').rglob(f'detections_{kind}.json')).read_text())
         assert detections and {d['image_id'] for d in detections} <= set(gt.getImgIds())
         gt.loadRes(detections)  # COCO's results format
+
+
+def test_bf16_autocast_trains_and_evaluates(tmp_path, det_micro_cfg, coco):
+    result = run_main(['--cfg', det_micro_cfg, '--data-path', coco, '--device', 'cpu', '--output', tmp_path,
+                       '--amp-dtype', 'bf16', '--opts', 'TRAIN.EPOCHS', '1'])
+    assert result.returncode == 0, result.stdout + result.stderr
+    losses = [float(x) for x in re.findall(r'\tloss (\S+) ', result.stdout)]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses) and len(_ap_lines(result.stdout)) == 1
 
 
 @pytest.mark.slow
