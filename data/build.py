@@ -153,6 +153,30 @@ class DataBundle:
     val_gt: Optional[CocoGroundTruth] = None  # detection: the ground truth of the images evaluated
 
 
+def _loader(cfg, dataset, sampler, batch_size: int, pin_memory: bool, train: bool,
+            collate_fn=None) -> torch.utils.data.DataLoader:
+    """A loader of `dataset` in `sampler`'s order with the run's workers. Training loaders drop the last
+    partial batch. Each loader draws its workers' base seed from its own generator, not from the global
+    RNG: a global draw per epoch would shift drop-path and Mixup randomness between an uninterrupted and
+    a resumed run (augmentations do not depend on worker seeds, see SeededAugmentation). Workers persist
+    across epochs: the training sampler hands every index its epoch (EpochTaggedSampler)."""
+    return torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=batch_size, collate_fn=collate_fn, num_workers=cfg.DATA.NUM_WORKERS,
+        pin_memory=pin_memory, drop_last=train, persistent_workers=cfg.DATA.NUM_WORKERS > 0,
+        generator=torch.Generator().manual_seed(cfg.SEED), worker_init_fn=ignore_stop_signals)
+
+
+def _demo_root(cfg, rank: int, name: str, ensure) -> str:
+    """The folder of a demo dataset that `ensure` (data/seg_demo.py, data/det_demo.py) writes once, at
+    ``--data-path`` or ``<OUTPUT>/datasets/<name>``: rank 0 writes it first, the other ranks then find its
+    marker."""
+    root = cfg.DATA.DATA_PATH or os.path.join(cfg.OUTPUT or 'output', 'datasets', name)
+    if rank == 0:
+        ensure(root)
+    barrier()
+    return ensure(root)
+
+
 def segmentation_root(cfg, rank: int = 0) -> str:
     """The ADE20K-layout folder of a segmentation config: ``--data-path`` for 'ade20k'; for the demo's
     'fmnist_canvases' the folder data/seg_demo.py writes (once: rank 0 first, then the others read
@@ -163,11 +187,7 @@ def segmentation_root(cfg, rank: int = 0) -> str:
             raise DatasetNotFoundError("DATA.DATASET='ade20k' needs --data-path (the ADEChallengeData2016 folder)")
         return cfg.DATA.DATA_PATH
     if name == 'fmnist_canvases':
-        root = cfg.DATA.DATA_PATH or os.path.join(cfg.OUTPUT or 'output', 'datasets', 'fmnist_canvases')
-        if rank == 0:
-            ensure_seg_demo(root)
-        barrier()
-        return ensure_seg_demo(root)
+        return _demo_root(cfg, rank, name, ensure_seg_demo)
     raise DataError(f"DATA.DATASET={name!r} is not a segmentation dataset; TASK segmentation reads 'ade20k' (an "
                     f"ADEChallengeData2016 folder) or 'fmnist_canvases' (the demo's)")
 
@@ -182,11 +202,8 @@ def build_segmentation_loaders(cfg, rank: int = 0, world_size: int = 1, train: b
     dataset_val = ADE20K(root, 'val', classes, SegEvalTransform(seg.SCALE, seg.TEST_SCALES))
     if cfg.DATA.VAL_SUBSET:
         dataset_val = _subset(dataset_val, cfg.DATA.VAL_SUBSET, cfg.SEED, 'val')
-    persistent = cfg.DATA.NUM_WORKERS > 0
-    loader_val = torch.utils.data.DataLoader(
-        dataset_val, sampler=ShardedEvalSampler(len(dataset_val), rank, world_size), batch_size=1,
-        num_workers=cfg.DATA.NUM_WORKERS, pin_memory=pin_memory, persistent_workers=persistent,
-        generator=torch.Generator().manual_seed(cfg.SEED), worker_init_fn=ignore_stop_signals)
+    loader_val = _loader(cfg, dataset_val, ShardedEvalSampler(len(dataset_val), rank, world_size), 1, pin_memory,
+                         train=False)
     dataset_train = loader_train = None
     if train:
         dataset_train = ADE20K(root, 'train', classes, SegTrainTransform(
@@ -196,10 +213,8 @@ def build_segmentation_loaders(cfg, rank: int = 0, world_size: int = 1, train: b
         dataset_train = SeededAugmentation(dataset_train, cfg.SEED)
         per_period = cfg.TRAIN.EVAL_PERIOD * cfg.DATA.BATCH_SIZE * cfg.TRAIN.ACCUMULATION_STEPS
         sampler = ResumableStreamSampler(dataset_train, per_period, num_replicas=world_size, rank=rank, seed=cfg.SEED)
-        loader_train = torch.utils.data.DataLoader(
-            dataset_train, sampler=EpochTaggedSampler(sampler), batch_size=cfg.DATA.BATCH_SIZE,
-            num_workers=cfg.DATA.NUM_WORKERS, pin_memory=pin_memory, drop_last=True, persistent_workers=persistent,
-            generator=torch.Generator().manual_seed(cfg.SEED), worker_init_fn=ignore_stop_signals)
+        loader_train = _loader(cfg, dataset_train, EpochTaggedSampler(sampler), cfg.DATA.BATCH_SIZE, pin_memory,
+                               train=True)
     names = SEG_DEMO_CLASSES if cfg.DATA.DATASET == 'fmnist_canvases' else ()
     return DataBundle(dataset_train, dataset_val, loader_train, loader_val, cfg.MODEL.NUM_CLASSES, tuple(names))
 
@@ -217,11 +232,7 @@ def detection_root(cfg, rank: int = 0) -> str:
     if name == 'fmnist_coco':
         from .det_demo import ensure_det_demo  # pycocotools
 
-        root = cfg.DATA.DATA_PATH or os.path.join(cfg.OUTPUT or 'output', 'datasets', 'fmnist_coco')
-        if rank == 0:
-            ensure_det_demo(root)
-        barrier()
-        return ensure_det_demo(root)
+        return _demo_root(cfg, rank, name, ensure_det_demo)
     raise DataError(f"DATA.DATASET={name!r} is not a detection dataset; TASK detection reads 'coco' (a COCO folder) "
                     f"or 'fmnist_coco' (the demo's)")
 
@@ -241,12 +252,8 @@ def build_detection_loaders(cfg, rank: int = 0, world_size: int = 1, train: bool
     root, det = detection_root(cfg, rank), cfg.DET
     coco_val = CocoDetection(root, 'val')
     dataset_val = _subset(coco_val, cfg.DATA.VAL_SUBSET, cfg.SEED, 'val') if cfg.DATA.VAL_SUBSET else coco_val
-    persistent = cfg.DATA.NUM_WORKERS > 0
-    loader_val = torch.utils.data.DataLoader(
-        dataset_val, sampler=ShardedEvalSampler(len(dataset_val), rank, world_size), batch_size=1,
-        collate_fn=detection_collate, num_workers=cfg.DATA.NUM_WORKERS, pin_memory=pin_memory,
-        persistent_workers=persistent, generator=torch.Generator().manual_seed(cfg.SEED),
-        worker_init_fn=ignore_stop_signals)
+    loader_val = _loader(cfg, dataset_val, ShardedEvalSampler(len(dataset_val), rank, world_size), 1, pin_memory,
+                         train=False, collate_fn=detection_collate)
     dataset_train = loader_train = None
     if train:
         transform = DetTrainTransform(det.TRAIN_SCALES, flip_prob=cfg.AUG.HFLIP, crop_prob=det.CROP_PROB,
@@ -265,11 +272,8 @@ def build_detection_loaders(cfg, rank: int = 0, world_size: int = 1, train: bool
             raise DataError(
                 f'DATA.BATCH_SIZE={cfg.DATA.BATCH_SIZE} is larger than the {len(sampler)} training images of each '
                 f'of the {world_size} process(es) ({len(dataset_train)} in all): no full batch can be formed')
-        loader_train = torch.utils.data.DataLoader(
-            dataset_train, sampler=EpochTaggedSampler(sampler), batch_size=cfg.DATA.BATCH_SIZE,
-            collate_fn=detection_collate, num_workers=cfg.DATA.NUM_WORKERS, pin_memory=pin_memory, drop_last=True,
-            persistent_workers=persistent, generator=torch.Generator().manual_seed(cfg.SEED),
-            worker_init_fn=ignore_stop_signals)
+        loader_train = _loader(cfg, dataset_train, EpochTaggedSampler(sampler), cfg.DATA.BATCH_SIZE, pin_memory,
+                               train=True, collate_fn=detection_collate)
     return DataBundle(dataset_train, dataset_val, loader_train, loader_val, coco_val.num_classes,
                       coco_val.class_names, CocoGroundTruth.of(dataset_val))
 
@@ -290,16 +294,8 @@ def build_loaders(cfg, rank: int = 0, world_size: int = 1, train: bool = True, p
     num_classes = len(val_classes)
     if cfg.DATA.VAL_SUBSET:
         dataset_val = _subset(dataset_val, cfg.DATA.VAL_SUBSET, cfg.SEED, 'val')
-    # Each loader draws its workers' base seed from its own generator, not from the global RNG: a
-    # global draw per epoch would shift drop-path and Mixup randomness between an uninterrupted and
-    # a resumed run (augmentations do not depend on worker seeds, see SeededAugmentation). Workers
-    # persist across epochs: the training sampler hands every index its epoch (EpochTaggedSampler).
-    persistent = cfg.DATA.NUM_WORKERS > 0
-    loader_val = torch.utils.data.DataLoader(
-        dataset_val, sampler=ShardedEvalSampler(len(dataset_val), rank, world_size),
-        batch_size=cfg.DATA.BATCH_SIZE, num_workers=cfg.DATA.NUM_WORKERS, pin_memory=pin_memory, drop_last=False,
-        persistent_workers=persistent, generator=torch.Generator().manual_seed(cfg.SEED),
-        worker_init_fn=ignore_stop_signals)
+    loader_val = _loader(cfg, dataset_val, ShardedEvalSampler(len(dataset_val), rank, world_size),
+                         cfg.DATA.BATCH_SIZE, pin_memory, train=False)
     dataset_train = loader_train = None
     if train:
         dataset_train, train_classes = build_dataset(True, cfg)
@@ -323,8 +319,6 @@ def build_loaders(cfg, rank: int = 0, world_size: int = 1, train: bool = True, p
             raise DataError(
                 f'DATA.BATCH_SIZE={cfg.DATA.BATCH_SIZE} is larger than the {len(sampler)} training images of each '
                 f'of the {world_size} process(es) ({len(dataset_train)} in all): no full batch can be formed')
-        loader_train = torch.utils.data.DataLoader(
-            dataset_train, sampler=EpochTaggedSampler(sampler), batch_size=cfg.DATA.BATCH_SIZE,
-            num_workers=cfg.DATA.NUM_WORKERS, pin_memory=pin_memory, drop_last=True, persistent_workers=persistent,
-            generator=torch.Generator().manual_seed(cfg.SEED), worker_init_fn=ignore_stop_signals)
+        loader_train = _loader(cfg, dataset_train, EpochTaggedSampler(sampler), cfg.DATA.BATCH_SIZE, pin_memory,
+                               train=True)
     return DataBundle(dataset_train, dataset_val, loader_train, loader_val, num_classes)
