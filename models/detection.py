@@ -59,8 +59,9 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, FeaturePyrami
 
 from .registry import UnknownModelError, list_models
 
-__all__ = ['TimmFPNBackbone', 'fpn_backbone', 'mask_rcnn', 'faster_rcnn', 'DEFAULT_OUT_INDICES', 'DETECTORS',
-           'DetectionTransform', 'BoxPredictor', 'CascadeRoIHeads', 'Detector', 'ForwardDummy', 'build_detector']
+__all__ = ['BackboneHooks', 'TimmFPNBackbone', 'fpn_backbone', 'mask_rcnn', 'faster_rcnn', 'DEFAULT_OUT_INDICES',
+           'DETECTORS', 'DetectionTransform', 'BoxPredictor', 'CascadeRoIHeads', 'Detector', 'ForwardDummy',
+           'build_detector']
 
 DEFAULT_OUT_INDICES = (0, 1, 2, 3)  # the four stages of a hierarchical backbone (strides 4, 8, 16, 32)
 
@@ -549,7 +550,40 @@ class CascadeRoIHeads(nn.Module):
         return {'boxes': boxes[keep], 'labels': labels[keep], 'scores': scores[keep]}
 
 
-class Detector(GeneralizedRCNN):
+class BackboneHooks:
+    """What the training code asks of a dense model built on a classifier backbone (a detector, a
+    segmentor): ``backbone_model`` (the classifier inside the ``features_only`` wrapper, head and final norm
+    pruned) and ``backbone_prefix`` (where its state-dict keys live in the model's, the place
+    :func:`utils.checkpoint.load_pretrained` loads an ImageNet file into) are the subclass's; the
+    optimizer's exemptions and DDP's unused parameters follow from them."""
+
+    backbone_prefix: str
+    backbone_model: nn.Module
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        """The backbone's exempt names, under their prefix here (``<prefix>absolute_pos_embed``)."""
+        inner = self.backbone_model
+        names = inner.no_weight_decay() if hasattr(inner, 'no_weight_decay') else set()
+        return {self.backbone_prefix + name for name in names}
+
+    @torch.jit.ignore
+    def no_weight_decay_keywords(self) -> set:
+        inner = self.backbone_model
+        return set(inner.no_weight_decay_keywords()) if hasattr(inner, 'no_weight_decay_keywords') else set()
+
+    @torch.jit.ignore
+    def unused_parameters(self) -> set:
+        """Parameters a training forward pass never uses: the backbone's own that ``features_only`` kept.
+        FLatten-PVT's never-applied final norm, the classifiers' only one, is pruned with the head, so every
+        dense model built here uses all its parameters in training (its heads, FPN and RPN too)."""
+        inner = self.backbone_model
+        names = inner.unused_parameters() if hasattr(inner, 'unused_parameters') else set()
+        own = dict(self.named_parameters())
+        return {self.backbone_prefix + name for name in names if self.backbone_prefix + name in own}
+
+
+class Detector(BackboneHooks, GeneralizedRCNN):
     """Torchvision's ``GeneralizedRCNN`` (transform, backbone, RPN, RoI heads) over a :class:`TimmFPNBackbone`,
     with what the training code asks of every model here.
 
@@ -576,27 +610,6 @@ class Detector(GeneralizedRCNN):
     def backbone_model(self) -> nn.Module:
         """The backbone classifier inside the ``features_only`` wrapper (head and final norm pruned)."""
         return self.backbone.body.model
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        """The backbone's exempt names, under their prefix (``backbone.body.model.absolute_pos_embed``)."""
-        inner = self.backbone_model
-        names = inner.no_weight_decay() if hasattr(inner, 'no_weight_decay') else set()
-        return {self.backbone_prefix + name for name in names}
-
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self) -> set:
-        inner = self.backbone_model
-        return set(inner.no_weight_decay_keywords()) if hasattr(inner, 'no_weight_decay_keywords') else set()
-
-    @torch.jit.ignore
-    def unused_parameters(self) -> set:
-        """Parameters a training forward pass never uses: the backbone's own that ``features_only`` kept
-        (none for the registered models; every head, the FPN and the RPN are used)."""
-        inner = self.backbone_model
-        names = inner.unused_parameters() if hasattr(inner, 'unused_parameters') else set()
-        own = dict(self.named_parameters())
-        return {self.backbone_prefix + name for name in names if self.backbone_prefix + name in own}
 
     def head_stages(self) -> Tuple[List[Tuple[nn.Module, nn.Module]], List[Tuple[nn.Module, nn.Module]]]:
         """([(box head, box predictor)] per stage, [(mask head, mask predictor)] per stage): one of each for

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.decoders.upernet.decoder import PSPModule, UPerNetDecoder
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork
 
-from .detection import create_feature_extractor
+from .detection import BackboneHooks, create_feature_extractor
 
 __all__ = ['Segmentor', 'UperNetHead', 'SemanticFPNHead', 'FCNHead', 'build_segmentor', 'DECODERS']
 
@@ -177,7 +177,7 @@ class FCNHead(ClassifierMixin, nn.Module):
         return self.classify(self.convs(x))
 
 
-class Segmentor(nn.Module):
+class Segmentor(BackboneHooks, nn.Module):
     """A feature-pyramid backbone, a decode head and an optional auxiliary head.
 
     ``forward(images)``: images (B, 3, H, W), any H, W the backbone accepts. The batch is first padded
@@ -252,28 +252,6 @@ class Segmentor(nn.Module):
         if self.aux_head is not None:
             out['aux'] = self.aux_head(features[self.aux_stage])
         return out
-
-    @torch.jit.ignore
-    def no_weight_decay(self) -> set:
-        """The backbone's exempt names, under their prefix here (``backbone.model.absolute_pos_embed``)."""
-        inner = self.backbone_model
-        names = inner.no_weight_decay() if hasattr(inner, 'no_weight_decay') else set()
-        return {self.backbone_prefix + name for name in names}
-
-    @torch.jit.ignore
-    def no_weight_decay_keywords(self) -> set:
-        inner = self.backbone_model
-        return set(inner.no_weight_decay_keywords()) if hasattr(inner, 'no_weight_decay_keywords') else set()
-
-    @torch.jit.ignore
-    def unused_parameters(self) -> set:
-        """Parameters a training forward pass never uses: the backbone's own that ``features_only`` kept.
-        FLatten-PVT's never-applied final norm, the classifiers' only one, is pruned with the head, so
-        every segmentor built here uses all its parameters in training (the auxiliary head too)."""
-        inner = self.backbone_model
-        names = inner.unused_parameters() if hasattr(inner, 'unused_parameters') else set()
-        own = dict(self.named_parameters())
-        return {self.backbone_prefix + name for name in names if self.backbone_prefix + name in own}
 
 
 def build_segmentor(cfg) -> Segmentor:
