@@ -244,6 +244,7 @@ class CSWinTransformer(Backbone):
         self.num_classes = num_classes
         self.num_stages = num_stages
         self.num_features = embed_dim * 2 ** (num_stages - 1)
+        self.head_hidden_size = self.num_features  # timm 1.0: what the classifier reads (no pre-logits)
         self.attn_type = attn_type
         self.resolutions = stage_resolutions(self.img_size, num_stages)
         splits = {'S': parse_split_sizes(split_size, num_stages, 'split_size'),

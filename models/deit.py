@@ -124,6 +124,7 @@ class FLattenDeiT(Backbone):
         self.img_size = img_size
         self.num_classes = num_classes
         self.num_features = self.embed_dim = embed_dim
+        self.head_hidden_size = self.num_features  # timm 1.0: what the classifier reads (no pre-logits)
         self.attn_type = attn_type
         self.global_pool = global_pool
         self.grad_checkpointing = False

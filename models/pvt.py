@@ -220,6 +220,7 @@ class PyramidVisionTransformer(PyramidBackbone):
         self.img_size = img_size
         self.num_classes = num_classes
         self.num_features = embed_dims[-1]
+        self.head_hidden_size = self.num_features  # timm 1.0: what the classifier reads (no pre-logits)
         self.attn_type = attn_type
         self.class_token = class_token
         if class_token and ((kinds[-1] != [PVT_SOFTMAX_KIND] * depths[-1]) or (sr_ratios[-1] != 1)):

@@ -151,6 +151,7 @@ class PyramidVisionTransformerV2(PyramidBackbone):
         self.check_size(self.img_size)
         self.num_classes = num_classes
         self.num_features = embed_dims[-1]
+        self.head_hidden_size = self.num_features  # timm 1.0: what the classifier reads (no pre-logits)
         self.attn_type = attn_type
         self.linear = linear
 

@@ -21,13 +21,25 @@ from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Tuple, Type
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import to_2tuple
-from timm.models import build_model_with_cfg
+from timm.models import build_model_with_cfg, generate_default_cfgs
 from timm.models import register_model as timm_register_model
 
 __all__ = [
     'UnknownModelError', 'VariantSpec', 'register_model', 'register_variants', 'list_models', 'list_families',
     'variant_spec', 'create_model', 'unknown_name', 'pretrained_cfg', 'FEATURE_CFG',
 ]
+
+# The variants whose ImageNet-1k weights the authors released (their key sets: tests/assets/official_state_dicts;
+# docs/checkpoints.md): timm knows their pretrained cfg under the tag '.official_in1k' as well
+OFFICIAL_IN1K = frozenset({
+    'flatten_cswin_tiny_224', 'flatten_cswin_small_224', 'flatten_cswin_base_224', 'flatten_cswin_base_384',
+    'flatten_pvt_tiny', 'flatten_pvt_small', 'flatten_pvt_medium', 'flatten_pvt_large',
+    'flatten_pvt_v2_b0', 'flatten_pvt_v2_b1', 'flatten_pvt_v2_b2', 'flatten_pvt_v2_b3', 'flatten_pvt_v2_b4',
+    'flatten_swin_tiny_patch4_224', 'flatten_swin_small_patch4_224', 'flatten_swin_base_patch4_224',
+    'flatten_swin_base_patch4_384'})
+OFFICIAL_ORIGIN = dict(origin_url='https://github.com/LeapLabTHU/FLatten-Transformer', paper_ids='arXiv:2308.00442',
+                       paper_name='FLatten Transformer: Vision Transformer using Focused Linear Attention',
+                       license='mit')
 
 # features_only models: timm's FeatureGetterNet over forward_intermediates, by default the last 4 levels
 # (the 4 stages of a hierarchical model, the last 4 blocks of DeiT)
@@ -80,12 +92,13 @@ def pretrained_cfg(cls: Type[nn.Module], arch: Mapping[str, Any]) -> Dict[str, A
     """timm's ``pretrained_cfg`` of a variant of `cls` with the constructor arguments `arch`: the
     evaluation recipe of the released weights (input size, ImageNet mean and std, bicubic resize,
     centre crop 0.875 at 224², none at 384²), the first conv and the classifier (``cls.first_conv``,
-    ``head``). ``fixed_input_size`` is False: every model runs at any size."""
+    ``head``) and its classes (1000, or `arch`'s ``num_classes``: timm keeps a pretrained head only when
+    they match). ``fixed_input_size`` is False: every model runs at any size."""
     size = to_2tuple(arch.get('img_size', 224))
     return dict(
         input_size=(3, *size), mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
         crop_pct=0.875 if max(size) <= 224 else 1.0, interpolation='bicubic', first_conv=cls.first_conv,
-        classifier='head', num_classes=1000, fixed_input_size=False)
+        classifier='head', num_classes=arch.get('num_classes', 1000), fixed_input_size=False)
 
 
 def _entry_point(cls: Type[nn.Module], name: str, arch: Dict[str, Any], doc: str) -> Callable[..., nn.Module]:
@@ -95,14 +108,12 @@ def _entry_point(cls: Type[nn.Module], name: str, arch: Dict[str, Any], doc: str
     module of `cls`. Its ``pretrained_cfg`` describes the model actually built (an ``img_size`` among the
     kwargs sets its input size)."""
     def entry_point(pretrained: bool = False, **kwargs) -> nn.Module:
-        if pretrained:
-            raise ValueError('no weights are downloaded by this code base: build with pretrained=False and use '
-                             'utils.checkpoint.load_pretrained(model, path) with a released checkpoint')
-        # timm.create_model passes these hub arguments; the hub cache is never read here
+        # pretrained=True loads what the pretrained cfg points at, as for timm's own models: a local file
+        # (pretrained_cfg_overlay=dict(file=...), .safetensors or .pth) or a hub folder; no cfg registered
+        # here names a download, so nothing is fetched unless the caller says where from
         cfg = kwargs.pop('pretrained_cfg', None) or pretrained_cfg(cls, {**arch, **kwargs})
-        kwargs.pop('cache_dir', None)
-        return build_model_with_cfg(cls, name, pretrained=False, pretrained_cfg=cfg, feature_cfg=dict(FEATURE_CFG),
-                                    **{**arch, **kwargs})
+        return build_model_with_cfg(cls, name, pretrained=pretrained, pretrained_cfg=cfg,
+                                    feature_cfg=dict(FEATURE_CFG), **{**arch, **kwargs})
 
     entry_point.__name__ = entry_point.__qualname__ = name
     entry_point.__module__ = cls.__module__
@@ -117,12 +128,20 @@ def register_variants(cls: Type[nn.Module], table: Mapping[str, Tuple[Mapping[st
     Each variant is an entry point ``name(pretrained=False, **kwargs)`` that builds
     ``cls(**architecture, **kwargs)`` (so `kwargs` override the architecture). It is a module-level
     attribute of ``cls.__module__`` with ``__name__``/``__qualname__`` `name` and the description as
-    docstring, and :func:`register_model` records it here and in timm.
+    docstring, and :func:`register_model` records it here and in timm, with its pretrained cfg
+    (``timm.models.get_pretrained_cfg(name)``; tagged ``.official_in1k`` for the variants of
+    :data:`OFFICIAL_IN1K`). No cfg names a download: timm lists none of them in ``list_pretrained()``.
     """
     module = sys.modules[cls.__module__]
+    if not hasattr(module, 'default_cfgs'):
+        module.default_cfgs = {}  # what timm's register_model reads the pretrained cfgs from
     for name, (arch, doc) in table.items():
         fn = _entry_point(cls, name, dict(arch), doc)
         setattr(module, name, fn)
+        cfg = pretrained_cfg(cls, arch)
+        key = f'{name}.official_in1k' if name in OFFICIAL_IN1K else name
+        module.default_cfgs.update(generate_default_cfgs({key: {**cfg, **OFFICIAL_ORIGIN} if name in OFFICIAL_IN1K
+                                                           else cfg}))
         register_model(fn)
         _SPECS[name] = VariantSpec(cls, dict(arch), doc, cls.__module__.rsplit('.', 1)[-1])
 

@@ -316,6 +316,7 @@ class FLattenSwinTransformer(Backbone):
         self.num_layers = len(depths)
         self.embed_dim = embed_dim
         self.num_features = int(embed_dim * 2 ** (self.num_layers - 1))
+        self.head_hidden_size = self.num_features  # timm 1.0: what the classifier reads (no pre-logits)
         self.ape = ape
         self.attn_type = attn_type
         if softmax_window_size is None:

@@ -187,3 +187,45 @@ def test_registered_model_follows_the_timm_interface(name):
     check_fx_trace(model)
     check_gradients(model, compare_without_checkpointing=False)
     check_features_only(name)
+
+
+def test_every_variant_has_a_registered_pretrained_cfg_and_head_hidden_size():
+    """timm's registry knows every variant's pretrained cfg by name (the authors' released variants also under
+    '.official_in1k'), and every model exposes timm 1.0's head_hidden_size (built without weight initialisation:
+    1.4 s for all)."""
+    from timm.models import get_pretrained_cfg
+
+    from models.registry import OFFICIAL_IN1K
+    from tools.model_table import skip_weight_init
+    assert OFFICIAL_IN1K <= set(models.list_models())
+    for name in models.list_models():
+        cfg = get_pretrained_cfg(name)
+        assert cfg is not None and cfg.architecture == name, name
+        assert (cfg.tag == 'official_in1k') == (name in OFFICIAL_IN1K), name
+        size = models.registry.variant_spec(name).arch.get('img_size', 224)
+        assert cfg.input_size == (3, size, size) and not cfg.fixed_input_size and cfg.num_classes == 1000, name
+        assert not cfg.has_weights  # no download is named: pretrained=True reads a file the caller gives
+        if name in OFFICIAL_IN1K:
+            assert get_pretrained_cfg(f'{name}.official_in1k') == cfg
+            assert 'LeapLabTHU/FLatten-Transformer' in cfg.origin_url
+        with skip_weight_init():
+            model = timm.create_model(name)
+        assert model.head_hidden_size == model.num_features == model.head.in_features, name
+    assert timm.create_model('flatten_pvt_v2_b0.official_in1k').pretrained_cfg['tag'] == 'official_in1k'
+
+
+def test_pretrained_true_loads_the_file_the_cfg_names(tmp_path):
+    """As for timm's own models: pretrained=True with pretrained_cfg_overlay=dict(file=...) loads that file."""
+    from safetensors.torch import save_file
+    kwargs = dict(img_size=32, embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=8,
+                  num_classes=10)
+    torch.manual_seed(0)
+    model = timm.create_model('flatten_swin_tiny_patch4_224', **kwargs).eval()
+    path = tmp_path / 'model.safetensors'
+    save_file({key: value.contiguous() for key, value in model.state_dict().items()}, str(path))
+    torch.manual_seed(1)
+    loaded = timm.create_model('flatten_swin_tiny_patch4_224', pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(path)), **kwargs).eval()
+    images = torch.randn(2, 3, 32, 40)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))
