@@ -138,15 +138,19 @@ def test_bf16_autocast_trains_and_evaluates(tmp_path, det_micro_cfg, coco):
 
 
 @pytest.mark.slow
-def test_two_gloo_ranks_evaluate_exactly_as_one_process(tmp_path, det_micro_cfg, coco):
+def test_cascade_trains_on_two_gloo_ranks_and_they_evaluate_exactly_as_one_process(tmp_path, det_micro_cfg, coco):
+    # the cascade's box heads hold BatchNorm, synchronised over the ranks in training
     common = ['--cfg', det_micro_cfg, '--data-path', coco, '--device', 'cpu']
-    trained = run_main(common + ['--output', tmp_path / 'train', '--opts', 'TRAIN.EPOCHS', '1'])
+    cascade = ['DET.DETECTOR', 'cascade_mask_rcnn']
+    trained = run_main(common + ['--output', tmp_path / 'train', '--batch-size', '1',
+                                 '--opts', 'TRAIN.EPOCHS', '1', *cascade], launcher=TORCHRUN)
     assert trained.returncode == 0, trained.stdout + trained.stderr
+    assert 'Cascade Mask R-CNN (3 stages)' in trained.stdout and 'loss_classifier_stage2' in trained.stdout
     ckpt = tmp_path / 'train' / 'det_micro' / 'default' / 'ckpt_epoch_0.pth'
     runs = {}
     for name, launcher in (('one', None), ('two', TORCHRUN)):
         result = run_main(common + ['--output', tmp_path / name, '--eval', '--resume', ckpt,
-                                    '--opts', 'DET.SAVE_RESULTS', 'True'], launcher=launcher)
+                                    '--opts', 'DET.SAVE_RESULTS', 'True', *cascade], launcher=launcher)
         assert result.returncode == 0, result.stdout + result.stderr
         folder = tmp_path / name / 'det_micro' / 'default'
         runs[name] = (json.loads((folder / 'eval_metrics.json').read_text())['val'],

@@ -121,26 +121,60 @@ def params_match(params: int, printed: str) -> bool:
     return f'{params / 1e6:.{decimals}f}' == printed
 
 
-def measure(path: Path) -> dict:
-    """One row: the config's model, its parameters and GMACs, and the paper's figures."""
+# SEG / DET keys of the data pipeline and of the evaluation, which change neither a model nor its counted input
+_DATA_KEYS = ('SCALE', 'RATIO_RANGE', 'CROP_SIZE', 'CAT_MAX_RATIO', 'TEST_MODE', 'TEST_STRIDE', 'TEST_SCALES',
+              'TEST_FLIP', 'TRAIN_SCALES', 'CROP_PROB', 'CROP_SCALES', 'TEST_SCALE', 'SAVE_RESULTS',
+              'RPN_PRE_NMS_TRAIN', 'RPN_POST_NMS_TRAIN', 'RPN_PRE_NMS_TEST', 'RPN_POST_NMS_TEST', 'SCORE_THRESH',
+              'DETECTIONS_PER_IMAGE', 'RPN_BATCH_PER_IMAGE', 'BOX_BATCH_PER_IMAGE', 'CASCADE_WEIGHTS')
+
+
+def _model_key(cfg) -> str:
+    """What decides a config's model and its counted input: two configs with the same key (the 1x and the
+    3x recipe of one detector) have the same parameters and FLOPs."""
+    model = cfg.MODEL.clone()
+    model.defrost()
+    model.NAME = ''
+    heads = {'segmentation': cfg.SEG, 'detection': cfg.DET}.get(cfg.TASK)
+    heads = {key: value for key, value in (heads or {}).items() if key not in _DATA_KEYS}
+    return '\n'.join([cfg.TASK, str(cfg.DATA.IMG_SIZE), model.dump(), repr(sorted(heads.items()))])
+
+
+def measure(path: Path, counted: Optional[Dict[str, dict]] = None) -> dict:
+    """One row: the config's model, its parameters and GMACs, and the paper's figures. `counted` (model key ->
+    row, filled here) lets a config whose model an earlier row counted reuse that row's counts."""
     cfg = load_config(str(path))
+    key = _model_key(cfg)
+    if (counted is not None) and (key in counted):
+        earlier = counted[key]
+        row = dict(earlier, config=path.stem, count_seconds=0.0, same_model_as=earlier['config'])
+        return _with_paper(row, cfg, path)
     detection = cfg.TASK == 'detection'
     with (skip_weight_init() if detection else contextlib.nullcontext()):
         model = models.build_model(cfg)
     params = sum(p.numel() for p in model.parameters())
     dense = cfg.TASK in ('segmentation', 'detection')  # mmseg / mmdet figures: counted on fake tensors
     if detection:
-        input_size, counted = DETECTION_INPUT, ForwardDummy(model)
+        input_size, model_input = DETECTION_INPUT, ForwardDummy(model)
     else:
         input_size = SEGMENTATION_INPUT if dense else (_in_chans(model), cfg.DATA.IMG_SIZE, cfg.DATA.IMG_SIZE)
-        counted = model
+        model_input = model
     start = time.perf_counter()
-    macs, _ = count_macs(counted, input_size, fake=dense)  # a real 512x2048 forward takes up to a minute
+    macs, _ = count_macs(model_input, input_size, fake=dense)  # a real 512x2048 forward takes up to a minute
     row = {'config': path.stem, 'model_type': cfg.MODEL.TYPE, 'task': cfg.TASK,
            'input': f'{input_size[1]}x{input_size[2]}', 'img_size': input_size[1], 'params': params,
            'gmacs': round(macs / 1e9, 4), 'count_seconds': round(time.perf_counter() - start, 1)}
     if dense:  # Tables 1 and 2 come from mmseg/mmdet-era tools: also the conv + linear work they see
-        row['layer_gmacs'] = round(count_layer_macs(counted, input_size, fake=True) / 1e9, 4)
+        row['layer_gmacs'] = round(count_layer_macs(model_input, input_size, fake=True) / 1e9, 4)
+    row['exact_gmacs'] = macs / 1e9
+    if counted is not None:
+        counted[key] = dict(row)
+    return _with_paper(row, cfg, path)
+
+
+def _with_paper(row: dict, cfg, path: Path) -> dict:
+    """`row` with the paper's figures for `path`, when the paper has a row for it, and how far off we are."""
+    dense = cfg.TASK in ('segmentation', 'detection')
+    params, macs = row['params'], row.pop('exact_gmacs') * 1e9
     paper = {'segmentation': PAPER_TABLE1, 'detection': PAPER_TABLE2}.get(cfg.TASK, PAPER_TABLE8).get(path.stem)
     if paper is not None:
         paper_params = float(paper[0]) * 1e6
@@ -204,11 +238,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     listing = {'8': default_configs(), '1': segmentation_configs(), '2': detection_configs(),
                'all': default_configs() + segmentation_configs() + detection_configs()}
-    rows = []
+    rows, counted = [], {}
     for path in args.configs or listing[args.table]:
         if not path.is_file():
             parser.error(f'config file not found: {path}')
-        rows.append(measure(path))
+        rows.append(measure(path, counted))
     print(format_table(rows))  # the table is this command's output
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
