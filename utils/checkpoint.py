@@ -54,9 +54,15 @@ _ALLOWED_GLOBALS = [(collections.OrderedDict, 'yacs.config.CfgNode')]
 
 
 def torch_load(path: str) -> Any:
-    """``torch.load(path, map_location='cpu', weights_only=True)``, official pickled configs allowed."""
+    """``torch.load(path, map_location='cpu', weights_only=True)``, official pickled configs allowed.
+
+    A ``.safetensors`` file (weights alone, as ``python -m tools.export_weights`` writes them) is read
+    with safetensors and returned as ``{'model': state_dict}``, the layout of a weights-only checkpoint.
+    """
     if not os.path.isfile(path):
         raise CheckpointError(f'checkpoint {path!r} does not exist')
+    if path.endswith('.safetensors'):
+        return {'model': _safetensors_load(path)}
     try:
         with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
             return torch.load(path, map_location='cpu', weights_only=True)
@@ -64,6 +70,17 @@ def torch_load(path: str) -> Any:
         raise CheckpointError(
             f'cannot read checkpoint {path!r}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ""}. '
             f'Is it a complete PyTorch checkpoint?') from None
+
+
+def _safetensors_load(path: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a safetensors file on the CPU, or CheckpointError naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(path, device='cpu')
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(f'cannot read safetensors file {path!r}: {type(err).__name__}: '
+                              f'{str(err).splitlines()[0] if str(err) else ""}') from None
 
 
 def atomic_save(obj: Any, path: str) -> None:
