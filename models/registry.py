@@ -101,6 +101,15 @@ def pretrained_cfg(cls: Type[nn.Module], arch: Mapping[str, Any]) -> Dict[str, A
         classifier='head', num_classes=arch.get('num_classes', 1000), fixed_input_size=False)
 
 
+def _names_weights(cfg: Any, overlay: Any) -> bool:
+    """Does a pretrained cfg (a dict, a timm PretrainedCfg, or the tag of a registered one, which names none) or
+    its overlay say where weights come from?"""
+    def value(c: Any, key: str) -> Any:
+        return c.get(key) if isinstance(c, Mapping) else getattr(c, key, None)
+    sources = ('file', 'url', 'hf_hub_id', 'state_dict')
+    return any(value(c, key) for c in (cfg, overlay) if (c is not None) and not isinstance(c, str) for key in sources)
+
+
 def _entry_point(cls: Type[nn.Module], name: str, arch: Dict[str, Any], doc: str) -> Callable[..., nn.Module]:
     """``name(pretrained=False, **kwargs)``: ``cls(**arch, **kwargs)`` built by timm's
     ``build_model_with_cfg`` (``features_only=True`` and ``out_indices`` among the kwargs give timm's
@@ -112,6 +121,11 @@ def _entry_point(cls: Type[nn.Module], name: str, arch: Dict[str, Any], doc: str
         # (pretrained_cfg_overlay=dict(file=...), .safetensors or .pth) or a hub folder; no cfg registered
         # here names a download, so nothing is fetched unless the caller says where from
         cfg = kwargs.pop('pretrained_cfg', None) or pretrained_cfg(cls, {**arch, **kwargs})
+        if pretrained and not _names_weights(cfg, kwargs.get('pretrained_cfg_overlay')):
+            raise ValueError(f'{name}: pretrained=True needs weights to load, and this code base names no download: '
+                             f'pass pretrained_cfg_overlay=dict(file=PATH) (a .safetensors or .pth file), create '
+                             f"'local-dir:FOLDER' (python -m tools.export_weights writes one), or build with "
+                             f'pretrained=False and call utils.checkpoint.load_pretrained(model, PATH)')
         return build_model_with_cfg(cls, name, pretrained=pretrained, pretrained_cfg=cfg,
                                     feature_cfg=dict(FEATURE_CFG), **{**arch, **kwargs})
 

@@ -114,9 +114,12 @@ def test_unknown_names_list_known_ones():
         models.build_model(cfg)
 
 
-def test_pretrained_flag_is_refused_with_advice():
-    with pytest.raises(ValueError, match='load_pretrained'):
-        models.create_model('flatten_swin_tiny_patch4_224', pretrained=True)
+def test_pretrained_flag_without_a_file_is_refused_with_advice():
+    for create in (models.create_model, timm.create_model):
+        with pytest.raises(ValueError, match='pretrained_cfg_overlay=dict.file=PATH.*load_pretrained'):
+            create('flatten_swin_tiny_patch4_224', pretrained=True)
+    with pytest.raises(ValueError, match='names no download'):
+        timm.create_model('flatten_swin_tiny_patch4_224.official_in1k', pretrained=True)
 
 
 def _micro(**kwargs) -> FLattenSwinTransformer:
