@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import json
+import logging
 import os
 import shutil
 import time
@@ -21,6 +22,8 @@ import numpy as np
 
 from .errors import DataError
 from .fashion_mnist import DEFAULT_FASHION_MNIST_DIR
+
+logger = logging.getLogger('flatten.data')
 
 __all__ = ['CanvasParams', 'STALE_TEMP_SECONDS', 'colour_glyphs', 'ensure_folder', 'read_marker', 'write_marker']
 
@@ -163,13 +166,14 @@ def _install(temp: str, root: str, expected: Dict[str, Any], prefix: str, marker
     raise DataError(f'{kind}: could not install {root}: other processes keep writing it with other parameters')
 
 
-def ensure_folder(root: str, params: CanvasParams, marker: str, write: Callable[[str], Any]) -> Tuple[str, float]:
-    """Make `root` (absolute) hold the dataset `write(folder)` writes into a new folder, with `marker` recording
-    ``params.to_json()``: as the module docstring says. Returns ``(what happened, seconds spent writing)``, what
-    happened being 'present' (nothing written), 'written' or 'raced' (another process installed it first)."""
+def ensure_folder(root: str, params: CanvasParams, marker: str, write: Callable[[str], Any]) -> str:
+    """Make `root` hold the dataset `write(folder)` writes into a new folder, with `marker` recording
+    ``params.to_json()``: as the module docstring says. Logs what was written (or that another process
+    installed it first) and returns `root` as an absolute path."""
+    root = os.path.abspath(root)
     expected = params.to_json()
     if read_marker(root, marker) == expected:
-        return 'present', 0.0
+        return root
     _check_replaceable(root, marker, params.KIND)
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
@@ -183,5 +187,11 @@ def ensure_folder(root: str, params: CanvasParams, marker: str, write: Callable[
         shutil.rmtree(temp, ignore_errors=True)
         raise
     seconds = time.perf_counter() - start
-    installed = _install(temp, root, expected, prefix, marker, params.KIND)
-    return ('written' if installed else 'raced'), seconds
+    summary = (f'{params.num_train} train + {params.num_val} val canvases of {params.size[0]}x{params.size[1]} '
+               f'(glyphs from the Fashion-MNIST train / test splits in {params.fashion_mnist_root})')
+    what = f'{params.KIND[0].upper()}{params.KIND[1:]} data'
+    if _install(temp, root, expected, prefix, marker, params.KIND):
+        logger.info(f'{what}: wrote {summary} to {root} in {seconds:.1f} s')
+    else:
+        logger.info(f'{what}: another process wrote {root} first; using it ({summary})')
+    return root

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 from typing import Any, List, Optional, Tuple
 
@@ -39,8 +38,6 @@ from .fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
 
 __all__ = ['DET_DEMO_FORMAT', 'DET_DEMO_MARKER', 'DetDemoParams', 'convex_hull', 'ensure_det_demo', 'glyph_polygon',
            'render_det_canvas', 'write_det_demo']
-
-logger = logging.getLogger('flatten.data')
 
 # Bump when the same parameters would give other files (drawing order, colouring, polygons, file names): older
 # folders are then rewritten rather than silently reused.
@@ -166,12 +163,4 @@ def ensure_det_demo(root: str, **params: Any) -> str:
     or another format version: atomically, safe for concurrent callers (DDP ranks), never replacing a folder
     it did not write (no marker: :class:`DataError`)."""
     settings = DetDemoParams(**params)
-    root = os.path.abspath(root)
-    outcome, seconds = ensure_folder(root, settings, DET_DEMO_MARKER, lambda temp: write_det_demo(temp, settings))
-    summary = (f'{settings.num_train} train + {settings.num_val} val canvases of {settings.size[0]}x{settings.size[1]} '
-               f'(glyphs from the Fashion-MNIST train / test splits in {settings.fashion_mnist_root})')
-    if outcome == 'written':
-        logger.info(f'Detection demo data: wrote {summary} to {root} in {seconds:.1f} s')
-    elif outcome == 'raced':
-        logger.info(f'Detection demo data: another process wrote {root} first; using it ({summary})')
-    return root
+    return ensure_folder(root, settings, DET_DEMO_MARKER, lambda temp: write_det_demo(temp, settings))

@@ -22,7 +22,6 @@ write leaves no half dataset and concurrent callers (DDP ranks) are safe.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from typing import Any, Optional, Tuple
 
@@ -36,8 +35,6 @@ from .fashion_mnist import FASHION_MNIST_CLASSES, FashionMNIST
 
 __all__ = ['SEG_DEMO_CLASSES', 'SEG_DEMO_FORMAT', 'SEG_DEMO_MARKER', 'STALE_TEMP_SECONDS', 'SegDemoParams',
            'ensure_seg_demo', 'render_canvas', 'write_seg_demo']
-
-logger = logging.getLogger('flatten.data')
 
 # Bump when the same parameters would give other files (drawing order, colouring, file names): older
 # folders are then rewritten rather than silently reused.
@@ -125,13 +122,5 @@ def ensure_seg_demo(root: str, **params: Any) -> str:
     writes its own copy and the loser of the rename race uses the winner's folder. A folder at `root`
     that this function did not write (no marker) is never replaced: :class:`DataError`."""
     settings = SegDemoParams(**params)
-    root = os.path.abspath(root)
     # write_seg_demo is looked up at each call (tests replace it)
-    outcome, seconds = ensure_folder(root, settings, SEG_DEMO_MARKER, lambda temp: write_seg_demo(temp, settings))
-    summary = (f'{settings.num_train} train + {settings.num_val} val canvases of {settings.size[0]}x{settings.size[1]} '
-               f'(glyphs from the Fashion-MNIST train / test splits in {settings.fashion_mnist_root})')
-    if outcome == 'written':
-        logger.info(f'Segmentation demo data: wrote {summary} to {root} in {seconds:.1f} s')
-    elif outcome == 'raced':
-        logger.info(f'Segmentation demo data: another process wrote {root} first; using it ({summary})')
-    return root
+    return ensure_folder(root, settings, SEG_DEMO_MARKER, lambda temp: write_seg_demo(temp, settings))
