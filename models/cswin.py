@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, to_2tuple
 
 from .attention import AttentionOptions, block_kinds, create_attention, letter_kinds
-from .grid import padded_size, size_dependent
+from .grid import padded_size, size_dependent, symbolic
 from .layers import Backbone, run_blocks
 from .registry import register_variants
 
@@ -179,11 +179,12 @@ class CSWinBlock(nn.Module):
         # (3, B, L, C): Q, K, V are consecutive C-chunks of the qkv output
         qkv = self.qkv(self.norm1(x)).reshape(B, L, 3, C).permute(2, 0, 1, 3)
         Hp, Wp = self.padded((H, W))
-        if (Hp, Wp) != (H, W):
+        pad = symbolic(H, W) or (Hp, Wp) != (H, W)  # traced at dynamic sizes: pad by a possibly zero amount
+        if pad:
             qkv = F.pad(qkv.reshape(3, B, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H)).reshape(3, B, Hp * Wp, C)
         parts = qkv.chunk(len(self.attns), dim=-1)
         out = torch.cat([attn(part, grid=(Hp, Wp)) for attn, part in zip(self.attns, parts, strict=True)], dim=-1)
-        if (Hp, Wp) != (H, W):
+        if pad:
             out = out.reshape(B, Hp, Wp, C)[:, :H, :W].reshape(B, H * W, C)
         x = x + self.drop_path(self.proj(out))
         return x + self.drop_path(self.mlp(self.norm2(x)))

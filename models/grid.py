@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch._guards import detect_fake_mode
 
 __all__ = ['GridSpec', 'collect_parameter_grids', 'resize_grid_tensor', 'resized_parameter', 'padded_size',
-           'resized_tokens', 'size_dependent', 'ceil_div']
+           'resized_tokens', 'size_dependent', 'ceil_div', 'symbolic']
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ def resize_grid_tensor(value: torch.Tensor, spec: GridSpec, source_grid: Tuple[i
         image = cells.reshape(1, h, w, -1).permute(0, 3, 1, 2)  # (1, C, h, w), token t at (t // w, t % w)
     else:
         image = value.T.reshape(1, -1, h, w)  # (1, K, h, w)
-    if (h, w) != (H, W):
+    if symbolic(H, W) or (h, w) != (H, W):
         work = image if image.dtype in (torch.float32, torch.float64) else image.float()
         image = F.interpolate(work, size=(H, W), mode='bicubic', align_corners=False).to(value.dtype)
     if spec.layout == 'tokens':
@@ -112,6 +112,8 @@ def resized_parameter(param: torch.Tensor, spec: GridSpec, grid: Tuple[int, int]
     parameter; under fake tensors (shape-only FLOP counting) nothing is cached. The cache is not part of
     the model: it is neither saved nor copied, and goes with the parameter.
     """
+    if symbolic(*grid):  # traced with dynamic sizes: always resized (bicubic at the same size is the identity)
+        return resize_grid_tensor(param, dataclasses.replace(spec, grid=tuple(grid)), spec.grid)
     grid = (int(grid[0]), int(grid[1]))
     if grid == spec.grid:
         return param
@@ -127,14 +129,26 @@ def resized_parameter(param: torch.Tensor, spec: GridSpec, grid: Tuple[int, int]
     return hit[1]
 
 
+def symbolic(*sizes) -> bool:
+    """Whether any of `sizes` is symbolic (a ``torch.SymInt``): the model is being traced with dynamic
+    shapes (``torch.export``, the ONNX exporter, ``torch.compile`` with dynamic sizes). Size-dependent
+    code then takes a branch-free form valid at every size (pad by a possibly zero amount, resize to a
+    possibly equal size, compute the shift mask), where eager code compares sizes and skips the work;
+    the two agree to float rounding (docs/export.md)."""
+    return any(isinstance(size, torch.SymInt) for size in sizes)
+
+
 def padded_size(size: Tuple[int, int], window: Tuple[int, int]) -> Tuple[int, int]:
     """`size` rounded up to whole `window` tiles (Swin's windows, CSwin's stripes)."""
     return tuple(-(-side // tile) * tile for side, tile in zip(size, window, strict=True))
 
 
 def ceil_div(size: int, step: int) -> int:
-    """⌈size / step⌉, also for a traced (torch.fx) size."""
-    return -(-size // step)
+    """⌈size / step⌉, also for a traced size (torch.fx, torch.export). Written as the padding of timm's
+    ``PatchEmbed`` and a strided conv compute it, so that under torch.export the token map the model
+    computes and the one the conv produces are the same symbolic expression (else reshapes between
+    them cannot be proven valid at every size)."""
+    return (size + (step - size % step) % step) // step
 
 
 def resized_tokens(param: torch.Tensor, build_grid: Tuple[int, int], prefix_tokens: int,

@@ -262,7 +262,7 @@ class PyramidVisionTransformer(PyramidBackbone):
         grid = (ceil_div(size[0], patch_size), ceil_div(size[1], patch_size))
         grids = [grid]
         for _ in range(num_stages - 1):
-            grid = ((grid[0] + 1) // 2, (grid[1] + 1) // 2)
+            grid = (ceil_div(grid[0], 2), ceil_div(grid[1], 2))
             grids.append(grid)
         return grids
 
@@ -300,7 +300,7 @@ class PyramidVisionTransformer(PyramidBackbone):
             if i in keep:
                 kept[i] = (x, grids[i])
             if i < last:
-                x = x.transpose(1, 2).reshape(B, -1, *grids[i])
+                x = x.transpose(1, 2).reshape(B, x.shape[-1], *grids[i])
         return x, kept
 
     @property

@@ -202,7 +202,7 @@ class PyramidVisionTransformerV2(PyramidBackbone):
             if i in keep:
                 kept[i] = (x, grid)
             if i < last:
-                x = x.transpose(1, 2).reshape(B, -1, *grid)
+                x = x.transpose(1, 2).reshape(B, x.shape[-1], *grid)
         return x, kept
 
     def final_features(self, tokens: torch.Tensor) -> torch.Tensor:

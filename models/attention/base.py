@@ -36,7 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..grid import GridSpec, resized_parameter, size_dependent
+from ..grid import GridSpec, resized_parameter, size_dependent, symbolic
 from .core import rank_restore_dwc
 from .focused import make_dwc, upcast
 
@@ -121,7 +121,7 @@ def resample_tokens(x: torch.Tensor, num_tokens: int) -> torch.Tensor:
     how the official FLatten-PVT feeds V of a reduced map to the DWC of the full map
     (docs/numerics.md, "PVT v1 key/value reduction").
     """
-    if x.shape[1] == num_tokens:
+    if not symbolic(x.shape[1], num_tokens) and x.shape[1] == num_tokens:
         return x
     return F.interpolate(x.transpose(1, 2), size=num_tokens, mode='linear', align_corners=False).transpose(1, 2)
 
@@ -231,12 +231,17 @@ class Attention(nn.Module):
         A window side that spans the build map spans `grid`; a narrower side (a stripe width) is
         kept and must divide `grid` (the block pads the map). Raises ValueError naming both sizes.
         """
-        if (grid is None) or (tuple(grid) == self.grid_size):
+        if grid is None:
             return self.build_geometry
-        grid = (int(grid[0]), int(grid[1]))
+        if symbolic(*grid):  # traced at dynamic sizes: the block has padded the map to whole stripes
+            grid = tuple(grid)
+        elif tuple(grid) == self.grid_size:
+            return self.build_geometry
+        else:
+            grid = (int(grid[0]), int(grid[1]))
         window = tuple(size if spans == built else spans
                        for size, spans, built in zip(grid, self.window, self.grid_size, strict=True))
-        if (grid[0] % window[0]) or (grid[1] % window[1]):
+        if not symbolic(*grid) and ((grid[0] % window[0]) or (grid[1] % window[1])):
             raise ValueError(f'{self.kind} attention: its {window[0]}x{window[1]} stripe window does not tile the '
                              f'{grid[0]}x{grid[1]} map (pad the map to whole stripes)')
         return AttentionGeometry(grid, window, self._key_grid(window))
@@ -363,7 +368,12 @@ class Attention(nn.Module):
     def merge_heads(x: torch.Tensor) -> torch.Tensor:
         """(B, h, N, d) -> (B, N, h·d)."""
         B, h, N, d = x.shape
-        return x.transpose(1, 2).reshape(B, N, h * d)
+        x = x.transpose(1, 2)
+        if torch.compiler.is_exporting():
+            # a copy in the graph: the traced reshape is a view for the strides of the traced attention, which the
+            # ONNX exporter's decomposition of scaled_dot_product_attention does not keep
+            x = x.clone(memory_format=torch.contiguous_format)
+        return x.reshape(B, N, h * d)
 
     def parameter_grids(self) -> Dict[str, GridSpec]:
         # one positional encoding per key token: the (window, reduced or 7×7 pooled) key grid

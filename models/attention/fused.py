@@ -53,6 +53,33 @@ def _chunks(batch: int, tokens: int, channels: int) -> Tuple[int, int]:
     return max(1, FUSED_CHUNK_ELEMENTS // (tokens * channels)), tokens
 
 
+def _key_summary(keys: torch.Tensor, values: torch.Tensor, inv_s: torch.Tensor, n: int, num_heads: int,
+                 focusing_factor: int) -> torch.Tensor:
+    """One key chunk's part of the per-head summary (b, h, d, d+1): keys (b, t, C) with the positional
+    encoding added, values (b, t, C), n the number of keys of the whole map."""
+    fk = focusing(keys, inv_s, focusing_factor)
+    rk_p, ck = fk.u, fk.c
+    b, t, C = rk_p.shape
+    d = C // num_heads
+    weights = (ck / n).unsqueeze(-1)  # (b, t, 1, 1)
+    values = torch.cat([values.reshape(b, t, num_heads, d) * weights,
+                        weights.expand(b, t, num_heads, 1)], dim=-1)  # (b, t, h, d+1)
+    return rk_p.reshape(b, t, num_heads, d).permute(0, 2, 3, 1) @ values.transpose(1, 2)  # (b, h, d, d+1)
+
+
+def _query_output(queries: torch.Tensor, summary: torch.Tensor, inv_s: torch.Tensor, num_heads: int,
+                  focusing_factor: int) -> torch.Tensor:
+    """One query chunk's output (b, h, t, d) from queries (b, t, C) and the summary (b, h, d, d+1):
+    phi(q) = cq r^p(q), and (cq·num) / (cq·den + eps) is the reference's num / (phi(q)·k̄ + eps)."""
+    fq = focusing(queries, inv_s, focusing_factor)
+    rq_p, cq = fq.u, fq.c
+    b, t, C = rq_p.shape
+    d = C // num_heads
+    num_den = rq_p.reshape(b, t, num_heads, d).transpose(1, 2) @ summary  # (b, h, t, d+1)
+    cq = cq.unsqueeze(1)  # (b, 1, t, 1)
+    return num_den[..., :d] * (cq / (cq * num_den[..., d:] + NORMALIZER_EPS))
+
+
 def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_s: torch.Tensor,
                    positional_encoding: torch.Tensor, num_heads: int, focusing_factor: int,
                    chunked: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -61,41 +88,31 @@ def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_s: tor
     Chunk by chunk (a few batch elements, or a slice of tokens of one) so that the intermediates
     stay in cache: first the keys, accumulating per head the d×(d+1) summary
     ``[Σ_j r^p(k_j)ᵀ (c_j/n) v_j | Σ_j (c_j/n) r^p(k_j)ᵀ]`` (the second column block is mean φ(K)),
-    then the queries, each chunk written into its slice of the output.
+    then the queries, each chunk written into its slice of the output. Without `chunked` (under
+    torch.compile, whose inductor fuses the element-wise chain itself, and torch.export, whose sizes
+    are symbolic) the same two steps run once on whole tensors, with no loop over the sizes.
     """
     B, N, C = q.shape
-    n, d = k.shape[1], C // num_heads
+    n = k.shape[1]
+    if not chunked:
+        summary = _key_summary(k + positional_encoding, v, inv_s, n, num_heads, focusing_factor)
+        out = _query_output(q, summary, inv_s, num_heads, focusing_factor)
+        return out.transpose(1, 2).reshape(B, N, C), summary
     out = q.new_empty(B, N, C)
     summaries = []
-    if chunked:
-        group, key_rows = _chunks(B, n, C)
-        query_rows = _chunks(B, N, C)[1]
-    else:  # under torch.compile: inductor fuses the element-wise chain itself; chunks would unroll the graph
-        group, key_rows, query_rows = B, n, N
+    group, key_rows = _chunks(B, n, C)
+    query_rows = _chunks(B, N, C)[1]
     for b0 in range(0, B, group):
         b1 = min(B, b0 + group)
-        # keys: phi(k_j) = c_j r^p(k_j); c_j and both n^-½ pre-scales ride on the value rows
         summary = None
         for t0 in range(0, n, key_rows):
             keys = k[b0:b1, t0:t0 + key_rows] + positional_encoding[:, t0:t0 + key_rows]
-            fk = focusing(keys, inv_s, focusing_factor)
-            rk_p, ck = fk.u, fk.c
-            b, t = rk_p.shape[:2]
-            weights = (ck / n).unsqueeze(-1)  # (b, t, 1, 1)
-            values = torch.cat([v[b0:b1, t0:t0 + key_rows].view(b, t, num_heads, d) * weights,
-                                weights.expand(b, t, num_heads, 1)], dim=-1)  # (b, t, h, d+1)
-            part = rk_p.view(b, t, num_heads, d).permute(0, 2, 3, 1) @ values.transpose(1, 2)  # (b, h, d, d+1)
+            part = _key_summary(keys, v[b0:b1, t0:t0 + key_rows], inv_s, n, num_heads, focusing_factor)
             summary = part if summary is None else summary + part
         summaries.append(summary)
-        # queries: phi(q) = cq r^p(q); (cq·num) / (cq·den + eps) is the reference's num / (phi(q)·k̄ + eps)
         for t0 in range(0, N, query_rows):
-            fq = focusing(q[b0:b1, t0:t0 + query_rows], inv_s, focusing_factor)
-            rq_p, cq = fq.u, fq.c
-            b, t = rq_p.shape[:2]
-            num_den = rq_p.view(b, t, num_heads, d).transpose(1, 2) @ summary  # (b, h, t, d+1)
-            cq = cq.unsqueeze(1)  # (b, 1, t, 1)
-            result = num_den[..., :d] * (cq / (cq * num_den[..., d:] + NORMALIZER_EPS))
-            out[b0:b1, t0:t0 + query_rows].view(b, t, num_heads, d).copy_(result.transpose(1, 2))
+            result = _query_output(q[b0:b1, t0:t0 + query_rows], summary, inv_s, num_heads, focusing_factor)
+            out[b0:b1, t0:t0 + query_rows].view(*result.transpose(1, 2).shape).copy_(result.transpose(1, 2))
     return out, torch.cat(summaries)
 
 

@@ -50,7 +50,10 @@ class SoftmaxAttention(Attention):
     def mix(self, q, k, v, mask, geometry):
         q, k, v = self.heads(q), self.heads(k), self.heads(v)  # (B, h, N|n, d)
         bias = self.logit_bias(geometry)
-        if (mask is not None) and (mask.dim() == 3):  # Swin's (nW, N, N) shift mask: windows on their own axis
+        if (mask is not None) and (mask.dim() == 3) and torch.compiler.is_exporting():
+            # Swin's (nW, N, N) shift mask, one copy per image: ONNX's attention takes 4-D inputs only
+            mask = mask.repeat(q.shape[0] // mask.shape[0], 1, 1).unsqueeze(1)
+        elif (mask is not None) and (mask.dim() == 3):  # Swin's (nW, N, N) shift mask: windows on their own axis
             num_windows = mask.shape[0]
             q, k, v = (t.view(-1, num_windows, *t.shape[1:]) for t in (q, k, v))
             mask = mask.unsqueeze(1)
