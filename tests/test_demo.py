@@ -6,7 +6,14 @@ import json
 import re
 
 import pytest
-from conftest import FASHION_MNIST_DIR, run_main, start_early
+import timm
+import torch
+from conftest import FASHION_MNIST_DIR, fashion_mnist_samples, run_main, start_early
+
+from config import load_config
+from models import build_model
+from tools.export_weights import main as export_weights_main
+from utils.checkpoint import torch_load
 
 start_early('test_demo_reaches_85_percent', ['--cfg', 'configs/demo/flatten_swin_fmnist.yaml'], needs=FASHION_MNIST_DIR)
 
@@ -22,6 +29,20 @@ def test_demo_reaches_85_percent(fashion_mnist_dir, early_run):
     assert final >= 85.0, f'demo top-1 {final:.2f}% < 85%'
     assert {'ckpt_epoch_2.pth', 'max_acc.pth', 'log_rank0.txt', 'config.yaml'} <= {p.name for p in run.iterdir()}
     assert list((run / 'tensorboard').glob('events.out.tfevents.*'))
+    # the trained demo in timm's hub layout (tools.export_weights), read back by timm: the checkpoint's logits
+    hub = output / 'hub'
+    assert export_weights_main([str(run / 'max_acc.pth'), str(hub)]) == 0
+    config = json.loads((hub / 'config.json').read_text())
+    ours = build_model(load_config(str(run / 'config.yaml')))
+    ours.load_state_dict(torch_load(str(run / 'max_acc.pth'))['model'])
+    overlay = timm.create_model(config['architecture'], pretrained=True, **config['model_args'],
+                                pretrained_cfg_overlay=dict(file=str(hub / 'model.safetensors')))
+    glyphs = torch.from_numpy(fashion_mnist_samples(1)[0]).float().div(255)  # one test glyph per class
+    images = torch.nn.functional.interpolate(glyphs[:, None].expand(-1, 3, -1, -1), size=32, mode='bilinear')
+    with torch.no_grad():
+        expected = ours.eval()(images)
+        for model in (overlay, timm.create_model(f'local-dir:{hub}', pretrained=True)):
+            assert torch.equal(model.eval()(images), expected)
 
 
 # the shipped segmentation demo config on its own data (written in the ADE20K layout on first use), cut to
