@@ -277,6 +277,8 @@ class FLattenSwinTransformer(Backbone):
     and applies ``head``.
     """
     first_conv = 'patch_embed.proj'  # timm's pretrained_cfg name of the input layer
+    # padded windows stage after stage: torch's shape solver does not finish at symbolic sizes (docs/export.md)
+    export_dynamic_sizes = False
 
     def __init__(
             self,

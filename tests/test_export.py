@@ -1,5 +1,6 @@
 """tools.export: torch.export and ONNX (onnxruntime) give the eager model's logits, at dynamic sizes
-where the family supports them (DeiT, PVT, PVTv2) and at a static size for Swin; one-line errors."""
+where the family supports them (DeiT, PVTv2 here; PVT in docs/export.md) and at a static size for
+Swin; one-line errors."""
 from __future__ import annotations
 
 import pytest
@@ -8,11 +9,11 @@ import torch
 from models.registry import create_model
 from tools import export as tool
 
-# small variants of the full models: the same code paths at a fraction of the tracing time
+# small variants of the full models: the same code paths at a fraction of the tracing time. PVT v1 is
+# left to docs/export.md's measurement: even at depth 1 its dynamic trace takes ~90 s on 2 cores.
 SMALL = {
     'flatten_deit_tiny_patch16_224': dict(depth=2),
     'softmax_deit_tiny_patch16_224': dict(depth=2),
-    'flatten_pvt_tiny': dict(depths=(1, 1, 1, 1)),
     'flatten_pvt_v2_b0': dict(depths=(1, 1, 1, 1)),
 }
 SIZES = [(224, 224), (288, 288), (256, 352)]
@@ -67,6 +68,8 @@ def test_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert "below the model's smallest input, 16" in capsys.readouterr().err
     assert tool.main(['--model', 'flatten_deit_tiny_patch16_224', '--format', 'export', out, '--static', '8']) == 2
     assert '8x8 input is too small' in capsys.readouterr().err
+    assert tool.main(['--model', 'flatten_cswin_tiny_224', '--format', 'export', out]) == 2
+    assert 'CSWinTransformer cannot be exported at dynamic sizes yet' in capsys.readouterr().err
     real = tool.importlib.util.find_spec
     monkeypatch.setattr(tool.importlib.util, 'find_spec', lambda name: None if name == 'onnxscript' else real(name))
     assert tool.main(['--model', 'flatten_deit_tiny_patch16_224', '--format', 'onnx', out]) == 2

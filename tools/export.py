@@ -114,6 +114,10 @@ def trace(model: nn.Module, example: torch.Tensor, min_size: Optional[int],
         reasons = [line.strip(' -') for line in str(err).splitlines() if line.startswith('  - ')]
         raise ExportError(f'torch.export could not keep the sizes dynamic for sides {min_size}..{max_size}: '
                           f'{"; ".join(reasons[:2]) or str(err).splitlines()[0]} (docs/export.md)') from err
+    except Exception as err:  # torch's own failure inside the trace: name it, with the way out
+        first = (str(err).strip().splitlines() or [''])[0]
+        raise ExportError(f'torch.export failed ({type(err).__name__}: {first}); '
+                          f'{"try --static HxW" if min_size is not None else "see docs/export.md"}') from err
 
 
 def export_onnx(program: torch.export.ExportedProgram, out: str, opset: Optional[int]) -> int:
@@ -169,6 +173,9 @@ def export(model: nn.Module, fmt: str, out: str, min_size: Optional[int] = None,
     if fmt == 'onnx':
         require_onnx()
     if static_size is None:
+        if not model.export_dynamic_sizes:
+            raise ExportError(f'{type(model).__name__} cannot be exported at dynamic sizes yet (docs/export.md): '
+                              f'export it at the size you deploy with --static HxW (the batch stays dynamic)')
         min_size = 2 * model.min_input_size if min_size is None else min_size
         if not min_size <= max_size:
             raise ValueError(f'--min-size {min_size} is above --max-size {max_size}')
