@@ -132,9 +132,8 @@ def resized_parameter(param: torch.Tensor, spec: GridSpec, grid: Tuple[int, int]
 def symbolic(*sizes) -> bool:
     """Whether any of `sizes` is symbolic (a ``torch.SymInt``): the model is being traced with dynamic
     shapes (``torch.export``, the ONNX exporter, ``torch.compile`` with dynamic sizes). Size-dependent
-    code then takes a branch-free form valid at every size (pad by a possibly zero amount, resize to a
-    possibly equal size, compute the shift mask), where eager code compares sizes and skips the work;
-    the two agree to float rounding (docs/export.md)."""
+    code then takes a branch-free form valid at every size (resize to a possibly equal size), where
+    eager code compares sizes and skips the work; the two agree to float rounding (docs/export.md)."""
     return any(isinstance(size, torch.SymInt) for size in sizes)
 
 

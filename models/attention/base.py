@@ -233,7 +233,7 @@ class Attention(nn.Module):
         """
         if grid is None:
             return self.build_geometry
-        if symbolic(*grid):  # traced at dynamic sizes: the block has padded the map to whole stripes
+        if symbolic(*grid):  # traced at dynamic sizes: comparing with the build map would pin the size
             grid = tuple(grid)
         elif tuple(grid) == self.grid_size:
             return self.build_geometry

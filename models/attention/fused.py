@@ -56,7 +56,8 @@ def _chunks(batch: int, tokens: int, channels: int) -> Tuple[int, int]:
 def _key_summary(keys: torch.Tensor, values: torch.Tensor, inv_s: torch.Tensor, n: int, num_heads: int,
                  focusing_factor: int) -> torch.Tensor:
     """One key chunk's part of the per-head summary (b, h, d, d+1): keys (b, t, C) with the positional
-    encoding added, values (b, t, C), n the number of keys of the whole map."""
+    encoding added, values (b, t, C), n the number of keys of the whole map. phi(k_j) = c_j r^p(k_j):
+    c_j and both n^-½ pre-scales ride on the value rows (and on the normaliser column)."""
     fk = focusing(keys, inv_s, focusing_factor)
     rk_p, ck = fk.u, fk.c
     b, t, C = rk_p.shape
