@@ -42,7 +42,7 @@ if __package__ in (None, ''):  # run as a script: make the repository importable
 import torch
 import torch.nn as nn
 
-from models.registry import create_model, list_models, unknown_name
+from models.registry import create_model
 from tools.common import TOOL_ERRORS
 from tools.export_weights import load_weights, model_spec
 from utils.checkpoint import torch_load
@@ -75,9 +75,7 @@ def build(model_name: Optional[str], cfg_path: Optional[str], checkpoint: Option
         name, overrides = model_spec(ckpt, checkpoint, model_name, cfg_path)
         return load_weights(ckpt, checkpoint, name, overrides)
     if model_name:
-        if model_name not in list_models():
-            raise unknown_name('model', model_name, list_models())
-        return create_model(model_name).eval()
+        return create_model(model_name).eval()  # an unknown name: the registry's UnknownModelError
     name, overrides = model_spec(None, cfg_path, cfg_path=cfg_path)
     return create_model(name, **overrides).eval()
 
