@@ -112,8 +112,9 @@ def _fused_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inv_s: tor
             summary = part if summary is None else summary + part
         summaries.append(summary)
         for t0 in range(0, N, query_rows):
-            result = _query_output(q[b0:b1, t0:t0 + query_rows], summary, inv_s, num_heads, focusing_factor)
-            out[b0:b1, t0:t0 + query_rows].view(*result.transpose(1, 2).shape).copy_(result.transpose(1, 2))
+            rows = _query_output(q[b0:b1, t0:t0 + query_rows], summary, inv_s, num_heads, focusing_factor)
+            rows = rows.transpose(1, 2)  # (b, t, h, d)
+            out[b0:b1, t0:t0 + query_rows].view(rows.shape).copy_(rows)
     return out, torch.cat(summaries)
 
 
