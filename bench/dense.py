@@ -38,6 +38,7 @@ from utils.benchmark import (  # noqa: E402
     tune_cpu_allocator,
     write_json,
 )
+from utils.misc import parse_size  # noqa: E402
 
 PAIRS = common.family_pairs()  # every family has a dense-size pair
 DEFAULT_PAIRS = ['swin', 'pvt', 'cswin']
@@ -45,17 +46,6 @@ DENSE_SIZES = ['512x2048', '800x1333']  # ADE20K/Cityscapes-style crop; COCO's 1
 MICRO_SIZES = ['64x96', '96x64']
 
 Size = Tuple[int, int]
-
-
-def parse_size(text: str) -> Size:
-    """'HxW' (or 'H×W') -> (H, W)."""
-    try:
-        h, w = (int(v) for v in text.lower().replace('×', 'x').split('x'))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'size {text!r} is not HxW (e.g. 512x2048)') from None
-    if h <= 0 or w <= 0:
-        raise argparse.ArgumentTypeError(f'size {text!r} must be positive')
-    return h, w
 
 
 def size_name(size: Size) -> str:

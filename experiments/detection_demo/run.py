@@ -41,6 +41,7 @@ from data.detection_toy import FashionMNISTCanvases, detection_collate  # noqa: 
 from models.detection import mask_rcnn  # noqa: E402
 from models.registry import UnknownModelError  # noqa: E402
 from utils.benchmark import machine_info, write_json  # noqa: E402
+from utils.misc import parse_size  # noqa: E402
 
 DEFAULT_MODEL = 'flatten_swin_tiny_patch4_224'
 DEFAULT_JSON = str(HERE / 'results.json')  # beside this script
@@ -60,24 +61,14 @@ def micro_heads(out_channels: int, num_classes: int, width: int = 32) -> dict:
                 mask_predictor=MaskRCNNPredictor(width, width, num_classes))
 
 
-def parse_size(text: str) -> Tuple[int, int]:
-    """'HxW' -> (H, W)."""
-    try:
-        h, w = (int(v) for v in text.lower().replace('×', 'x').split('x'))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'size {text!r} is not HxW (e.g. 800x1333)') from None
-    if h < 32 or w < 32:
-        raise argparse.ArgumentTypeError(f'size {text!r}: both sides must be at least 32')
-    return h, w
-
-
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--model', default=DEFAULT_MODEL, help=f'registered backbone variant (default {DEFAULT_MODEL})')
     parser.add_argument('--steps', type=int, default=None, help='training steps, the check included (default 6)')
     parser.add_argument('--images', type=int, default=None, help='canvases in the toy set (default 4)')
     parser.add_argument('--batch-size', type=int, default=1, help='canvases per step (default 1)')
-    parser.add_argument('--size', type=parse_size, default=None, metavar='HxW', help='canvas size (default 800x1333)')
+    parser.add_argument('--size', type=lambda text: parse_size(text, minimum=32), default=None, metavar='HxW',
+                        help='canvas size (default 800x1333)')
     parser.add_argument('--min-size', type=int, default=None,
                         help="the detector's resize: short side (default torchvision's 800; --micro: the canvas)")
     parser.add_argument('--max-size', type=int, default=None,
