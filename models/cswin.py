@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, to_2tuple
 
 from .attention import AttentionOptions, block_kinds, create_attention, letter_kinds
-from .grid import padded_size, size_dependent
+from .grid import padded_size, size_dependent, symbolic, zero_where
 from .layers import Backbone, run_blocks
 from .registry import register_variants
 
@@ -179,11 +179,19 @@ class CSWinBlock(nn.Module):
         # (3, B, L, C): Q, K, V are consecutive C-chunks of the qkv output
         qkv = self.qkv(self.norm1(x)).reshape(B, L, 3, C).permute(2, 0, 1, 3)
         Hp, Wp = self.padded((H, W))
-        if (Hp, Wp) != (H, W):
+        traced = symbolic(H, W) and (self.stripe is not None)  # pad and crop without comparing sizes
+        if traced:
+            row, col = torch.arange(Hp, device=x.device).view(-1, 1), torch.arange(Wp, device=x.device).view(1, -1)
+            index = (row.clamp(max=H - 1) * W + col.clamp(max=W - 1)).reshape(-1)
+            qkv = zero_where(((row >= H) | (col >= W)).reshape(1, 1, -1, 1), qkv.index_select(2, index))
+        elif (Hp, Wp) != (H, W):
             qkv = F.pad(qkv.reshape(3, B, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H)).reshape(3, B, Hp * Wp, C)
         parts = qkv.chunk(len(self.attns), dim=-1)
         out = torch.cat([attn(part, grid=(Hp, Wp)) for attn, part in zip(self.attns, parts, strict=True)], dim=-1)
-        if (Hp, Wp) != (H, W):
+        if traced:
+            row, col = torch.arange(H, device=x.device).view(-1, 1), torch.arange(W, device=x.device).view(1, -1)
+            out = out.index_select(1, (row * Wp + col).reshape(-1))
+        elif (Hp, Wp) != (H, W):
             out = out.reshape(B, Hp, Wp, C)[:, :H, :W].reshape(B, H * W, C)
         x = x + self.drop_path(self.proj(out))
         return x + self.drop_path(self.mlp(self.norm2(x)))
@@ -210,8 +218,6 @@ class CSWinTransformer(Backbone):
     and applies ``head``.
     """
     first_conv = 'stage1_conv_embed.0'  # timm's pretrained_cfg name of the input layer
-    # stripes padded stage after stage: torch.export fails at symbolic sizes (docs/export.md)
-    export_dynamic_sizes = False
 
     def __init__(
             self,

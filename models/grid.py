@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch._guards import detect_fake_mode
 
 __all__ = ['GridSpec', 'collect_parameter_grids', 'resize_grid_tensor', 'resized_parameter', 'padded_size',
-           'resized_tokens', 'size_dependent', 'ceil_div', 'symbolic']
+           'resized_tokens', 'size_dependent', 'ceil_div', 'symbolic', 'zero_where']
 
 
 @dataclass(frozen=True)
@@ -138,8 +138,17 @@ def symbolic(*sizes) -> bool:
 
 
 def padded_size(size: Tuple[int, int], window: Tuple[int, int]) -> Tuple[int, int]:
-    """`size` rounded up to whole `window` tiles (Swin's windows, CSwin's stripes)."""
-    return tuple(-(-side // tile) * tile for side, tile in zip(size, window, strict=True))
+    """`size` rounded up to whole `window` tiles (Swin's windows, CSwin's stripes). Written without
+    negative floor divisions: the ONNX exporter turns a symbolic ``//`` into ONNX's ``Div``, which
+    truncates toward zero."""
+    return tuple((side + tile - 1) // tile * tile for side, tile in zip(size, window, strict=True))
+
+
+def zero_where(padding: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """`tokens` with zeros where `padding` (broadcast) is True. The traced (symbolic-size) forwards of
+    Swin and CSwin pad, roll and cut windows with one ``index_select`` of the tokens (indices clamped
+    into the map) and zero the positions that lie past it, instead of comparing sizes (docs/export.md)."""
+    return torch.where(padding, torch.zeros((), dtype=tokens.dtype, device=tokens.device), tokens)
 
 
 def ceil_div(size: int, step: int) -> int:

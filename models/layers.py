@@ -117,8 +117,6 @@ class Backbone(nn.Module):
     """
     img_size: Tuple[int, int]  # the build size: it sizes the position-dependent tensors
     min_input_size: int  # the smallest side an input may have (the total stride)
-    # whether torch.export can trace the model at dynamic height and width (tools.export, docs/export.md)
-    export_dynamic_sizes = True
     num_classes: int
     num_features: int
     feature_info: List[Dict[str, Any]]

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 
 from .attention import AttentionOptions, block_kinds, create_attention, letter_kinds
-from .grid import GridSpec, ceil_div, padded_size, resized_tokens, size_dependent
+from .grid import GridSpec, ceil_div, padded_size, resized_tokens, size_dependent, symbolic, zero_where
 from .layers import Backbone, run_blocks
 from .registry import register_variants
 
@@ -168,6 +168,8 @@ class SwinTransformerBlock(nn.Module):
 
     def size_dependent_forward(self, x: torch.Tensor, resolution: Optional[Tuple[int, int]]) -> torch.Tensor:
         H, W = resolution or self.input_resolution
+        if symbolic(H, W):
+            return self.traced_forward(x, H, W)
         B, L, C = x.shape
         window, shift = self.window_for((H, W))
         shortcut = x
@@ -186,9 +188,59 @@ class SwinTransformerBlock(nn.Module):
         x = shortcut + self.drop_path(x)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
+    def traced_forward(self, x: torch.Tensor, H, W) -> torch.Tensor:
+        """The forward at symbolic sizes (torch.export): the same numbers, written without size
+        comparisons, which would pin the traced size, and without permuting maps of symbolic size,
+        whose stride checks do too (docs/export.md). A global block attends over the tokens as they are.
+
+        Padding, the cyclic shift and the window partition are one gather of the tokens, and their
+        inverse another; the shift is ``window // 2`` or 0 as a symbolic integer, and the shift mask
+        comes from index arithmetic (all zeros where the eager forward has none)."""
+        if self.global_attention:
+            x = x + self.drop_path(self.attn(self.norm1(x), grid=(H, W)))
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        B, L, C = x.shape
+        ws = self.window_size
+        rows, cols = (H + ws - 1) // ws, (W + ws - 1) // ws  # windows per axis
+        Hp, Wp = rows * ws, cols * ws
+        shift = 0
+        if self.shift_when_windowed:
+            shift = torch.sym_ite(torch.sym_min(H, W) > ws, self.shift_when_windowed, 0)
+        # rows/columns of the padded map rolled by -shift, and the token row/column each one reads
+        row, col = torch.arange(Hp, device=x.device), torch.arange(Wp, device=x.device)
+        src_row, src_col = _wrap(row + shift, Hp), _wrap(col + shift, Wp)
+        by_window = lambda r, c: (r.view(rows, 1, ws, 1) + c.view(1, cols, 1, ws)).reshape(-1)  # noqa: E731
+        index = by_window(src_row.clamp(max=H - 1) * W, src_col.clamp(max=W - 1))
+        padding = by_window((src_row >= H).long(), (src_col >= W).long()).view(1, -1, 1) > 0
+        windows = zero_where(padding, self.norm1(x).index_select(1, index))
+        mask = None
+        if self.shift_when_windowed:  # regions 0/1/2 per axis of the rolled map, as shifted_window_mask
+            region = by_window(_region(row, Hp, ws, shift) * 3, _region(col, Wp, ws, shift)).view(rows * cols, -1)
+            mask = torch.where(region.unsqueeze(1) != region.unsqueeze(2), float('-inf'), 0.0).to(x.dtype)
+        windows = self.attn(windows.view(B * rows * cols, ws * ws, C), mask=mask, grid=(ws, ws))
+        # back: token (h, w) sits at ((h - shift) mod Hp, (w - shift) mod Wp) of the rolled map
+        row = _wrap(torch.arange(H, device=x.device) + (Hp - shift), Hp).view(-1, 1)
+        col = _wrap(torch.arange(W, device=x.device) + (Wp - shift), Wp).view(1, -1)
+        back = ((row // ws) * cols + col // ws) * (ws * ws) + (row % ws) * ws + col % ws
+        x = x + self.drop_path(windows.view(B, rows * cols * ws * ws, C).index_select(1, back.reshape(-1)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, input_resolution={self.input_resolution}, window_size={self.window_size}, '
                 f'shift_size={self.shift_size}, global_attention={self.global_attention}')
+
+
+def _wrap(index: torch.Tensor, size) -> torch.Tensor:
+    """`index` mod `size` for indices in [0, 2·size), without a remainder by a symbolic size (which
+    the ONNX exporter cannot translate)."""
+    return torch.where(index >= size, index - size, index)
+
+
+def _region(index: torch.Tensor, size, window: int, shift) -> torch.Tensor:
+    """Region label (0, 1, 2) of each row `index` of a rolled map of `size` rows, as
+    :func:`shifted_window_mask` assigns them: before the last window, in it before the last `shift`
+    rows, in those rows."""
+    return (index >= size - window).long() + (index >= size - shift).long()
 
 
 class PatchMerging(nn.Module):
@@ -211,6 +263,14 @@ class PatchMerging(nn.Module):
         H, W = resolution or self.input_resolution
         B, L, C = x.shape
         x = x.view(B, H, W, C)
+        if symbolic(H, W):  # one gather, in the concat order below, without parity tests or strided slices
+            h, w = half_size((H, W))
+            row = torch.arange(2 * h, device=x.device).view(h, 1, 1, 2)  # [y, x, dw, dh]: row 2y + dh
+            col = torch.arange(2 * w, device=x.device).view(1, w, 2, 1)  # column 2x + dw
+            index = (row.clamp(max=H - 1) * W + col.clamp(max=W - 1)).reshape(-1)
+            padding = ((row >= H) | (col >= W)).reshape(1, -1, 1)
+            x = zero_where(padding, x.view(B, L, C).index_select(1, index))
+            return self.reduction(self.norm(x.view(B, h * w, 4 * C)))
         if (H % 2) or (W % 2):
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
@@ -277,8 +337,6 @@ class FLattenSwinTransformer(Backbone):
     and applies ``head``.
     """
     first_conv = 'patch_embed.proj'  # timm's pretrained_cfg name of the input layer
-    # padded windows stage after stage: torch's shape solver does not finish at symbolic sizes (docs/export.md)
-    export_dynamic_sizes = False
 
     def __init__(
             self,

@@ -7,11 +7,10 @@ By default the batch, height and width are dynamic: one file serves every batch 
 input side between ``--min-size`` and ``--max-size`` (default 2048), square or not. The default
 smallest side is twice the model's ``min_input_size`` (its total stride), so that the last map has
 at least 2 tokens per side: torch.export treats a size of 1 as a special case. The size-dependent
-parts (positional encodings resized to the token map, the PVT value resampling, padding to whole
-stripes) are traced in a branch-free form (models/grid.py, ``symbolic``). This works for DeiT, PVT
-and PVTv2; for Swin and CSwin, whose maps are padded to whole windows or stripes stage after stage,
-torch's symbolic-shape solver does not finish in minutes, so export them at a fixed size with
-``--static HxW`` (the batch stays dynamic); docs/export.md.
+parts (positional encodings resized to the token map, the PVT value resampling, Swin's padded and
+shifted windows, CSwin's padded stripes) are traced in a form without size comparisons
+(models/grid.py, ``symbolic``), so every family exports at dynamic sizes; ``--static HxW`` exports at
+one size (the batch stays dynamic). docs/export.md.
 
 After writing OUT, the export is checked against the eager PyTorch model on random batches of 2 at
 the build size, at 64 pixels more per side and at a non-square size (224² -> 224², 288², 256×352;
@@ -40,12 +39,14 @@ if __package__ in (None, ''):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+import torch.fx.experimental._config  # backed_size_oblivious (trace)
 import torch.nn as nn
 
 from models.registry import create_model
 from tools.common import TOOL_ERRORS
 from tools.export_weights import load_weights, model_spec
 from utils.checkpoint import torch_load
+from utils.misc import parse_size
 
 FORMATS = ('onnx', 'export')
 # the packages the ONNX route needs, as requirements-export.txt installs them
@@ -106,7 +107,9 @@ def trace(model: nn.Module, example: torch.Tensor, min_size: Optional[int],
     """``torch.export.export`` with dynamic batch, height and width (only the batch when `min_size`
     is None); ExportError when the model's code pins a dynamic size (the message names it)."""
     try:
-        with torch.no_grad():
+        # sizes count as >= 2 where torch asks whether one is 1 (broadcasting, strides): a Swin stage of
+        # one window per axis at some sizes must not pin the traced program to either case
+        with torch.no_grad(), torch.fx.experimental._config.patch(backed_size_oblivious=True):
             return torch.export.export(model, (example,), dynamic_shapes=dynamic_shapes(min_size, max_size))
     except torch._dynamo.exc.UserError as err:  # a constraint violation: a size the code specialised
         reasons = [line.strip(' -') for line in str(err).splitlines() if line.startswith('  - ')]
@@ -171,9 +174,6 @@ def export(model: nn.Module, fmt: str, out: str, min_size: Optional[int] = None,
     if fmt == 'onnx':
         require_onnx()
     if static_size is None:
-        if not model.export_dynamic_sizes:
-            raise ExportError(f'{type(model).__name__} cannot be exported at dynamic sizes yet (docs/export.md): '
-                              f'export it at the size you deploy with --static HxW (the batch stays dynamic)')
         min_size = 2 * model.min_input_size if min_size is None else min_size
         if not min_size <= max_size:
             raise ValueError(f'--min-size {min_size} is above --max-size {max_size}')
@@ -200,11 +200,8 @@ def export(model: nn.Module, fmt: str, out: str, min_size: Optional[int] = None,
     return info
 
 
-def parse_size(text: str) -> Tuple[int, int]:
-    parts = text.lower().split('x')
-    if len(parts) not in (1, 2) or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise argparse.ArgumentTypeError(f'{text!r} is not a size: HxW or S (e.g. 256x352, 224)')
-    return (int(parts[0]), int(parts[-1]))
+def square_or_hw(text: str) -> Tuple[int, int]:
+    return parse_size(text, square=True)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -219,10 +216,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--min-size', type=int, default=None,
                         help="smallest side served (default: twice the model's minimum input)")
     parser.add_argument('--max-size', type=int, default=2048, help='largest side served (default 2048)')
-    parser.add_argument('--static', type=parse_size, default=None, metavar='HxW',
+    parser.add_argument('--static', type=square_or_hw, default=None, metavar='HxW',
                         help='export at this one size (only the batch dynamic), e.g. 224 or 256x352')
     parser.add_argument('--opset', type=int, default=None, help="ONNX opset (default: the exporter's)")
-    parser.add_argument('--check-sizes', type=parse_size, nargs='*', default=None, metavar='HxW',
+    parser.add_argument('--check-sizes', type=square_or_hw, nargs='*', default=None, metavar='HxW',
                         help='sizes of the parity check (default: build, 1.25x, non-square); none to skip')
     parser.add_argument('--tolerance', type=float, default=TOLERANCE, help='largest relative difference accepted')
     parser.add_argument('--seed', type=int, default=0, help='seed of a random initialisation and the check batches')

@@ -100,8 +100,18 @@ def stripe_partition(x: torch.Tensor, grid_size: Tuple[int, int], window: Tuple[
     B, _, C = x.shape
     H, W = grid_size
     H_sp, W_sp = window
+    if symbolic(H, W):  # one gather: permuting a map of symbolic size would pin it (docs/export.md)
+        return x.index_select(1, _stripe_index(grid_size, window, x.device)).view(-1, H_sp * W_sp, C)
     x = x.reshape(B, H // H_sp, H_sp, W // W_sp, W_sp, C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H_sp * W_sp, C)
+
+
+def _stripe_index(grid_size: Tuple[int, int], window: Tuple[int, int], device: torch.device) -> torch.Tensor:
+    """The token index (row-major on the map) at each position of :func:`stripe_partition`'s layout."""
+    (H, W), (H_sp, W_sp) = grid_size, window
+    row = torch.arange(H, device=device).view(H // H_sp, 1, H_sp, 1)
+    col = torch.arange(W, device=device).view(1, W // W_sp, 1, W_sp)
+    return (row * W + col).reshape(-1)
 
 
 def stripe_reverse(windows: torch.Tensor, grid_size: Tuple[int, int], window: Tuple[int, int]) -> torch.Tensor:
@@ -109,6 +119,13 @@ def stripe_reverse(windows: torch.Tensor, grid_size: Tuple[int, int], window: Tu
     C = windows.shape[-1]
     H, W = grid_size
     H_sp, W_sp = window
+    if symbolic(H, W):  # the inverse gather of stripe_partition's
+        row = torch.arange(H, device=windows.device).view(-1, 1)
+        col = torch.arange(W, device=windows.device).view(1, -1)
+        stripe_row, stripe_col = row // H_sp, col // W_sp  # no remainder by a symbolic size (ONNX)
+        position = ((stripe_row * (W // W_sp) + stripe_col) * (H_sp * W_sp) + (row - stripe_row * H_sp) * W_sp
+                    + (col - stripe_col * W_sp))
+        return windows.reshape(-1, H * W, C).index_select(1, position.reshape(-1))
     x = windows.reshape(-1, H // H_sp, W // W_sp, H_sp, W_sp, C)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H * W, C)
 
@@ -246,6 +263,14 @@ class Attention(nn.Module):
                              f'{grid[0]}x{grid[1]} map (pad the map to whole stripes)')
         return AttentionGeometry(grid, window, self._key_grid(window))
 
+    def striped(self, geometry: AttentionGeometry) -> bool:
+        """Whether the map of `geometry` is cut into several stripe windows. At symbolic sizes: whether
+        the build window is a stripe (comparing symbolic sides would pin them; a single stripe covering
+        the map gives the same result as the whole map)."""
+        if symbolic(*geometry.grid):
+            return self.window != self.grid_size
+        return geometry.window != geometry.grid
+
     def key_encoding(self, geometry: AttentionGeometry) -> torch.Tensor:
         """The key positional encoding (1, n, C) for the key grid of `geometry`: the parameter at
         the build size, else the parameter resized to that grid (cached per size)."""
@@ -291,7 +316,7 @@ class Attention(nn.Module):
         else:
             q = self.q(x)
             k, v = self.kv(self._key_value_input(x, geometry.grid)).unflatten(-1, (2, self.dim)).unbind(dim=2)
-        if geometry.window != geometry.grid:
+        if self.striped(geometry):
             q, k, v = (stripe_partition(t, geometry.grid, geometry.window) for t in (q, k, v))
         return q, k, v
 
@@ -351,7 +376,7 @@ class Attention(nn.Module):
         geometry = self.geometry(grid)
         q, k, v = self.project(x, geometry)
         out = self.attend(q, k, v, mask, geometry)
-        if geometry.window != geometry.grid:
+        if self.striped(geometry):
             out = stripe_reverse(out, geometry.grid, geometry.window)
         if self.proj is None:
             return out.to(x.dtype)
