@@ -26,8 +26,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._guards import detect_fake_mode
 
-__all__ = ['GridSpec', 'collect_parameter_grids', 'resize_grid_tensor', 'resized_parameter', 'padded_size',
-           'resized_tokens', 'size_dependent', 'ceil_div', 'symbolic', 'zero_where']
+__all__ = ['DERIVED_BUFFERS', 'GridSpec', 'collect_parameter_grids', 'resize_grid_tensor', 'resized_parameter',
+           'padded_size', 'resized_tokens', 'size_dependent', 'ceil_div', 'symbolic', 'zero_where']
+
+
+# Buffers derived from the geometry, which the model rebuilds instead of loading them (docs/checkpoints.md,
+# "Strict loading and derived buffers").
+DERIVED_BUFFERS = ('relative_position_index', 'relative_coords_table', 'attn_mask')
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,12 @@ from typing import Any, Callable, Collection, Dict, Iterable, List, Optional, Se
 import torch
 import torch.nn as nn
 import torch.utils.checkpoint
-from timm.layers import DropPath, Mlp, trunc_normal_
+from timm.layers import DropPath, Mlp, to_2tuple, trunc_normal_
 from timm.models._features import feature_take_indices
+from timm.models._input import update_model_input_size
 
 from .attention import AttentionOptions, create_attention
+from .grid import DERIVED_BUFFERS, collect_parameter_grids, resize_grid_tensor
 
 __all__ = ['Backbone', 'Block', 'run_blocks', 'Levels', 'OUTPUT_FORMATS']
 
@@ -187,6 +189,67 @@ class Backbone(nn.Module):
         self.head = self._make_head()
         if num_classes > 0:
             self._init_weights(self.head)
+
+    # -- input size ----------------------------------------------------------------------------
+
+    # per-module switches that set_input_size carries over to the rebuilt modules
+    CARRIED_SWITCHES = ('grad_checkpointing', 'fused', 'compiled_core')
+
+    def input_size_args(self, img_size: Tuple[int, int]) -> Dict[str, Any]:
+        """Constructor arguments besides ``img_size`` that :meth:`set_input_size` changes for a new
+        build size (Swin: its windows); none by default."""
+        return {}
+
+    @torch.jit.ignore
+    def set_input_size(self, img_size: Union[int, Tuple[int, int]], **arch: Any) -> None:
+        """Make `img_size` the build size, in place, as timm's models do (docs/models.md, timm's
+        interface).
+
+        The model is rebuilt from its constructor arguments (those ``create_model`` recorded) with
+        ``img_size`` and :meth:`input_size_args` (Swin scales its windows with the patch grid, as timm's
+        Swin does), plus `arch` overrides. Its weights are carried over: position-dependent tensors
+        resized as ``--pretrained`` resizes them, buffers derived from the geometry rebuilt. The new
+        modules replace the old ones (hooks on them are not carried over), on the same device and
+        dtype, in the same train/eval mode, with the per-module switches of ``CARRIED_SWITCHES``.
+        ``pretrained_cfg`` keeps describing the source weights; timm's model traits record the size.
+        Raises ValueError for a size below ``min_input_size``, or a model ``create_model`` did not
+        build whole (built from the class directly, or pruned to fewer levels).
+        """
+        img_size = to_2tuple(img_size)
+        self.check_size(img_size)
+        build_args = getattr(self, 'build_args', None)
+        if build_args is None:
+            raise ValueError(f'{type(self).__name__}.set_input_size needs the constructor arguments that '
+                             f'models.create_model records; this model was built from the class directly')
+        args = {**build_args, 'num_classes': self.num_classes, **self.input_size_args(img_size), **arch,
+                'img_size': img_size}
+        rebuilt = type(self)(**args)
+        # buffers the geometry derives (relative position index, shift mask) come from the rebuilt model
+        state = {key: value for key, value in self.state_dict().items() if not key.endswith(DERIVED_BUFFERS)}
+        own = rebuilt.state_dict()
+        if state.keys() != {key for key in own if not key.endswith(DERIVED_BUFFERS)}:
+            raise ValueError(f'{type(self).__name__}.set_input_size: the model no longer has the modules its '
+                             f'constructor builds (pruned to fewer levels?), so it cannot be rebuilt in place')
+        old_grids = collect_parameter_grids(self)
+        for key, spec in collect_parameter_grids(rebuilt).items():
+            if state[key].shape != own[key].shape:
+                state[key] = resize_grid_tensor(state[key], spec, old_grids[key].grid)
+        state.update({key: value for key, value in own.items() if key.endswith(DERIVED_BUFFERS)})
+        rebuilt.load_state_dict(state)
+        reference = next(self.parameters())
+        rebuilt.to(device=reference.device, dtype=reference.dtype).train(self.training)
+        old_modules = dict(self.named_modules())
+        for name, module in rebuilt.named_modules():
+            old = old_modules.get(name)
+            for switch in self.CARRIED_SWITCHES:
+                if (type(old) is type(module)) and hasattr(old, switch):
+                    setattr(module, switch, getattr(old, switch))
+        for key, value in rebuilt.__dict__.items():  # hooks and timm's cfgs on this module stay
+            if (not key.startswith('_')) or (key in ('_parameters', '_buffers', '_modules',
+                                                     '_non_persistent_buffers_set')):
+                self.__dict__[key] = value
+        self.build_args = args
+        update_model_input_size(self, img_size)
 
     def check_size(self, size: Tuple[int, int]) -> None:
         """Raise ValueError naming `size` when a side is below ``min_input_size`` (:func:`check_size`)."""

@@ -15,6 +15,7 @@ overrides through the table in :mod:`models.build`.
 from __future__ import annotations
 
 import difflib
+import inspect
 import sys
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Tuple, Type
 
@@ -126,8 +127,12 @@ def _entry_point(cls: Type[nn.Module], name: str, arch: Dict[str, Any], doc: str
                              f'pass pretrained_cfg_overlay=dict(file=PATH) (a .safetensors or .pth file), create '
                              f"'local-dir:FOLDER' (python -m tools.export_weights writes one), or build with "
                              f'pretrained=False and call utils.checkpoint.load_pretrained(model, PATH)')
-        return build_model_with_cfg(cls, name, pretrained=pretrained, pretrained_cfg=cfg,
-                                    feature_cfg=dict(FEATURE_CFG), **{**arch, **kwargs})
+        model = build_model_with_cfg(cls, name, pretrained=pretrained, pretrained_cfg=cfg,
+                                     feature_cfg=dict(FEATURE_CFG), **{**arch, **kwargs})
+        if not kwargs.get('features_only'):  # the constructor arguments, for Backbone.set_input_size
+            accepted = inspect.signature(cls).parameters
+            model.build_args = {key: value for key, value in {**arch, **kwargs}.items() if key in accepted}
+        return model
 
     entry_point.__name__ = entry_point.__qualname__ = name
     entry_point.__module__ = cls.__module__

@@ -381,6 +381,7 @@ class FLattenSwinTransformer(Backbone):
         self.attn_type = attn_type
         if softmax_window_size is None:
             softmax_window_size = 7 if window_size <= 56 else 12
+        self.window_sizes = (window_size, softmax_window_size)  # (L blocks, S blocks), before clamping
 
         self.patch_embed = PatchEmbed(
             img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
@@ -410,6 +411,15 @@ class FLattenSwinTransformer(Backbone):
         self.feature_info = [dict(num_chs=embed_dim * 2 ** i, reduction=patch_size * 2 ** i, module=f'layers.{i}')
                              for i in range(self.num_layers)]
         self._finish_init(use_checkpoint)
+
+    def input_size_args(self, img_size: Tuple[int, int]) -> Dict[str, int]:
+        """Both windows scaled with the patch grid (the smaller ratio of the two sides), as timm's Swin
+        ``set_input_size`` scales them: 224² -> 384² turns (56, 7) into (96, 12), the windows of the
+        official 384² models, and a global L stage stays global."""
+        new = self.patch_embed.dynamic_feat_size(img_size)
+        scaled = [max(1, min(window * n // o for n, o in zip(new, self.grid, strict=True)))
+                  for window in self.window_sizes]
+        return dict(window_size=scaled[0], softmax_window_size=scaled[1])
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:

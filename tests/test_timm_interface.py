@@ -229,3 +229,73 @@ def test_pretrained_true_loads_the_file_the_cfg_names(tmp_path):
     images = torch.randn(2, 3, 32, 40)
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
+
+
+# registered variants, reduced: set_input_size rebuilds through the constructor arguments create_model records
+RESIZABLE = {
+    'flatten_deit_tiny_patch16_224': dict(depth=2),
+    'flatten_pvt_tiny': dict(depths=(1, 1, 1, 1)),
+    'flatten_pvt_v2_b0': dict(depths=(1, 1, 1, 1)),
+    'flatten_swin_tiny_patch4_224': dict(depths=(2, 2, 2, 2), embed_dim=16, num_heads=(1, 1, 2, 2)),
+    'flatten_cswin_tiny_224': dict(depths=(1, 1, 2, 1), embed_dim=16, num_heads=(2, 2, 2, 2)),
+}
+
+
+def _resizable(name: str, **kwargs) -> Backbone:
+    torch.manual_seed(0)
+    return models.create_model(name, **RESIZABLE[name], **kwargs).eval()
+
+
+@pytest.mark.parametrize('name', sorted(RESIZABLE))
+def test_set_input_size_equals_pretrained_loading_into_a_model_built_at_that_size(name, tmp_path):
+    from utils.checkpoint import load_pretrained
+    model = _resizable(name)
+    path = tmp_path / 'weights.pth'
+    torch.save({'model': model.state_dict()}, path)
+    x = torch.randn(2, 3, 288, 256, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(x)
+    model.set_input_size((288, 256))
+    assert model.img_size == (288, 256) and model.build_args['img_size'] == (288, 256)
+    assert timm.models._input.get_model_input_config(model)['input_size'] == (3, 288, 256)
+    assert model.pretrained_cfg['input_size'] == (3, 224, 224)  # it still describes the source weights
+    built = models.create_model(name, **model.build_args).eval()  # built at 288x256 (Swin: scaled windows)
+    load_pretrained(built, str(path))
+    assert {k: v.shape for k, v in built.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        after, rebuilt = model(x), built(x)
+    torch.testing.assert_close(after, rebuilt, rtol=0, atol=0)
+    if 'swin' not in name:  # the same windows and stripes: what the model computed at that size before
+        torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_swin_set_input_size_scales_the_windows_like_timm_and_keeps_switches():
+    from models.attention import set_fused_attention
+    model = _resizable('flatten_swin_tiny_patch4_224')
+    set_fused_attention(model, False)
+    model.set_grad_checkpointing(True)
+    model.train()
+    model.set_input_size(384)  # 224² -> 384²: the windows of the official 384² models, (96, 12)
+    official = models.create_model('flatten_swin_tiny_patch4_224', **RESIZABLE['flatten_swin_tiny_patch4_224'],
+                                   img_size=384, window_size=96, softmax_window_size=12)
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in official.state_dict().items()}
+    assert model.training and all(layer.grad_checkpointing for layer in model.layers)
+    assert not any(module.fused for module in model.modules() if hasattr(module, 'fused'))
+    # with the S window kept at 7 (an explicit argument), the model computes what it computed at 384² before
+    kept = _resizable('flatten_swin_tiny_patch4_224')
+    x = torch.randn(1, 3, 384, 384, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = kept(x)
+        kept.set_input_size(384, softmax_window_size=7)
+        torch.testing.assert_close(kept(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_set_input_size_errors_name_the_problem():
+    model = _resizable('flatten_pvt_v2_b0')
+    with pytest.raises(ValueError, match='too small'):
+        model.set_input_size(16)
+    with pytest.raises(ValueError, match='built from the class directly'):
+        MICRO['deit']().set_input_size(64)
+    model.prune_intermediate_layers(indices=(0, 1))
+    with pytest.raises(ValueError, match='pruned'):
+        model.set_input_size(256)

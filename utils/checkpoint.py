@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from models.grid import GridSpec, collect_parameter_grids, resize_grid_tensor
+from models.grid import DERIVED_BUFFERS, GridSpec, collect_parameter_grids, resize_grid_tensor
 
 __all__ = [
     'CheckpointError', 'torch_load', 'atomic_save', 'rng_state', 'set_rng_state', 'save_checkpoint',
@@ -39,9 +39,6 @@ __all__ = [
 
 logger = logging.getLogger('flatten.checkpoint')
 
-# Buffers that are derived from the geometry and rebuilt by the model (docs/checkpoints.md,
-# "Strict loading and derived buffers").
-DERIVED_BUFFERS = ('relative_position_index', 'relative_coords_table', 'attn_mask')
 _PERIODIC_CKPT = re.compile(r'^ckpt_epoch_(\d+)(?:_step_(\d+))?\.pth$')
 
 
