@@ -212,8 +212,9 @@ class Backbone(nn.Module):
         modules replace the old ones (hooks on them are not carried over), on the same device and
         dtype, in the same train/eval mode, with the per-module switches of ``CARRIED_SWITCHES``.
         ``pretrained_cfg`` keeps describing the source weights; timm's model traits record the size.
-        Raises ValueError for a size below ``min_input_size``, or a model ``create_model`` did not
-        build whole (built from the class directly, or pruned to fewer levels).
+        The global random state is left as it was. Raises ValueError for a size below
+        ``min_input_size``, or a model ``create_model`` did not build whole (built from the class
+        directly, or pruned to fewer levels).
         """
         img_size = to_2tuple(img_size)
         self.check_size(img_size)
@@ -223,7 +224,8 @@ class Backbone(nn.Module):
                              f'models.create_model records; this model was built from the class directly')
         args = {**build_args, 'num_classes': self.num_classes, **self.input_size_args(img_size), **arch,
                 'img_size': img_size}
-        rebuilt = type(self)(**args)
+        with torch.random.fork_rng(devices=[]):  # its initialisation leaves the seed stream as it was
+            rebuilt = type(self)(**args)
         # buffers the geometry derives (relative position index, shift mask) come from the rebuilt model
         state = {key: value for key, value in self.state_dict().items() if not key.endswith(DERIVED_BUFFERS)}
         own = rebuilt.state_dict()

@@ -275,7 +275,9 @@ def test_swin_set_input_size_scales_the_windows_like_timm_and_keeps_switches():
     set_fused_attention(model, False)
     model.set_grad_checkpointing(True)
     model.train()
+    rng = torch.get_rng_state()
     model.set_input_size(384)  # 224² -> 384²: the windows of the official 384² models, (96, 12)
+    assert torch.equal(torch.get_rng_state(), rng)  # a seeded script draws the same numbers afterwards
     official = models.create_model('flatten_swin_tiny_patch4_224', **RESIZABLE['flatten_swin_tiny_patch4_224'],
                                    img_size=384, window_size=96, softmax_window_size=12)
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in official.state_dict().items()}
