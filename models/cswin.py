@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, to_2tuple
 
 from .attention import AttentionOptions, block_kinds, create_attention, letter_kinds
-from .grid import padded_size, size_dependent, symbolic, zero_where
+from .grid import gather_map, padded_size, size_dependent, symbolic
 from .layers import Backbone, run_blocks
 from .registry import register_variants
 
@@ -182,8 +182,7 @@ class CSWinBlock(nn.Module):
         traced = symbolic(H, W) and (self.stripe is not None)  # pad and crop without comparing sizes
         if traced:
             row, col = torch.arange(Hp, device=x.device).view(-1, 1), torch.arange(Wp, device=x.device).view(1, -1)
-            index = (row.clamp(max=H - 1) * W + col.clamp(max=W - 1)).reshape(-1)
-            qkv = zero_where(((row >= H) | (col >= W)).reshape(1, 1, -1, 1), qkv.index_select(2, index))
+            qkv = gather_map(qkv, (H, W), row, col, dim=2)
         elif (Hp, Wp) != (H, W):
             qkv = F.pad(qkv.reshape(3, B, H, W, C), (0, 0, 0, Wp - W, 0, Hp - H)).reshape(3, B, Hp * Wp, C)
         parts = qkv.chunk(len(self.attns), dim=-1)

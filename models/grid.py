@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch._guards import detect_fake_mode
 
 __all__ = ['DERIVED_BUFFERS', 'GridSpec', 'collect_parameter_grids', 'resize_grid_tensor', 'resized_parameter',
-           'padded_size', 'resized_tokens', 'size_dependent', 'ceil_div', 'symbolic', 'zero_where']
+           'padded_size', 'resized_tokens', 'size_dependent', 'ceil_div', 'symbolic', 'gather_map']
 
 
 # Buffers derived from the geometry, which the model rebuilds instead of loading them (docs/checkpoints.md,
@@ -149,11 +149,19 @@ def padded_size(size: Tuple[int, int], window: Tuple[int, int]) -> Tuple[int, in
     return tuple((side + tile - 1) // tile * tile for side, tile in zip(size, window, strict=True))
 
 
-def zero_where(padding: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """`tokens` with zeros where `padding` (broadcast) is True. The traced (symbolic-size) forwards of
-    Swin and CSwin pad, roll and cut windows with one ``index_select`` of the tokens (indices clamped
-    into the map) and zero the positions that lie past it, instead of comparing sizes (docs/export.md)."""
-    return torch.where(padding, torch.zeros((), dtype=tokens.dtype, device=tokens.device), tokens)
+def gather_map(tokens: torch.Tensor, size: Tuple[int, int], rows: torch.Tensor, cols: torch.Tensor,
+               dim: int = 1) -> torch.Tensor:
+    """The tokens of a row-major ``H×W`` map (along `dim` of `tokens`) at the positions ``(rows, cols)``,
+    two integer tensors broadcast together and flattened in that order; a position past the map gives
+    zeros. The traced (symbolic-size) forwards of Swin and CSwin pad, roll, merge and cut windows with it,
+    instead of comparing sizes (docs/export.md): indices are clamped into the map, then masked."""
+    H, W = size
+    index = (rows.clamp(max=H - 1) * W + cols.clamp(max=W - 1)).reshape(-1)
+    shape = [1] * tokens.dim()
+    shape[dim] = -1
+    outside = ((rows >= H) | (cols >= W)).reshape(shape)
+    return torch.where(outside, torch.zeros((), dtype=tokens.dtype, device=tokens.device),
+                       tokens.index_select(dim, index))
 
 
 def ceil_div(size: int, step: int) -> int:

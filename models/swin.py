@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, to_2tuple, trunc_normal_
 
 from .attention import AttentionOptions, block_kinds, create_attention, letter_kinds
-from .grid import GridSpec, ceil_div, padded_size, resized_tokens, size_dependent, symbolic, zero_where
+from .grid import GridSpec, ceil_div, gather_map, padded_size, resized_tokens, size_dependent, symbolic
 from .layers import Backbone, run_blocks
 from .registry import register_variants
 
@@ -206,16 +206,14 @@ class SwinTransformerBlock(nn.Module):
         shift = 0
         if self.shift_when_windowed:
             shift = torch.sym_ite(torch.sym_min(H, W) > ws, self.shift_when_windowed, 0)
-        # rows/columns of the padded map rolled by -shift, and the token row/column each one reads
-        row, col = torch.arange(Hp, device=x.device), torch.arange(Wp, device=x.device)
-        src_row, src_col = _wrap(row + shift, Hp), _wrap(col + shift, Wp)
-        by_window = lambda r, c: (r.view(rows, 1, ws, 1) + c.view(1, cols, 1, ws)).reshape(-1)  # noqa: E731
-        index = by_window(src_row.clamp(max=H - 1) * W, src_col.clamp(max=W - 1))
-        padding = by_window((src_row >= H).long(), (src_col >= W).long()).view(1, -1, 1) > 0
-        windows = zero_where(padding, self.norm1(x).index_select(1, index))
+        # the rows and columns of the padded map rolled by -shift, laid out as [window row, window column,
+        # row in window, column in window], and the token each position reads (past the map: zeros)
+        row = torch.arange(Hp, device=x.device).view(rows, 1, ws, 1)
+        col = torch.arange(Wp, device=x.device).view(1, cols, 1, ws)
+        windows = gather_map(self.norm1(x), (H, W), _wrap(row + shift, Hp), _wrap(col + shift, Wp))
         mask = None
         if self.shift_when_windowed:  # regions 0/1/2 per axis of the rolled map, as shifted_window_mask
-            region = by_window(_region(row, Hp, ws, shift) * 3, _region(col, Wp, ws, shift)).view(rows * cols, -1)
+            region = (_region(row, Hp, ws, shift) * 3 + _region(col, Wp, ws, shift)).view(rows * cols, ws * ws)
             mask = torch.where(region.unsqueeze(1) != region.unsqueeze(2), float('-inf'), 0.0).to(x.dtype)
         windows = self.attn(windows.view(B * rows * cols, ws * ws, C), mask=mask, grid=(ws, ws))
         # back: token (h, w) sits at ((h - shift) mod Hp, (w - shift) mod Wp) of the rolled map
@@ -267,9 +265,7 @@ class PatchMerging(nn.Module):
             h, w = half_size((H, W))
             row = torch.arange(2 * h, device=x.device).view(h, 1, 1, 2)  # [y, x, dw, dh]: row 2y + dh
             col = torch.arange(2 * w, device=x.device).view(1, w, 2, 1)  # column 2x + dw
-            index = (row.clamp(max=H - 1) * W + col.clamp(max=W - 1)).reshape(-1)
-            padding = ((row >= H) | (col >= W)).reshape(1, -1, 1)
-            x = zero_where(padding, x.view(B, L, C).index_select(1, index))
+            x = gather_map(x.view(B, L, C), (H, W), row, col)
             return self.reduction(self.norm(x.view(B, h * w, 4 * C)))
         if (H % 2) or (W % 2):
             x = F.pad(x, (0, 0, 0, W % 2, 0, H % 2))
