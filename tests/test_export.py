@@ -37,7 +37,7 @@ def test_torch_export_dynamic_sizes_match_eager(name, tmp_path):
     out = str(tmp_path / 'model.pt2')
     info = tool.export(model, 'export', out)
     assert info['min_size'] == 2 * model.min_input_size and info['max_size'] == 2048
-    rows = tool.check(model, 'export', out, SIZES)  # one program, three sizes, batch 2
+    rows = tool.check(model, 'export', out, SIZES)  # one program, four sizes, batch 2
     assert [(r['height'], r['width']) for r in rows] == SIZES
     assert max(r['max_rel'] for r in rows) <= 1e-4, rows
 
