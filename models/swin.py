@@ -168,12 +168,16 @@ class SwinTransformerBlock(nn.Module):
 
     def size_dependent_forward(self, x: torch.Tensor, resolution: Optional[Tuple[int, int]]) -> torch.Tensor:
         H, W = resolution or self.input_resolution
-        if symbolic(H, W):
-            return self.traced_forward(x, H, W)
+        attention = self.traced_attention if symbolic(H, W) else self.window_attention
+        x = x + self.drop_path(attention(self.norm1(x), H, W))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def window_attention(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """The attention branch on normed tokens x (B, H·W, C): pad to whole windows, roll by the shift,
+        attend per window, and undo all three."""
         B, L, C = x.shape
         window, shift = self.window_for((H, W))
-        shortcut = x
-        x = self.norm1(x).view(B, H, W, C)
+        x = x.view(B, H, W, C)
         Hp, Wp = padded_size((H, W), window)
         if (Hp, Wp) != (H, W):
             x = F.pad(x, (0, 0, 0, Wp - W, 0, Hp - H))
@@ -184,21 +188,18 @@ class SwinTransformerBlock(nn.Module):
         x = window_reverse(windows.reshape(-1, *window, C), window, Hp, Wp)
         if shift > 0:
             x = torch.roll(x, shifts=(shift, shift), dims=(1, 2))
-        x = x[:, :H, :W].reshape(B, H * W, C)
-        x = shortcut + self.drop_path(x)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x[:, :H, :W].reshape(B, H * W, C)
 
-    def traced_forward(self, x: torch.Tensor, H, W) -> torch.Tensor:
-        """The forward at symbolic sizes (torch.export): the same numbers, written without size
-        comparisons, which would pin the traced size, and without permuting maps of symbolic size,
+    def traced_attention(self, x: torch.Tensor, H, W) -> torch.Tensor:
+        """:meth:`window_attention` at symbolic sizes (torch.export): the same numbers, written without
+        size comparisons, which would pin the traced size, and without permuting maps of symbolic size,
         whose stride checks do too (docs/export.md). A global block attends over the tokens as they are.
 
         Padding, the cyclic shift and the window partition are one gather of the tokens, and their
         inverse another; the shift is ``window // 2`` or 0 as a symbolic integer, and the shift mask
         comes from index arithmetic (all zeros where the eager forward has none)."""
         if self.global_attention:
-            x = x + self.drop_path(self.attn(self.norm1(x), grid=(H, W)))
-            return x + self.drop_path(self.mlp(self.norm2(x)))
+            return self.attn(x, grid=(H, W))
         B, L, C = x.shape
         ws = self.window_size
         rows, cols = (H + ws - 1) // ws, (W + ws - 1) // ws  # windows per axis
@@ -210,7 +211,7 @@ class SwinTransformerBlock(nn.Module):
         # row in window, column in window], and the token each position reads (past the map: zeros)
         row = torch.arange(Hp, device=x.device).view(rows, 1, ws, 1)
         col = torch.arange(Wp, device=x.device).view(1, cols, 1, ws)
-        windows = gather_map(self.norm1(x), (H, W), _wrap(row + shift, Hp), _wrap(col + shift, Wp))
+        windows = gather_map(x, (H, W), _wrap(row + shift, Hp), _wrap(col + shift, Wp))
         mask = None
         if self.shift_when_windowed:  # regions 0/1/2 per axis of the rolled map, as shifted_window_mask
             region = (_region(row, Hp, ws, shift) * 3 + _region(col, Wp, ws, shift)).view(rows * cols, ws * ws)
@@ -220,8 +221,7 @@ class SwinTransformerBlock(nn.Module):
         row = _wrap(torch.arange(H, device=x.device) + (Hp - shift), Hp).view(-1, 1)
         col = _wrap(torch.arange(W, device=x.device) + (Wp - shift), Wp).view(1, -1)
         back = ((row // ws) * cols + col // ws) * (ws * ws) + (row % ws) * ws + col % ws
-        x = x + self.drop_path(windows.view(B, rows * cols * ws * ws, C).index_select(1, back.reshape(-1)))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return windows.view(B, rows * cols * ws * ws, C).index_select(1, back.reshape(-1))
 
     def extra_repr(self) -> str:
         return (f'dim={self.dim}, input_resolution={self.input_resolution}, window_size={self.window_size}, '
